@@ -1,0 +1,137 @@
+"""The `aftune` command: one thin command per step. It parses flags / --config and calls the library.
+
+Each command's options are generated from its config dataclass (aftune.config), so flag names, YAML
+keys and the saved config can never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from aftune import config as C
+from aftune.io import InputError
+
+
+def _click_type(tp: Any) -> tuple[Any, bool]:
+    """(click type, is_flag) for a dataclass field annotation."""
+    if isinstance(tp, str):
+        tp = _resolve_annotation(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0]
+    if tp is bool:
+        return bool, True
+    return {int: int, float: float, str: str}.get(tp, str), False
+
+
+def _resolve_annotation(name: str) -> Any:
+    # Annotations are strings under `from __future__ import annotations`; resolve the few we use.
+    table = {"int": int, "float": float, "str": str, "bool": bool, "int | None": int | None,
+             "str | None": str | None, "float | None": float | None}
+    return table[name]
+
+
+def make_command(name: str, cls: type, run: Callable[[Any], Any], help: str) -> click.Command:
+    params: list[click.Parameter] = []
+    for f in dataclasses.fields(cls):
+        flag = C.flag_name(f).replace("_", "-")
+        ctype, is_flag = _click_type(f.type)
+        helptext = f.metadata.get("help", "")
+        if is_flag:
+            params.append(click.Option([f"--{flag}/--no-{flag}", f.name], default=f.default, show_default=True, help=helptext))
+        else:
+            params.append(click.Option([f"--{flag}", f.name], type=ctype, default=f.default, show_default=True, help=helptext))
+    params.append(click.Option(["--config", "config_file"], type=click.Path(), default=None,
+                               help="YAML file whose keys are this command's flag names (flags given on the command line win)"))
+
+    def callback(config_file: str | None, **kwargs: Any) -> None:
+        ctx = click.get_current_context()
+        values = {}
+        if config_file:
+            values.update(C.load_yaml_config(config_file, cls))
+        for key, value in kwargs.items():
+            src = ctx.get_parameter_source(key)
+            if src is not None and src.name != "DEFAULT" or key not in values:
+                values[key] = value
+        run(cls(**values))
+
+    return click.Command(name, params=params, callback=callback, help=help, short_help=help.split("\n")[0])
+
+
+def _sft(cfg: C.SFTConfig) -> None:
+    from aftune.training.run import run_sft
+
+    run_sft(cfg)
+
+
+def _sample(cfg: C.SampleConfig) -> None:
+    from aftune.steps import run_sample
+
+    run_sample(cfg)
+
+
+def _align(cfg: C.AlignConfig) -> None:
+    from aftune.training.run import run_align
+
+    run_align(cfg)
+
+
+def _eval(cfg: C.EvalConfig) -> None:
+    from aftune.steps import run_eval
+
+    run_eval(cfg)
+
+
+def _assess(cfg: C.AssessConfig) -> None:
+    from aftune.steps import run_assess
+
+    run_assess(cfg)
+
+
+def _demo(cfg: C.DemoConfig) -> None:
+    from aftune.pipeline import run_demo
+
+    run_demo(cfg)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="aftune")
+def app() -> None:
+    """aftune: Alignment Fine-Tuning (AFT) for chain-of-thought reasoners.
+
+    Pipeline: sft (VFT) -> sample (k candidates per question) -> align (AFT or a baseline) -> eval / assess.
+    `aftune demo` runs all of it on the built-in `arith` task on a CPU.
+    """
+
+
+app.add_command(make_command("sft", C.SFTConfig, _sft, "VFT: maximum-likelihood fine-tuning on reference solutions (keeps the best checkpoint)."))
+app.add_command(make_command("sample", C.SampleConfig, _sample, "Sample k solutions per question, label them, write a resumable candidates JSONL."))
+app.add_command(make_command("align", C.AlignConfig, _align, "AFT (or a baseline) from the VFT model on a candidates file."))
+app.add_command(make_command("eval", C.EvalConfig, _eval, "Greedy-decoding accuracy on a split (+ assessment accuracy on candidates)."))
+app.add_command(make_command("assess", C.AssessConfig, _assess, "Assessment diagnostics: can the model tell right reasoning from wrong?"))
+app.add_command(make_command("demo", C.DemoConfig, _demo, "The whole pipeline on the built-in arith task, with a report (CPU, < 20 min)."))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except InputError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

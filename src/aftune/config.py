@@ -1,0 +1,187 @@
+"""One dataclass per step. Flag names == YAML keys == field names (a trailing `_` dropped, `_` -> `-`
+on the command line). The resolved config is saved next to each step's outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aftune.io import InputError, atomic_write_text
+
+
+def opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Common:
+    task: str = opt("arith", "task name, or several joined by commas (gsm8k,aqua,ecqa) to mix them")
+    task_args: str = opt("", "task options as key=value,key=value (e.g. arith: n_train=4000,max_steps=3)")
+    data_dir: str | None = opt(None, "folder laid out like shared/data (default: $AFTUNE_DATA, else the hub)")
+    seed: int = opt(0, "random seed")
+    trust_remote_code: bool = opt(False, "allow model repos to run their own code (off unless you trust it)")
+    bf16: bool = opt(False, "bf16 autocast")
+    quiet: bool = opt(False, "no progress bars")
+
+
+@dataclass
+class TrainCommon(Common):
+    n_train: int | None = opt(None, "use the first N training examples (default: all)")
+    batch_size: int = opt(32, "examples (sft) or questions (align) per optimiser step and device")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    lr: float = opt(1e-3, "peak learning rate")
+    lr_schedule: str = opt("cosine", "cosine | linear | constant (annealing to 0 matters: see docs)")
+    warmup_ratio: float = opt(0.05, "fraction of steps for warm-up")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_steps: int = opt(1500, "optimiser steps")
+    max_response_tokens: int = opt(256, "truncate responses to this many tokens")
+    logging_steps: int = opt(25, "log every N steps")
+    save_steps: int = opt(200, "checkpoint every N steps (resume picks up the last one)")
+    report_to: str = opt("none", "logging integrations: none | tensorboard | wandb | ... (comma separated)")
+    gradient_checkpointing: bool = opt(False, "trade compute for memory")
+    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning)")
+    lora_alpha: int = opt(16, "LoRA alpha")
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj", "LoRA target modules")
+    merge_lora: bool = opt(False, "also save the LoRA-merged model")
+    resume: bool = opt(True, "resume from the last checkpoint in --out if there is one")
+
+
+@dataclass
+class SFTConfig(TrainCommon):
+    model: str = opt("tiny", "local path or hub id; 'tiny' builds the from-scratch demo model")
+    out: str = opt("runs/sft", "output folder (model in OUT/model)")
+    n_validation: int = opt(200, "held-out examples for eval loss / accuracy")
+    eval_steps: int = opt(100, "evaluate every N steps; the best checkpoint by eval loss is kept")
+    patience: int = opt(0, "stop after N evaluations without improvement (0 = run all steps)")
+    eval_accuracy: bool = opt(True, "greedy accuracy on the validation slice at the end")
+    vocab_size: int = opt(512, "tiny model: BPE vocabulary size")
+    tiny_hidden: int = opt(256, "tiny model: hidden size")
+    tiny_layers: int = opt(4, "tiny model: layers")
+    tiny_heads: int = opt(4, "tiny model: attention heads")
+
+
+@dataclass
+class SampleConfig(Common):
+    model: str = opt("runs/sft/model", "model to sample from")
+    out: str = opt("runs/candidates.jsonl", "candidates JSONL (appended; a killed run resumes)")
+    split: str = opt("train", "split to sample questions from")
+    n_questions: int | None = opt(None, "first N questions of the split (default: all)")
+    k: int = opt(8, "samples per question")
+    temperature: float = opt(0.7, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling")
+    max_new_tokens: int = opt(256, "max tokens per sample")
+    batch_size: int = opt(32, "questions per batch")
+    backend: str = opt("hf", "hf (built-in prefix-shared sampler) | vllm")
+    shard: str = opt("", "i/n: sample only shard i of n (merge with `aftune merge`)")
+
+
+@dataclass
+class AlignConfig(TrainCommon):
+    model: str = opt("runs/sft/model", "the VFT model to continue from")
+    candidates: str = opt("runs/candidates.jsonl", "candidates file written by `aftune sample`")
+    out: str = opt("runs/align", "output folder (model in OUT/model)")
+    method: str = opt("bc", "vft (control) | rft | align | dc | bc | rbc | rrhf | pro | dpo | dpo-pl | ... (see docs)")
+    beta: float = opt(0.5, "boundary margin, nats per token (bc, rbc, *-bc)")
+    lambda_: float = opt(1.0, "weight of the alignment loss")
+    dpo_beta: float = opt(0.1, "DPO inverse temperature")
+    max_candidates: int = opt(8, "candidates per question per step (reference included)")
+    include_reference: bool = opt(True, "the reference solution joins the positives")
+    share_prefix: bool = opt(True, "compute each prompt once for its k candidates")
+    diag_every: int = opt(0, "log assessment diagnostics on held-out candidates every N steps (0 = off)")
+    diag_questions: int = opt(64, "held-out questions (taken from the end of the candidates file) for diagnostics")
+    alarm_threshold: float = opt(0.05, "likelihood-displacement alarm: drop in mean score (nats/token)")
+    lr: float = opt(3e-4, "peak learning rate")
+    max_steps: int = opt(200, "optimiser steps")
+    warmup_ratio: float = opt(0.0, "fraction of steps for warm-up")
+    lr_schedule: str = opt("constant", "cosine | linear | constant")
+    batch_size: int = opt(16, "questions per optimiser step")
+
+
+@dataclass
+class EvalConfig(Common):
+    model: str = opt("runs/align/model", "model to evaluate")
+    split: str = opt("test", "split")
+    n_questions: int | None = opt(None, "first N questions (default: all)")
+    batch_size: int = opt(64, "questions per batched greedy pass")
+    max_new_tokens: int = opt(256, "max tokens per answer")
+    candidates: str | None = opt(None, "also report assessment accuracy on this candidates file")
+    out: str = opt("runs/eval.json", "metrics JSON (per-question predictions next to it)")
+
+
+@dataclass
+class AssessConfig(Common):
+    model: str = opt("runs/sft/model", "model(s) to assess, comma separated (e.g. VFT,AFT)")
+    names: str = opt("", "display names for the models, comma separated")
+    candidates: str | None = opt(None, "candidates file; without one, sample --k per question first")
+    split: str = opt("train", "split to sample from when no candidates are given")
+    n_questions: int | None = opt(200, "questions to sample when no candidates are given")
+    k: int = opt(8, "samples per question when sampling first")
+    temperature: float = opt(0.7, "sampling temperature when sampling first")
+    max_new_tokens: int = opt(256, "max tokens per sample")
+    batch_size: int = opt(16, "questions per scoring batch")
+    out: str = opt("runs/assess", "output folder (assessment.json, assessment.md, PNGs)")
+
+
+@dataclass
+class DemoConfig:
+    out: str = opt("runs/demo", "output folder")
+    quick: bool = opt(False, "smoke test: tiny budget, finishes in about 3 minutes")
+    seed: int = opt(0, "random seed")
+    bf16: bool = opt(False, "bf16 autocast")
+    quiet: bool = opt(False, "no progress bars")
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.name.rstrip("_")
+
+
+def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
+    """Read a YAML config whose keys are flag names; unknown keys are an error naming file and key."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("config file does not exist", path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise InputError(f"not valid YAML ({getattr(e, 'problem', e)})", path, None if line is None else line + 1) from None
+    if not isinstance(data, dict):
+        raise InputError("expected a mapping of flag names to values", path)
+    known = {flag_name(f).replace("-", "_"): f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        norm = str(key).replace("-", "_")
+        if norm not in known:
+            line = _key_line(path, key)
+            raise InputError(f"unknown key (known: {', '.join(sorted(known))})", path, line, str(key))
+        out[known[norm]] = value
+    return out
+
+
+def _key_line(path: Path, key: Any) -> int | None:
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.lstrip().startswith(f"{key}:"):
+            return i
+    return None
+
+
+def save_config(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> Path:
+    data = {flag_name(f): getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    path = Path(out_dir) / name
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def parse_task_args(spec: str) -> dict[str, Any]:
+    """'n_train=4000,max_steps=3' -> {'n_train': 4000, 'max_steps': 3} (ints/floats/bools parsed)."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if "=" not in part:
+            raise InputError(f"expected key=value, got '{part}'", field="--task-args")
+        k, v = part.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v.strip())
+    return out

@@ -1,0 +1,116 @@
+"""Load any causal LM + tokenizer (local path or hub id), or build the tiny from-scratch demo model.
+
+The demo model is an ordinary Llama-architecture `transformers` model with a BPE tokenizer trained on
+the task's own text, saved with `save_pretrained` (safetensors), so every command loads it exactly
+like a hub model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from aftune.io import InputError
+
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+
+
+def _check_local(name_or_path: str) -> None:
+    # A path-looking argument that does not exist is a typo, not a hub id: say so instead of a 404.
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise InputError("model path does not exist", name_or_path, field="--model")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    _check_local(name_or_path)
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:  # many hub LMs ship without one; EOS is the usual stand-in
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
+               device: str | None = None):
+    """Load a causal LM from a local folder or hub id (safetensors weights; no remote code by default)."""
+    _check_local(name_or_path)
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "auto": "auto"}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
+    if device:
+        model.to(device)
+    return model
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    return load_model(name_or_path, dtype, trust_remote_code), load_tokenizer(name_or_path, trust_remote_code)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer over the task's text, digits split one by one (as Llama does).
+
+    Why: a subword vocabulary keeps sequences short (the trial's character-level one made them ~156
+    tokens), while single digits keep arithmetic learnable.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS,
+                                   clean_up_tokenization_spaces=False)
+
+
+def build_tiny_model(tokenizer, hidden_size: int = 256, n_layers: int = 4, n_heads: int = 4,
+                     intermediate_size: int | None = None, max_positions: int = 512, seed: int = 0):
+    """A small Llama (about 3M parameters at the defaults) initialised from scratch."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size or 3 * hidden_size,
+        num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    return LlamaForCausalLM(config)
+
+
+def create_tiny(out_dir: str | os.PathLike, texts: list[str], vocab_size: int = 512, seed: int = 0, **model_kw) -> Path:
+    """Train a tokenizer on `texts`, build the tiny model, save both (safetensors) to out_dir."""
+    out = Path(out_dir)
+    tokenizer = train_tokenizer(texts, vocab_size)
+    model = build_tiny_model(tokenizer, seed=seed, **model_kw)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_with_cache(model, cache=None, **inputs):
+    """model(...) passing a KV cache under whichever name this transformers version uses.
+
+    transformers 5.x renamed `past_key_values` to `cache` (old name removed in 5.40); 4.x only knows the
+    old one. Returns (outputs, cache).
+    """
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    key = "cache" if "cache" in params else "past_key_values"
+    if cache is not None:
+        inputs[key] = cache
+    out = model(**inputs)
+    return out, getattr(out, "cache", None) if hasattr(out, "cache") else getattr(out, "past_key_values", None)

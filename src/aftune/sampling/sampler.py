@@ -1,0 +1,330 @@
+"""k sampled completions per question, the prompt prefilled once and its KV cache shared by k rows.
+
+`model.generate(num_return_sequences=k)` copies every prompt k times *before* prefill, so it runs the
+prompt through the model k times. Here each batch of prompts is prefilled once, then the cache (and the
+last-position logits) are expanded to k rows per question with `repeat_interleave` on the batch dim,
+and a plain decode loop runs on the model's own forward (any HF causal LM with a `Cache`).
+
+Scores: every sampled token's log-probability is taken from the model's *untempered* distribution
+(log_softmax of the raw logits), so `Sample.score` is the AFT score s(c) of the spec regardless of the
+sampling temperature.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+@dataclass
+class SamplingConfig:
+    k: int = 8
+    max_new_tokens: int = 128
+    temperature: float = 0.7  # 0 = greedy (k identical rows; use k=1)
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    batch_size: int = 16  # questions per batch (k rows each)
+
+    def __post_init__(self) -> None:
+        self.stop = tuple(self.stop)  # lists from YAML/JSON become tuples so configs compare equal
+        if self.k < 1:
+            raise ValueError(f"SamplingConfig.k must be >= 1, got {self.k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise ValueError(f"SamplingConfig.batch_size must be >= 1, got {self.batch_size}")
+        if any(not s for s in self.stop):
+            raise ValueError("SamplingConfig.stop must not contain an empty string")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+@dataclass
+class Sample:
+    text: str  # decoded response; EOS excluded, cut before the first stop string
+    token_ids: list[int] = field(default_factory=list)  # generated ids, incl. EOS / the stop string's tokens
+    logprob_sum: float = 0.0  # sum of untempered log-probs of token_ids
+    n_tokens: int = 0
+
+    @property
+    def score(self) -> float:
+        """Length-normalised log-likelihood (AFT's s(c))."""
+        return self.logprob_sum / max(self.n_tokens, 1)
+
+
+def _cache_kwarg(model) -> str:
+    # transformers 5 renamed `past_key_values` to `cache`; accept models written against either name.
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(out) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values live in a buffer sized for the whole generation.
+
+    DynamicLayer.update concatenates, copying the whole cache every step; on CPU at 128 rows x 160
+    positions that copy costs about as much as the attention itself. Here a step writes one slot and
+    the model reads a view (SDPA takes the strided view at the speed of a contiguous tensor).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeats: int, capacity: int):
+        super().__init__()
+        b, n = keys.shape[0], keys.shape[-2]
+        self.device = keys.device
+        self._k = keys.new_empty((b * repeats, keys.shape[1], capacity, keys.shape[3]))
+        self._v = values.new_empty((b * repeats, values.shape[1], capacity, values.shape[3]))
+        # Broadcast each question's prompt into its k rows directly (no repeat_interleave temporary).
+        self._k.view(b, repeats, *self._k.shape[1:])[:, :, :, :n] = keys.unsqueeze(1)
+        self._v.view(b, repeats, *self._v.shape[1:])[:, :, :, :n] = values.unsqueeze(1)
+        self._n = n
+        self.is_initialized = True
+        self._sync()
+
+    def _sync(self) -> None:
+        self.keys = self._k[:, :, :self._n]
+        self.values = self._v[:, :, :self._n]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        m = key_states.shape[-2]
+        if self._n + m > self._k.shape[-2]:  # outgrew the estimate: double, like a list
+            cap = max(2 * self._k.shape[-2], self._n + m)
+            grow = lambda t: torch.cat([t, t.new_empty((*t.shape[:2], cap - t.shape[2], t.shape[3]))], 2)  # noqa: E731
+            self._k, self._v = grow(self._k), grow(self._v)
+        self._k[:, :, self._n:self._n + m] = key_states
+        self._v[:, :, self._n:self._n + m] = value_states
+        self._n += m
+        self._sync()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]
+        self._sync()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._k = self._k.repeat_interleave(repeats, dim=0)
+        self._v = self._v.repeat_interleave(repeats, dim=0)
+        self._sync()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        self._n = max(self._n + tokens_to_remove, 0)
+        self._sync()
+
+
+def _expand_cache(cache, k: int, capacity: int, preallocate: bool) -> None:
+    """Give each question k rows of its prompt cache, in a preallocated buffer where the layer type allows."""
+    layers = getattr(cache, "layers", None)
+    if (preallocate and isinstance(cache, DynamicCache) and not getattr(cache, "offloading", False) and layers
+            and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)):
+        cache.layers = [_PreallocatedLayer(layer.keys, layer.values, k, capacity) for layer in layers]
+    elif k > 1:  # sliding-window, hybrid or custom caches: the model's own generic expansion
+        cache.batch_repeat_interleave(k)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: set[int] = set()
+    for src in (getattr(tokenizer, "eos_token_id", None),
+                getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if src is None:
+            continue
+        ids.update([src] if isinstance(src, int) else list(src))
+    return sorted(ids)
+
+
+def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One index per row with probability proportional to `probs` (rows need not sum to 1).
+
+    argmax(p / E) with E ~ Exponential(1) is an exact categorical draw; built from uniform noise it is
+    about 15x faster on CPU than torch.multinomial at 128 x 2000 (the exponential_ sampler is slow too).
+    """
+    u = torch.rand(probs.shape, generator=gen, device=probs.device, dtype=torch.float32)
+    # u < 1 keeps E > 0 (no 0/0 on filtered tokens); the clamp keeps u = 0 from giving E = inf
+    e = -torch.log(u.clamp_(min=torch.finfo(torch.float32).tiny))
+    return (probs / e).argmax(-1)
+
+
+def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
+    """Next token per row: greedy at temperature 0, else temperature + nucleus sampling."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= cfg.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        return order.gather(-1, _draw(sorted_p, gen).unsqueeze(-1)).squeeze(-1)
+    return _draw(probs, gen)
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _generate_batch(model, prompt_ids: list[list[int]], cfg: SamplingConfig, eos: list[int], pad_id: int,
+                    gen: torch.Generator, tokenizer, compact_at: float, stats: dict[str, int],
+                    preallocate_cache: bool) -> list[list[Sample]]:
+    device = next(model.parameters()).device
+    B, k, T = len(prompt_ids), cfg.k, cfg.max_new_tokens
+    lens = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
+    L = int(lens.max())
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):  # left padding keeps every row's last prompt token at position L-1
+        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, L - len(p):] = 1
+    padded = bool((lens < L).any())
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    cache_kw = _cache_kwarg(model)
+    fwd_params = inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in fwd_params else {}
+    # Without padding the default causal mask is exact, and skipping the 2-D mask saves building a
+    # 4-D one every step.
+    out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=pos, use_cache=True, **extra)
+    cache = _returned_cache(out)
+    if cache is None:
+        raise TypeError(f"{type(model).__name__} returned no KV cache; generate_k needs a model with use_cache")
+    logits = out.logits[:, -1, :].float()
+    del out
+
+    # One prefill, then k decode rows per question: the prompt's keys/values are copied, never recomputed.
+    _expand_cache(cache, k, L + T, preallocate_cache)
+    if k > 1:
+        logits = logits.repeat_interleave(k, dim=0)
+        mask = mask.repeat_interleave(k, dim=0)
+    R = B * k
+    next_pos = lens.to(device).repeat_interleave(k)  # position of each row's next token
+    alive = torch.arange(R, device=device)  # cache row -> global row
+    done = torch.zeros(R, dtype=torch.bool, device=device)
+    length = torch.full((R,), T, dtype=torch.long, device=device)
+    tokens = torch.full((R, T), pad_id, dtype=torch.long, device=device)
+    lps = torch.zeros((R, T), dtype=torch.float32, device=device)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    stopped = [False] * R
+    for t in range(T):
+        logp = F.log_softmax(logits, dim=-1)
+        tok = _pick(logits, cfg, gen)
+        live = ~done[alive]
+        rows = alive[live]
+        tokens[rows, t] = tok[live]
+        lps[rows, t] = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)[live]
+        finished = torch.isin(tok, eos_t) & live if len(eos) else torch.zeros_like(live)
+        if cfg.stop:
+            # Stop strings are checked on decoded text (a stop may span several tokens).
+            for j in torch.nonzero(live & ~finished).flatten().tolist():
+                r = int(alive[j])
+                text = tokenizer.decode(tokens[r, :t + 1].tolist(), skip_special_tokens=True)
+                if _cut_at_stop(text, cfg.stop)[1]:
+                    finished[j] = True
+                    stopped[r] = True
+        newly = alive[finished]
+        done[newly] = True
+        length[newly] = t + 1
+        if t == T - 1 or bool(done.all()):
+            break
+        still = live & ~finished
+        n_dead = len(alive) - int(still.sum())
+        if n_dead and n_dead >= compact_at * len(alive):
+            # Finished rows would still cost a forward each step; drop them from the cache.
+            keep = torch.nonzero(still).flatten()
+            cache.batch_select_indices(keep)
+            alive, tok, mask, next_pos = alive[keep], tok[keep], mask[keep], next_pos[keep]
+            stats["compactions"] += 1
+        step_ids = tok.unsqueeze(-1)
+        if padded:
+            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=-1)
+        out = model(input_ids=step_ids, attention_mask=mask if padded else None,
+                    position_ids=next_pos.unsqueeze(-1), use_cache=True, **{cache_kw: cache}, **extra)
+        returned = _returned_cache(out)
+        cache = returned if returned is not None else cache
+        logits = out.logits[:, -1, :].float()
+        next_pos = next_pos + 1
+        stats["row_steps"] += len(alive)
+        del out
+
+    tokens_l, lps_l, length_l = tokens.cpu().tolist(), lps.cpu(), length.cpu().tolist()
+    result: list[list[Sample]] = []
+    for q in range(B):
+        samples = []
+        for r in range(q * k, (q + 1) * k):
+            n = length_l[r]
+            tid = tokens_l[r][:n]
+            body = tid[:-1] if tid and tid[-1] in eos else tid
+            text = tokenizer.decode(body, skip_special_tokens=True)
+            if cfg.stop:
+                text = _cut_at_stop(text, cfg.stop)[0]
+            samples.append(Sample(text=text, token_ids=tid, logprob_sum=float(lps_l[r, :n].double().sum()),
+                                  n_tokens=n))
+        result.append(samples)
+    return result
+
+
+def generate_k(model, tokenizer, prompts: list[str], cfg: SamplingConfig, progress: bool = False,
+               *, compact_at: float = 0.5, stats: dict[str, int] | None = None,
+               preallocate_cache: bool = True) -> list[list[Sample]]:
+    """For each prompt, cfg.k samples (in prompt order).
+
+    Prompts are tokenized with the tokenizer's defaults (special tokens added as in `tokenizer(prompt)`),
+    sorted by length and batched `cfg.batch_size` at a time so padding is small. Finished rows are dropped
+    from the cache once they are at least `compact_at` of the rows still in it (1.0+ = never before all
+    finish). Deterministic for the same seed, inputs and batch size. `stats`, if given, receives counters
+    (row_steps: decode rows computed; compactions). preallocate_cache=False keeps the model's own cache
+    layers (concatenating each step) even where the preallocated buffer applies.
+    """
+    if not prompts:
+        return []
+    stats = stats if stats is not None else {}
+    stats.setdefault("row_steps", 0)
+    stats.setdefault("compactions", 0)
+    eos = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = eos[0] if eos else 0  # any id works: padded positions are masked out
+    enc = tokenizer(list(prompts))["input_ids"]
+    if any(len(e) == 0 for e in enc):
+        raise ValueError("generate_k: a prompt tokenized to zero tokens (empty prompt without a BOS token)")
+    order = sorted(range(len(prompts)), key=lambda i: len(enc[i]), reverse=True)  # longest first: OOM shows early
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    results: list[list[Sample] | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+            for batch in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
+                out = _generate_batch(model, [enc[i] for i in batch], cfg, eos, pad_id, gen, tokenizer,
+                                      compact_at, stats, preallocate_cache)
+                for i, s in zip(batch, out):
+                    results[i] = s
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]

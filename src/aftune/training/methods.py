@@ -1,0 +1,100 @@
+"""Training methods: each is (which loss, on which scores, with which data). Nothing else differs.
+
+Every method trains on the same candidates file and the same batches; `vft` is the control (the NLL
+term alone on the alignment run's NLL batches), `rft` is NLL over references + RFT-deduplicated
+correct samples. The objective of every other method is
+
+    L = L_VFT(NLL batch) + lambda * mean_over_questions(L_method(scores of the group's candidates))
+
+For RRHF and PRO the L_VFT term plays the role of their SFT term (the reference is the group's best
+candidate); for DPO it is an added NLL term, which the paper's setting shares with every method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from aftune import losses
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    help: str
+    loss: Callable | None = None  # None: NLL only
+    feedback: str = "binary"  # "binary" (positive flags) or "rank"
+    needs_reference_logps: bool = False  # DPO family
+    uses_beta: bool = False
+    nll_data: str = "references"  # "references" | "rft"
+
+
+def _binary(fn):
+    return lambda scored, batch, cfg: fn(scored.mean_padded, batch.positive, batch.valid, **_beta(fn, cfg))
+
+
+def _beta(fn, cfg) -> dict:
+    import inspect
+
+    return {"beta": cfg.beta} if "beta" in inspect.signature(fn).parameters else {}
+
+
+def _ranked(fn, constraint: str | None = None):
+    def f(scored, batch, cfg):
+        kw = _beta(fn, cfg)
+        if constraint is not None:
+            kw["constraint"] = constraint
+        return fn(scored.mean_padded, batch.ranks, batch.valid, **kw)
+    return f
+
+
+def _dpo(fn, constraint: str = "none"):
+    def f(scored, batch, cfg):
+        return fn(scored.sum_padded, batch.ref_logps, batch.ranks, batch.valid, beta=cfg.dpo_beta,
+                  constraint=constraint, boundary=cfg.beta)
+    return f
+
+
+_CONSTRAINT = {"": "none", "-dc": "detach", "-bc": "boundary"}
+
+METHODS: dict[str, Method] = {
+    "vft": Method("vft", "control: NLL on the same batches, no alignment term"),
+    "rft": Method("rft", "rejection-sampling fine-tuning: NLL on references + distinct correct samples", nll_data="rft"),
+    "align": Method("align", "L_A: alignment without constraint (ablation; degrades the model)", _binary(losses.alignment_loss)),
+    "dc": Method("dc", "AFT with detached constraint", _binary(losses.detached_constraint_loss)),
+    "bc": Method("bc", "AFT with boundary constraint (beta)", _binary(losses.boundary_constraint_loss), uses_beta=True),
+    "rft-dc": Method("rft-dc", "DC on top of RFT's NLL data", _binary(losses.detached_constraint_loss), nll_data="rft"),
+    "rft-bc": Method("rft-bc", "BC on top of RFT's NLL data", _binary(losses.boundary_constraint_loss), uses_beta=True, nll_data="rft"),
+    "ra": Method("ra", "ranking alignment loss without constraint", _ranked(losses.ranked_alignment_loss), feedback="rank"),
+    "rdc": Method("rdc", "ranking AFT, detached constraint", _ranked(losses.ranked_detached_constraint_loss), feedback="rank"),
+    "rbc": Method("rbc", "ranking AFT, boundary constraint (L_RBC)", _ranked(losses.ranked_boundary_constraint_loss), feedback="rank", uses_beta=True),
+}
+for _suffix, _c in _CONSTRAINT.items():
+    _tag = {"none": "", "detach": " with detached constraint", "boundary": " with boundary constraint"}[_c]
+    METHODS[f"rrhf{_suffix}"] = Method(f"rrhf{_suffix}", f"RRHF ranking hinge{_tag}", _ranked(losses.rrhf_loss, _c),
+                                       feedback="rank", uses_beta=_c == "boundary")
+    METHODS[f"pro{_suffix}"] = Method(f"pro{_suffix}", f"PRO listwise loss{_tag}", _ranked(losses.pro_loss, _c),
+                                      feedback="rank", uses_beta=_c == "boundary")
+    METHODS[f"dpo{_suffix}"] = Method(f"dpo{_suffix}", f"DPO over all (better, worse) pairs{_tag}",
+                                      _dpo(losses.dpo_loss, _c), feedback="rank", needs_reference_logps=True,
+                                      uses_beta=_c == "boundary")
+    METHODS[f"dpo-pl{_suffix}"] = Method(f"dpo-pl{_suffix}", f"DPO Plackett-Luce ranking form{_tag}",
+                                         _dpo(losses.dpo_plackett_luce_loss, _c), feedback="rank",
+                                         needs_reference_logps=True, uses_beta=_c == "boundary")
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+@dataclass
+class GroupBatch:
+    """Per-question tensors [B, K] the losses read."""
+    positive: torch.Tensor
+    ranks: torch.Tensor
+    valid: torch.Tensor
+    ref_logps: torch.Tensor | None = None

@@ -1,0 +1,241 @@
+"""The resumable sample step: labelling, dedupe, crash-safe resume, config mismatch, candidate-file reading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import aftune.sampling.store as store
+from aftune.io import InputError
+from aftune.records import Example
+from aftune.sampling import Sample, SamplingConfig
+from aftune.sampling.store import build_group, dedupe_samples, meta_path_for, read_groups, sample_candidates
+from aftune.tasks.base import Task
+
+torch.set_num_threads(1)
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +-=#.:?<>*\n")
+
+
+class HashTask(Task):
+    """Minimal task: the answer is whatever follows the last '####'."""
+
+    name = "hash"
+
+    def extract_answer(self, completion: str, strict: bool = False) -> str | None:
+        if "####" not in completion:
+            return None
+        ans = completion.rsplit("####", 1)[1].strip()
+        return ans or None
+
+
+def tiny_tokenizer(extra: str = "") -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for c in CHARS + list(extra):
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_model(tok) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=None, initializer_range=0.2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(tok)
+
+
+EXAMPLES = [Example(id=f"q{i}", question=f"tom has {i} pens and gets {i + 2} more" + " x" * (i % 3),
+                    reference=f"{i} + {i + 2} = <<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2}\n#### {2 * i + 2}",
+                    answer=str(2 * i + 2)) for i in range(7)]
+CFG = SamplingConfig(k=4, max_new_tokens=10, temperature=1.0, batch_size=2, seed=0)
+
+
+def lines(path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def test_build_group_labels_dedupes_and_ranks():
+    task, ex = HashTask(), Example(id="a", question="q", reference="r\n#### 5", answer="5")
+    samples = [Sample("2 + 3 = <<2+3=5>>5\n#### 5", [3], -1.0, 2),
+               Sample("  2 + 3 =  <<2+3=5>>5 \n####   5", [4], -9.0, 3),  # whitespace variant of the first
+               Sample("2 + 3 = <<2+3=6>>6\n#### 6", [5], -2.0, 4),
+               Sample("2 + 3 = <<2+3=6>>5\n#### 5", [6], -3.0, 3),  # right answer, one wrong step
+               Sample("no answer", [7], -4.0, 1)]
+    kept, n_dup = dedupe_samples(samples)
+    assert n_dup == 1 and kept[0] is samples[0] and samples[1] not in kept
+    g = build_group(task, ex, "PROMPT", samples, k=5)
+    assert (g.id, g.task, g.prompt, g.reference, g.answer) == ("a", "hash", "PROMPT", ex.reference, "5")
+    assert g.meta == {"k": 5, "n_duplicates": 1}
+    assert [c.answer for c in g.candidates] == ["5", "6", "5", None]
+    assert [c.correct for c in g.candidates] == [True, False, True, False]
+    assert [c.wrong_steps for c in g.candidates] == [0, 1, 1, 0]
+    assert [c.score for c in g.candidates] == [-0.5, -0.5, -1.0, -4.0]
+    ranks = [c.rank for c in g.candidates]
+    assert ranks[0] == 0 and ranks[0] < ranks[2] < min(ranks[1], ranks[3])  # correct & clean best
+
+
+def test_sample_candidates_writes_labelled_groups_and_stats(model, tok, tmp_path):
+    out = tmp_path / "cands.jsonl"
+    task = HashTask()
+    stats = sample_candidates(model, tok, task, EXAMPLES, out, CFG, model_name="tiny", progress=False)
+    groups = read_groups(out)
+    assert sorted(g.id for g in groups) == sorted(e.id for e in EXAMPLES)
+    by_id = {e.id: e for e in EXAMPLES}
+    n_cands = 0
+    for g in groups:
+        ex = by_id[g.id]
+        assert g.prompt == task.prompt(ex) and g.answer == ex.answer and g.meta["k"] == 4
+        assert len(g.candidates) + g.meta["n_duplicates"] == 4
+        texts = [" ".join(c.text.split()) for c in g.candidates]
+        assert len(set(texts)) == len(texts)
+        for c in g.candidates:
+            assert c.correct == task.is_correct(c.text, ex) and c.answer == task.extract_answer(c.text)
+            assert c.rank is not None and c.score is not None and c.score < 0
+        n_cands += len(g.candidates)
+    assert stats["questions"] == 7 and stats["candidates"] == n_cands and stats["new_questions"] == 7
+    assert stats["new_samples"] == 28 and stats["samples_per_s"] > 0
+    meta = json.loads(meta_path_for(out).read_text())
+    assert meta["status"] == "complete" and meta["stats"]["candidates"] == n_cands
+    assert meta["task"] == "hash" and meta["model"] == "tiny" and meta["sampling"]["k"] == 4
+    assert meta["tokenizer"]["vocab_size"] == len(tok)
+
+
+def test_stats_count_correct_and_mixed(tmp_path):
+    path = tmp_path / "g.jsonl"
+    mk = lambda gid, flags: {"id": gid, "task": "hash", "prompt": "p", "reference": "r", "answer": "1",  # noqa: E731
+                             "candidates": [{"text": str(i), "answer": None, "correct": f} for i, f in enumerate(flags)]}
+    path.write_text("".join(json.dumps(mk(g, f)) + "\n" for g, f in [("a", [True, False, True]), ("b", [False]),
+                                                                       ("c", [True])]))
+    s = store.group_stats(read_groups(path))
+    assert s["questions"] == 3 and s["candidates"] == 5
+    assert s["frac_correct"] == pytest.approx(3 / 5)
+    assert s["distinct_correct_per_question"] == pytest.approx(1.0)
+    assert s["frac_mixed"] == pytest.approx(1 / 3)
+
+
+def test_resume_after_interruption(model, tok, tmp_path, monkeypatch):
+    out = tmp_path / "cands.jsonl"
+    real = store.generate_k
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed while sampling the third batch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "generate_k", dying)
+    with pytest.raises(KeyboardInterrupt):
+        sample_candidates(model, tok, HashTask(), EXAMPLES, out, CFG, progress=False)
+    monkeypatch.setattr(store, "generate_k", real)
+    before = lines(out)
+    assert len(before) == 4  # two finished batches of two questions
+    assert json.loads(meta_path_for(out).read_text())["status"] == "running"
+    torn = json.dumps({"id": "q6", "task": "hash", "prompt": "p", "candidates": []})[:30]
+    with open(out, "ab") as f:  # a kill in the middle of the next append
+        f.write(torn.encode())
+
+    stats = sample_candidates(model, tok, HashTask(), EXAMPLES, out, CFG, progress=False)
+    after = lines(out)
+    assert after[:4] == before  # records already written are untouched, byte for byte
+    ids = [json.loads(x)["id"] for x in after]
+    assert sorted(ids) == sorted(e.id for e in EXAMPLES)  # every question exactly once, torn line gone
+    assert stats["resumed_questions"] == 4 and stats["new_questions"] == 3 and stats["questions"] == 7
+
+    again = sample_candidates(model, tok, HashTask(), EXAMPLES, out, CFG, progress=False)
+    assert again["new_questions"] == 0 and lines(out) == after
+
+
+def test_resume_mismatch_raises_and_leaves_file(model, tok, tmp_path):
+    out = tmp_path / "cands.jsonl"
+    sample_candidates(model, tok, HashTask(), EXAMPLES[:2], out, CFG, model_name="m", progress=False)
+    with open(out, "ab") as f:
+        f.write(b'{"id": "torn')  # even a torn tail must survive a refused run
+    snapshot, meta_snapshot = out.read_bytes(), meta_path_for(out).read_bytes()
+
+    class OtherTask(HashTask):
+        name = "other"
+
+    cases = [
+        (dict(task=OtherTask()), "task"),
+        (dict(cfg=SamplingConfig(k=5, max_new_tokens=10, temperature=1.0, batch_size=2)), "sampling.k"),
+        (dict(cfg=SamplingConfig(k=4, max_new_tokens=10, temperature=0.5, batch_size=2)), "sampling.temperature"),
+        (dict(tokenizer=tiny_tokenizer(extra="ABC")), "tokenizer.vocab_size"),
+        (dict(model_name="other-model"), "model"),
+    ]
+    for change, field in cases:
+        kw = dict(model=model, tokenizer=tok, task=HashTask(), examples=EXAMPLES, out_path=out, cfg=CFG,
+                  model_name="m", progress=False)
+        kw.update(change)
+        with pytest.raises(InputError) as err:
+            sample_candidates(**kw)
+        assert err.value.field == field and str(meta_path_for(out)) in str(err.value)
+        assert out.read_bytes() == snapshot and meta_path_for(out).read_bytes() == meta_snapshot
+
+    # batch size and seed may change on resume
+    ok = sample_candidates(model, tok, HashTask(), EXAMPLES[:3], out, SamplingConfig(k=4, max_new_tokens=10,
+                           temperature=1.0, batch_size=1, seed=9), model_name="m", progress=False)
+    assert ok["questions"] == 3
+
+
+def test_existing_data_without_meta_is_refused(model, tok, tmp_path):
+    out = tmp_path / "cands.jsonl"
+    out.write_text('{"id": "q0"}\n')
+    with pytest.raises(InputError, match="meta.json"):
+        sample_candidates(model, tok, HashTask(), EXAMPLES[:1], out, CFG, progress=False)
+    assert out.read_text() == '{"id": "q0"}\n'
+
+
+def test_duplicate_example_ids_rejected(model, tok, tmp_path):
+    with pytest.raises(InputError, match="duplicate"):
+        sample_candidates(model, tok, HashTask(), [EXAMPLES[0], EXAMPLES[0]], tmp_path / "c.jsonl", CFG,
+                          progress=False)
+
+
+def good_group(**over) -> dict:
+    g = {"id": "a", "task": "hash", "prompt": "p", "reference": "r", "answer": "1",
+         "candidates": [{"text": "t", "answer": "1", "correct": True, "rank": 0, "score": -0.5}], "meta": {"k": 1}}
+    g.update(over)
+    return g
+
+
+@pytest.mark.parametrize("bad, line, field", [
+    ({"prompt": None}, 2, "prompt"),
+    ({"candidates": "x"}, 2, "candidates"),
+    ({"candidates": [{"text": "t"}]}, 2, "candidates[0].correct"),
+    ({"candidates": [{"text": 3, "correct": True}]}, 2, "candidates[0].text"),
+    ({"candidates": [{"text": "t", "correct": True, "rank": "0"}]}, 2, "candidates[0].rank"),
+    ({"candidates": [{"text": "t", "correct": True, "score": "high"}]}, 2, "candidates[0].score"),
+    ({"id": "a"}, 2, "id"),  # duplicate id
+])
+def test_read_groups_errors_name_file_line_field(tmp_path, bad, line, field):
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps(good_group()) + "\n" + json.dumps(good_group(**bad)) + "\n")
+    with pytest.raises(InputError) as err:
+        read_groups(path)
+    assert err.value.line == line and err.value.field == field and str(path) in str(err.value)
+
+
+def test_read_groups_roundtrip_and_missing_file(tmp_path):
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps(good_group()) + "\n\n" + json.dumps(good_group(id="b")) + "\n")
+    gs = read_groups(path)
+    assert [g.id for g in gs] == ["a", "b"] and gs[0].candidates[0].score == -0.5 and gs[0].meta == {"k": 1}
+    with pytest.raises(InputError, match="does not exist"):
+        read_groups(tmp_path / "missing.jsonl")
