@@ -127,10 +127,12 @@ def child(args) -> None:
     print(json.dumps(res))
 
 
-def timed(fn) -> tuple[float, int]:
-    t = time.perf_counter()
+def timed(fn) -> tuple[float, float, int]:
+    """(wall s, process CPU s, result). CPU time is reported too: on a shared machine other jobs
+    inflate wall time but not (much) the CPU time this process itself spends."""
+    t, c = time.perf_counter(), time.process_time()
     n = fn()
-    return time.perf_counter() - t, n
+    return time.perf_counter() - t, time.process_time() - c, n
 
 
 def main() -> None:
@@ -140,7 +142,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=2000)
-    ap.add_argument("--n-prompts", type=int, default=32)
+    ap.add_argument("--n-prompts", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=96)
@@ -173,17 +175,21 @@ def main() -> None:
     small = [prompts[0]]
     run_aftune(model, tok, small, SamplingConfig(k=2, max_new_tokens=4))  # warm-up (allocator, lazy init)
     run_generate(model, tok, small, SamplingConfig(k=2, max_new_tokens=4))
-    t_a, t_g = [], []
+    t_a, t_g, c_a, c_g = [], [], [], []
     for r in range(args.runs):
         sides = [("a", lambda: run_aftune(model, tok, prompts, cfg)), ("g", lambda: run_generate(model, tok, prompts, cfg))]
         for name, fn in (sides if r % 2 == 0 else sides[::-1]):  # interleaved, alternating order
-            dt, n = timed(fn)
+            dt, dc, n = timed(fn)
             assert n == expected, f"{name}: {n} new tokens, expected {expected}"
             (t_a if name == "a" else t_g).append(dt)
+            (c_a if name == "a" else c_g).append(dc)
     handle.remove()
     ma, mg = statistics.median(t_a), statistics.median(t_g)
     x, y = expected / ma, expected / mg
-    print(f"runs (s): aftune {[round(t, 2) for t in t_a]}  generate {[round(t, 2) for t in t_g]}")
+    print(f"wall s per run: aftune {[round(t, 2) for t in t_a]}  generate {[round(t, 2) for t in t_g]}")
+    ca, cg = statistics.median(c_a), statistics.median(c_g)
+    print(f"CPU s per run:  aftune {[round(t, 2) for t in c_a]}  generate {[round(t, 2) for t in c_g]}  "
+          f"(median CPU-time ratio {cg / ca:.2f})")
 
     if not args.no_memory:
         base = [sys.executable, __file__] + [a for a in sys.argv[1:]]
@@ -202,15 +208,16 @@ def main() -> None:
             times, st = [], {}
             for _ in range(args.runs):
                 st = {}
-                dt, n = timed(lambda: run_aftune(model, tok, prompts, ccfg, compact_at=at, stats=st))
-                times.append(dt)
+                dt, dc, n = timed(lambda: run_aftune(model, tok, prompts, ccfg, compact_at=at, stats=st))
+                times.append(dc)
             res[name] = (statistics.median(times), n, st)
         handle.remove()
         for name, (t, n, st) in res.items():
-            print(f"finished rows, {name}: {t:.2f} s median, {n} tokens, {st['row_steps']} row-steps computed, "
-                  f"{st['compactions']} compactions")
+            print(f"finished rows, {name}: {t:.2f} CPU s median, {n} tokens ({t / n * 1e3:.2f} CPU ms/token), "
+                  f"{st['row_steps']} row-steps computed, {st['compactions']} compactions")
 
-    print(f"sample: aftune {x:.0f} tok/s, generate {y:.0f} tok/s, ratio {x / y:.2f}")
+    print(f"sample: aftune {x:.0f} tok/s, generate {y:.0f} tok/s, ratio {x / y:.2f}  "
+          f"(wall-clock medians; {expected} new tokens per run)")
 
 
 if __name__ == "__main__":

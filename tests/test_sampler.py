@@ -62,9 +62,10 @@ def boost_eos(model, amount: float):
     return model.lm_head.register_forward_hook(hook)
 
 
-def test_greedy_matches_generate_and_full_forward_logprobs(model, tok):
+@pytest.mark.parametrize("preallocate", [True, False])
+def test_greedy_matches_generate_and_full_forward_logprobs(model, tok, preallocate):
     cfg = SamplingConfig(k=1, temperature=0.0, max_new_tokens=24, batch_size=3)  # batches mix lengths: padding
-    res = generate_k(model, tok, PROMPTS, cfg)
+    res = generate_k(model, tok, PROMPTS, cfg, preallocate_cache=preallocate)
     assert len(res) == len(PROMPTS) and all(len(r) == 1 for r in res)
     for prompt, (s,) in zip(PROMPTS, res):
         ids = tok(prompt, return_tensors="pt")["input_ids"]
@@ -74,12 +75,13 @@ def test_greedy_matches_generate_and_full_forward_logprobs(model, tok):
         assert s.logprob_sum == pytest.approx(full_forward_logprob(model, tok, prompt, s.token_ids), abs=1e-4)
 
 
-def test_eos_handling_and_row_dropping_do_not_change_results(model, tok):
+@pytest.mark.parametrize("preallocate", [True, False])
+def test_eos_handling_and_row_dropping_do_not_change_results(model, tok, preallocate):
     handle = boost_eos(model, 4.0)
     try:
         cfg = SamplingConfig(k=1, temperature=0.0, max_new_tokens=30, batch_size=5)
         st_drop, st_keep = {}, {}
-        dropped = generate_k(model, tok, PROMPTS, cfg, compact_at=0.25, stats=st_drop)
+        dropped = generate_k(model, tok, PROMPTS, cfg, compact_at=0.25, stats=st_drop, preallocate_cache=preallocate)
         kept = generate_k(model, tok, PROMPTS, cfg, compact_at=2.0, stats=st_keep)  # never drop early
         lens = {r[0].n_tokens for r in dropped}
         assert len(lens) > 1 and any(r[0].token_ids[-1] == 1 for r in dropped)  # rows end at different steps
@@ -216,3 +218,22 @@ def test_vllm_backend_samples_and_scores(tmp_path, tok):
             assert 0 < s.n_tokens <= 12 and s.n_tokens == len(s.token_ids)
             # raw log-probs (not tempered): match a float32 HF forward pass closely
             assert s.logprob_sum == pytest.approx(full_forward_logprob(model, tok, prompt, s.token_ids), abs=5e-2)
+
+
+def test_preallocated_layer_matches_concatenation_and_grows():
+    from aftune.sampling.sampler import _PreallocatedLayer
+
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 6, generator=g)
+    layer = _PreallocatedLayer(keys, values, repeats=3, capacity=5)  # too small on purpose: must grow
+    ref_k, ref_v = keys.repeat_interleave(3, 0), values.repeat_interleave(3, 0)
+    for step in range(4):
+        nk, nv = torch.randn(6, 3, 1, 5, generator=g), torch.randn(6, 3, 1, 6, generator=g)
+        k, v = layer.update(nk, nv)
+        ref_k, ref_v = torch.cat([ref_k, nk], 2), torch.cat([ref_v, nv], 2)
+        assert torch.equal(k, ref_k) and torch.equal(v, ref_v) and layer.get_seq_length() == 5 + step
+    idx = torch.tensor([4, 0])
+    layer.batch_select_indices(idx)
+    assert torch.equal(layer.keys, ref_k[idx]) and torch.equal(layer.values, ref_v[idx])
+    layer.crop(-2)
+    assert torch.equal(layer.keys, ref_k[idx][:, :, :-2])

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import click
 
 from aftune import config as C
-from aftune.io import InputError
+from aftune.io import InputError, RunError
 
 
 def _click_type(tp: Any) -> tuple[Any, bool]:
@@ -120,12 +120,19 @@ app.add_command(make_command("assess", C.AssessConfig, _assess, "Assessment diag
 app.add_command(make_command("demo", C.DemoConfig, _demo, "The whole pipeline on the built-in arith task, with a report (CPU, < 20 min)."))
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
     except InputError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {_one_line(e)}", err=True)
         sys.exit(2)
+    except RunError as e:  # e.g. TrainingDiverged: the user's settings, not a bug; no traceback
+        click.echo(f"error: {_one_line(e)}", err=True)
+        sys.exit(1)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as e:

@@ -93,6 +93,7 @@ class AlignConfig(TrainCommon):
     share_prefix: bool = opt(True, "compute each prompt once for its k candidates")
     diag_every: int = opt(0, "log assessment diagnostics on held-out candidates every N steps (0 = off)")
     diag_questions: int = opt(64, "held-out questions (taken from the end of the candidates file) for diagnostics")
+    diag_candidates: str | None = opt(None, "separate candidates file for diagnostics (then nothing is held out)")
     alarm_threshold: float = opt(0.05, "likelihood-displacement alarm: drop in mean score (nats/token)")
     lr: float = opt(3e-4, "peak learning rate")
     max_steps: int = opt(200, "optimiser steps")
@@ -151,15 +152,38 @@ def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
         raise InputError(f"not valid YAML ({getattr(e, 'problem', e)})", path, None if line is None else line + 1) from None
     if not isinstance(data, dict):
         raise InputError("expected a mapping of flag names to values", path)
-    known = {flag_name(f).replace("-", "_"): f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = {flag_name(f).replace("-", "_"): f.name for f in fields.values()}
     out = {}
     for key, value in data.items():
         norm = str(key).replace("-", "_")
         if norm not in known:
             line = _key_line(path, key)
             raise InputError(f"unknown key (known: {', '.join(sorted(known))})", path, line, str(key))
-        out[known[norm]] = value
+        out[known[norm]] = _typed(value, fields[known[norm]].type, path, key)
     return out
+
+
+def _typed(value: Any, annotation: Any, path: Path, key: Any) -> Any:
+    """The YAML value as the field's type, or InputError: a wrong type would otherwise surface as a
+    traceback deep inside a step."""
+    ann = str(annotation).replace(" ", "")
+    optional = ann.endswith("|None")
+    base = ann.split("|")[0]
+    if value is None and optional:
+        return None
+    if base == "bool" and isinstance(value, bool):
+        return value
+    if not isinstance(value, bool):
+        if base == "int" and isinstance(value, int):
+            return value
+        if base == "float" and isinstance(value, (int, float)):
+            return float(value)
+        if base == "str" and isinstance(value, (str, int, float)):
+            return str(value)  # `names: 7`, `task_args: 3` are strings the user meant
+    want = f"{base} or null" if optional else base
+    got = "null" if value is None else type(value).__name__
+    raise InputError(f"expected {want}, got {got}", path, _key_line(path, key), str(key))
 
 
 def _key_line(path: Path, key: Any) -> int | None:

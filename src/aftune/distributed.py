@@ -1,7 +1,141 @@
-"""Scaling helpers: LoRA through peft (reference = base with the adapter disabled)."""
+"""Scaling helpers: process rank / world size, compute-once-and-share, per-rank shards, and LoRA through
+peft (the DPO reference is the base model with the adapter disabled: no second copy of the weights).
+
+Everything here is a no-op in a single process. Under `accelerate launch` the process group is set up by
+`TrainingArguments` (or `init_process_group` in scripts); these helpers only use `torch.distributed`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from aftune.io import atomic_write_json
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(global rank, world size) of this process; (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """The main process runs the block first (e.g. builds a file); the others run it after, when it exists."""
+    main = is_main_process()
+    if not main:
+        barrier()
+    try:
+        yield
+    finally:
+        if main:
+            barrier()
+
+
+def compute_once(path: str | os.PathLike, compute: Callable[[], Any]) -> Any:
+    """A JSON value cached at `path`: the main process reads it, or computes it and writes the file (once,
+    atomically); every process receives the main process's value by broadcast, so all ranks hold identical
+    values and no shared filesystem is needed. An error on the main process is raised on every rank."""
+    path = Path(path)
+    rank, world = rank_and_world()
+    payload: list[Any] = [None]
+    if rank == 0:
+        try:
+            if path.exists():
+                value = json.loads(path.read_text())
+            else:
+                value = compute()
+                atomic_write_json(path, value)
+            payload = [("ok", value)]
+        except Exception as e:
+            if world == 1:
+                raise
+            payload = [("error", f"{type(e).__name__}: {e}")]
+            dist.broadcast_object_list(payload, src=0)
+            raise
+    if world == 1:
+        return payload[0][1]
+    dist.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if status == "error":
+        raise RuntimeError(f"the main process failed to compute {path.name}: {value}")
+    return value
+
+
+def compute_once_sharded(path: str | os.PathLike, n: int, compute_part: Callable[[list[int]], list]) -> list:
+    """A JSON list of n values cached at `path`, each item computed once. Without the file, process r
+    computes items r, r+W, r+2W, ... (`compute_part(indices)` -> their values) while the others do theirs;
+    the parts are gathered and the main process writes the file. With the file (on the main process), it
+    is read and broadcast. Every process returns the same full list; an error on any rank raises on all."""
+    path = Path(path)
+    rank, world = rank_and_world()
+    if world == 1:
+        return compute_once(path, lambda: compute_part(list(range(n))))
+    cached: list[Any] = [None]
+    if rank == 0 and path.exists():
+        try:
+            cached = [("ok", json.loads(path.read_text()))]
+        except Exception as e:
+            cached = [("error", f"{type(e).__name__}: {e}")]
+    dist.broadcast_object_list(cached, src=0)
+    if cached[0] is not None:
+        status, value = cached[0]
+        if status == "error":
+            raise RuntimeError(f"reading {path} failed on the main process: {value}")
+        return value
+    try:
+        part = ("ok", compute_part(list(range(rank, n, world))))
+    except Exception as e:
+        part = ("error", f"rank {rank}: {type(e).__name__}: {e}")
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, part)
+    errors = [p[1] for p in parts if p[0] == "error"]
+    if errors:
+        raise RuntimeError(f"computing {path.name} failed: {'; '.join(errors)}")
+    values: list[Any] = [None] * n
+    for r, (_, vals) in enumerate(parts):
+        for i, v in zip(range(r, n, world), vals):
+            values[i] = v
+    if rank == 0:
+        atomic_write_json(path, values)
+    return values
+
+
+def env_shard() -> str:
+    """'i/n' from the launcher's RANK / WORLD_SIZE (torchrun, `accelerate launch`), or '' for one process.
+    Sharded sampling needs no collectives, so this does not initialise a process group."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return ""
+    return f"{rank}/{world}" if world > 1 else ""
+
+
+def local_device() -> torch.device:
+    """This process's accelerator under a launcher (LOCAL_RANK), else cuda:0 / cpu."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+# ------------------------------------------------------------------------------------------- LoRA
 
 def wrap_lora(model, r: int, alpha: int, targets: list[str]):
     try:
@@ -11,3 +145,30 @@ def wrap_lora(model, r: int, alpha: int, targets: list[str]):
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=[t.strip() for t in targets if t.strip()],
                      lora_dropout=0.0, task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def base_model_context(model):
+    """Run the base model: the adapter disabled for a peft model, nothing to do otherwise. This is the DPO
+    reference under LoRA; the frozen base weights are shared, so no second copy is held."""
+    return model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+
+
+def merge_adapter(base_path: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  tokenizer=None, trust_remote_code: bool = False) -> Path:
+    """Load the base model, apply the saved adapter, merge it into the weights and save a plain model that
+    `aftune eval` / `sample` read. Reads from disk, so it works whatever sharded the training (FSDP, ZeRO-3)."""
+    from peft import PeftModel
+
+    from aftune.modeling import load_model
+
+    base = load_model(str(base_path), trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out = Path(out_dir)
+    merged.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out

@@ -26,7 +26,13 @@ class InputError(ValueError):
         if field is not None:
             where.append(f"field '{field}'")
         self.path, self.line, self.field = path, line, field
-        super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")
+        # "<file>: line N: field 'x': message", the form editors and CI logs link to
+        super().__init__(": ".join(where + [message]))
+
+
+class RunError(RuntimeError):
+    """A run stopped for a reason the user must act on (e.g. diverged training); the CLI prints it as
+    one `error:` line instead of a traceback. Outputs already saved (checkpoints) are kept."""
 
 
 def iter_jsonl(path: str | os.PathLike, *, drop_torn_tail: bool = False) -> Iterator[tuple[int, dict]]:

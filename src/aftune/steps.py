@@ -8,13 +8,44 @@ from pathlib import Path
 
 from aftune.config import AssessConfig, EvalConfig, SampleConfig, parse_task_args, save_config
 from aftune.io import InputError, atomic_write_json, write_jsonl
-from aftune.modeling import load_model_and_tokenizer
+from aftune import modeling
 from aftune.records import Group
 from aftune.tasks import get_tasks
 
 
+def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """modeling.load_model_and_tokenizer, with "no such model" (a hub id that is not there or cannot be
+    reached, a folder without a usable config.json) as one InputError line instead of a hub traceback."""
+    try:
+        return modeling.load_model_and_tokenizer(name_or_path, dtype, trust_remote_code)
+    except InputError:
+        raise
+    except (OSError, ValueError) as e:  # transformers: OSError if absent, ValueError if not a model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot load a model from here ({first})", name_or_path, field="--model") from None
+
+
+def tasks_for(cfg) -> list:
+    """The config's tasks; the registry's ValueErrors (unknown task or option) become one-line InputErrors."""
+    try:
+        return get_tasks(cfg.task, parse_task_args(cfg.task_args), cfg.data_dir)
+    except InputError:
+        raise
+    except ValueError as e:
+        raise InputError(str(e), field="--task") from None
+
+
+def load_examples(task, split: str) -> list:
+    try:
+        return task.load(split)
+    except InputError:
+        raise
+    except ValueError as e:  # e.g. a split the task does not have
+        raise InputError(f"task '{task.name}': {e}", field="--split") from None
+
+
 def _single_task(cfg):
-    tasks = get_tasks(cfg.task, parse_task_args(cfg.task_args), cfg.data_dir)
+    tasks = tasks_for(cfg)
     if len(tasks) != 1:
         raise InputError("sample one task per candidates file (mix them at `aftune align --candidates a,b`)", field="--task")
     return tasks[0]
@@ -41,10 +72,17 @@ def run_sample(cfg: SampleConfig) -> dict:
     from aftune.sampling.sampler import SamplingConfig
     from aftune.sampling.store import sample_candidates
 
+    # Every check before any write, so a bad invocation leaves an existing candidates file as it was.
     if cfg.k < 2:
         raise InputError(f"k must be >= 2 to have anything to compare, got {cfg.k}", field="--k")
+    for name in ("n_questions", "batch_size", "max_new_tokens"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise InputError(f"must be >= 1, got {value}", field="--" + name.replace("_", "-"))
+    if cfg.backend not in ("hf", "vllm"):
+        raise InputError(f"unknown backend '{cfg.backend}' (hf | vllm)", field="--backend")
     task = _single_task(cfg)
-    examples = task.load(cfg.split)
+    examples = load_examples(task, cfg.split)
     if cfg.n_questions:
         examples = examples[:cfg.n_questions]
     if not examples:
@@ -54,19 +92,21 @@ def run_sample(cfg: SampleConfig) -> dict:
         examples = examples[shard[0]::shard[1]]
     out = shard_path(cfg.out, shard)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out.parent, f"{out.stem}.config.yaml")
     scfg = SamplingConfig(k=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                           seed=cfg.seed, batch_size=cfg.batch_size, stop=("\nQuestion:",))
     if cfg.backend == "vllm":
         from aftune.sampling.store import sample_candidates_with
         from aftune.sampling.vllm_backend import generate_k_vllm
 
-        return sample_candidates_with(generate_k_vllm, cfg.model, task, examples, out, scfg)
-    if cfg.backend != "hf":
-        raise InputError(f"unknown backend '{cfg.backend}' (hf | vllm)", field="--backend")
+        stats = sample_candidates_with(generate_k_vllm, cfg.model, task, examples, out, scfg)
+        save_config(cfg, out.parent, f"{out.stem}.config.yaml")
+        return stats
     model, tok = load_model_and_tokenizer(cfg.model, dtype="bfloat16" if cfg.bf16 else "float32",
                                           trust_remote_code=cfg.trust_remote_code)
     stats = sample_candidates(model, tok, task, examples, out, scfg, model_name=cfg.model, progress=not cfg.quiet)
+    # Saved once the file is complete: a run refused by the meta check must not overwrite the config
+    # that produced the existing candidates.
+    save_config(cfg, out.parent, f"{out.stem}.config.yaml")
     print(json.dumps({k: v for k, v in stats.items() if not isinstance(v, (dict, list))}))
     return stats
 
@@ -84,7 +124,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     from aftune.evaluation.accuracy import greedy_accuracy
     from aftune.training.run import load_split
 
-    tasks = get_tasks(cfg.task, parse_task_args(cfg.task_args), cfg.data_dir)
+    tasks = tasks_for(cfg)
     items = load_split(tasks, cfg.split, cfg.n_questions)
     model, tok = load_model_and_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     t0 = time.time()
@@ -130,9 +170,9 @@ def run_assess(cfg: AssessConfig) -> dict:
     if len(names) != len(paths):
         raise InputError(f"{len(names)} names for {len(paths)} models", field="--names")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
     models = {n: load_model_and_tokenizer(p, trust_remote_code=cfg.trust_remote_code) for n, p in zip(names, paths)}
+    out.mkdir(parents=True, exist_ok=True)  # after the models load: a bad path leaves OUT untouched
+    save_config(cfg, out)
     if cfg.candidates:
         groups = read_candidate_files(cfg.candidates)
     else:
@@ -140,7 +180,7 @@ def run_assess(cfg: AssessConfig) -> dict:
         from aftune.sampling.store import read_groups, sample_candidates
 
         task = _single_task(cfg)
-        examples = task.load(cfg.split)[:cfg.n_questions]
+        examples = load_examples(task, cfg.split)[:cfg.n_questions]
         model, tok = models[names[0]]
         path = out / "candidates.jsonl"
         sample_candidates(model, tok, task, examples, path, SamplingConfig(

@@ -1,5 +1,6 @@
-"""Sampling k candidate solutions per question (HF backend; optional vLLM backend)."""
+"""Sampling k candidate solutions per question (HF backend; optional vLLM backend in vllm_backend)."""
 
 from aftune.sampling.sampler import Sample, SamplingConfig, generate_k
+from aftune.sampling.store import read_groups, sample_candidates
 
-__all__ = ["Sample", "SamplingConfig", "generate_k"]
+__all__ = ["Sample", "SamplingConfig", "generate_k", "read_groups", "sample_candidates"]

@@ -227,7 +227,6 @@ def _generate_batch(model, prompt_ids: list[list[int]], cfg: SamplingConfig, eos
     tokens = torch.full((R, T), pad_id, dtype=torch.long, device=device)
     lps = torch.zeros((R, T), dtype=torch.float32, device=device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
-    stopped = [False] * R
     for t in range(T):
         logp = F.log_softmax(logits, dim=-1)
         tok = _pick(logits, cfg, gen)
@@ -243,7 +242,6 @@ def _generate_batch(model, prompt_ids: list[list[int]], cfg: SamplingConfig, eos
                 text = tokenizer.decode(tokens[r, :t + 1].tolist(), skip_special_tokens=True)
                 if _cut_at_stop(text, cfg.stop)[1]:
                     finished[j] = True
-                    stopped[r] = True
         newly = alive[finished]
         done[newly] = True
         length[newly] = t + 1

@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
+from aftune.io import RunError
 from aftune.scoring import score_groups, to_padded
 from aftune.training.methods import GroupBatch, get_method
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunError):
     """Raised when the loss or the scores stop being finite; the last saved checkpoint is kept."""
 
 
@@ -34,17 +35,33 @@ class _Scores:
 
 
 class AFTTrainer(Trainer):
+    # compute_loss normalises by the whole optimiser step's counts (see _get_num_items_in_batch)
+    loss_is_scaled_for_ga = True
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = get_method(self.args.method)
-        # our loss is already a per-batch mean; let Trainer divide by the accumulation steps itself
-        self.model_accepts_loss_kwargs = False
+        self.model_accepts_loss_kwargs = False  # the model is never given num_items_in_batch
         self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device) -> dict[str, torch.Tensor]:
+        """NLL target tokens and questions in this optimiser step: summed over its micro-batches and over
+        processes. Dividing each micro-batch's summed loss by these (times the world size, which DDP /
+        FSDP / DeepSpeed average over) makes W processes x G micro-batches of B give exactly the gradient
+        of one batch of W*G*B: a token mean for the NLL term, a question mean for the alignment term."""
+        tokens = sum(int((b["nll"]["labels"][:, 1:] != -100).sum()) for b in batch_samples if "nll" in b)
+        questions = sum(len(b["groups"]) for b in batch_samples if "groups" in b)
+        counts = torch.tensor([tokens, questions], dtype=torch.long, device=device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return {"nll_tokens": counts[0], "questions": counts[1]}
 
     def alignment_terms(self, model, groups) -> tuple[torch.Tensor, dict[str, float]]:
         pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
-        scored = score_groups(model, [g.prompt for g in groups], [g.candidates for g in groups], pad,
-                              share_prefix=self.args.share_prefix)
+        # gradient checkpointing turns the KV cache off in training, so the shared prompt cannot be reused
+        checkpointing = getattr(self.args, "activation_checkpointing", None) or getattr(self.args, "gradient_checkpointing", False)
+        share = self.args.share_prefix and not (model.training and checkpointing)
+        scored = score_groups(model, [g.prompt for g in groups], [g.candidates for g in groups], pad, share_prefix=share)
         b = len(groups)
         mean_p, valid = to_padded(scored.mean, scored.group_index, b)
         sum_p, _ = to_padded(scored.logp_sum, scored.group_index, b)
@@ -67,19 +84,26 @@ class AFTTrainer(Trainer):
                 "score_pos": mean_p[pos].mean().item() if pos.any() else float("nan"),
                 "score_neg": mean_p[neg].mean().item() if neg.any() else float("nan"),
             }
-        return per_q.mean(), stats
+        return per_q, stats
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Training (counts given): local sums / step counts * world size. Evaluation: plain batch means."""
+        counts = num_items_in_batch if isinstance(num_items_in_batch, dict) else None
+        world = self.accelerator.num_processes if counts is not None else 1
         loss = torch.zeros((), device=self.args.device)
         prefix = "" if model.training else "eval_"
         if "nll" in inputs:
-            nll = model(**inputs["nll"]).loss
-            loss = loss + nll
+            nll = model(**inputs["nll"]).loss  # token mean over this micro-batch
             self._metrics[prefix + "nll"].append(nll.item())
+            if counts is not None:
+                n = (inputs["nll"]["labels"][:, 1:] != -100).sum()
+                nll = nll * n / counts["nll_tokens"].clamp(min=1) * world
+            loss = loss + nll
         if "groups" in inputs and self.method.loss is not None and self.args.lambda_ > 0:
-            align, stats = self.alignment_terms(model, inputs["groups"])
+            per_q, stats = self.alignment_terms(model, inputs["groups"])
+            self._metrics[prefix + "align_loss"].append(per_q.mean().item())
+            align = per_q.mean() if counts is None else per_q.sum() / counts["questions"].clamp(min=1) * world
             loss = loss + self.args.lambda_ * align
-            self._metrics[prefix + "align_loss"].append(align.item())
             for k, v in stats.items():
                 if v == v:  # skip NaN (no positives/negatives in this batch)
                     self._metrics[prefix + k].append(v)
@@ -88,6 +112,16 @@ class AFTTrainer(Trainer):
                 f"loss became {loss.item()} at step {self.state.global_step}; stopping. The last saved checkpoint "
                 f"in {self.args.output_dir} is intact. Try a lower learning rate, bf16 off, or a smaller lambda.")
         return (loss, None) if return_outputs else loss
+
+    def _save_checkpoint(self, model, trial):
+        # Non-finite weights (an optimiser step on an inf/NaN gradient) must not become the newest
+        # checkpoint: resume would pick it over the last good one.
+        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingDiverged(
+                f"parameter {bad[0]} became non-finite at step {self.state.global_step}; stopping without saving. "
+                f"The last saved checkpoint in {self.args.output_dir} is intact. Try a lower learning rate.")
+        return super()._save_checkpoint(model, trial)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

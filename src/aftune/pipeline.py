@@ -1,0 +1,143 @@
+"""`aftune demo`: the whole method on the built-in `arith` task, on a CPU, with a report.
+
+VFT (annealed to convergence) -> sample k candidates per training question -> continue training with
+  * control: the same NLL batches, no alignment term (so any AFT gain is not just "more training")
+  * AFT-BC: the same NLL batches + lambda * boundary-constrained alignment loss
+  * RFT: NLL over references + distinct correct samples
+-> greedy test accuracy and assessment diagnostics on held-out candidates -> runs/demo/report.md.
+Each step writes its own folder and is skipped when its output already exists, so a killed demo
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from aftune.config import AlignConfig, DemoConfig, EvalConfig, SampleConfig, SFTConfig, save_config
+from aftune.io import atomic_write_json
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    n_train: int
+    n_validation: int
+    n_test: int
+    n_sample: int  # training questions sampled for alignment
+    n_assess: int  # held-out (validation) questions sampled for assessment diagnostics
+    k: int
+    temperature: float
+    vft_steps: int
+    vft_batch: int
+    vft_lr: float
+    align_steps: int
+    align_batch: int
+    align_lr: float
+    beta: float
+    hidden: int
+    layers: int
+    heads: int
+    vocab: int
+    max_new_tokens: int
+    task_args: str  # arith difficulty knobs
+
+
+FULL = DemoPlan(n_train=6000, n_validation=300, n_test=500, n_sample=1200, n_assess=150, k=8, temperature=0.8,
+                vft_steps=1600, vft_batch=32, vft_lr=2e-3, align_steps=150, align_batch=8, align_lr=2e-4,
+                beta=0.5, hidden=192, layers=3, heads=4, vocab=400, max_new_tokens=128,
+                task_args="max_number=20,min_steps=2,max_steps=3")
+QUICK = DemoPlan(n_train=600, n_validation=40, n_test=60, n_sample=48, n_assess=24, k=4, temperature=0.8,
+                 vft_steps=60, vft_batch=16, vft_lr=3e-3, align_steps=10, align_batch=4, align_lr=2e-4,
+                 beta=0.5, hidden=64, layers=2, heads=2, vocab=300, max_new_tokens=96,
+                 task_args="max_number=20,min_steps=2,max_steps=3")
+METHODS = {"control": "vft", "AFT-BC": "bc", "RFT": "rft"}
+
+
+def _task_args(plan: DemoPlan, seed: int) -> str:
+    return f"seed={seed},n_train={plan.n_train},n_validation={plan.n_validation},n_test={plan.n_test},{plan.task_args}"
+
+
+def _done(path: Path) -> bool:
+    return path.exists()
+
+
+def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
+    from aftune.steps import run_eval, run_sample
+    from aftune.training.run import run_align, run_sft
+
+    plan = plan or (QUICK if cfg.quick else FULL)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    common = dict(task="arith", task_args=_task_args(plan, cfg.seed), seed=cfg.seed, quiet=cfg.quiet, bf16=cfg.bf16)
+    timings: dict[str, float] = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+
+    def step(name: str, done: Path, fn, *args) -> None:
+        if _done(done):
+            print(f"[demo] {name}: already done ({done})")
+            return
+        print(f"[demo] {name} ...", flush=True)
+        t0 = time.time()
+        fn(*args)
+        timings[name] = round(time.time() - t0, 1)
+        atomic_write_json(out / "timings.json", timings)
+
+    vft = out / "vft"
+    step("VFT", vft / "metrics.json", run_sft, SFTConfig(
+        **common, model="tiny", out=str(vft), max_steps=plan.vft_steps, batch_size=plan.vft_batch, lr=plan.vft_lr,
+        lr_schedule="cosine", warmup_ratio=0.03, eval_steps=max(plan.vft_steps // 8, 5), save_steps=max(plan.vft_steps // 8, 5),
+        n_validation=plan.n_validation, eval_accuracy=False, tiny_hidden=plan.hidden, tiny_layers=plan.layers,
+        tiny_heads=plan.heads, vocab_size=plan.vocab, logging_steps=max(plan.vft_steps // 20, 1)))
+    vft_model = str(vft / "model")
+
+    sample_common = dict(**common, model=vft_model, k=plan.k, temperature=plan.temperature,
+                         max_new_tokens=plan.max_new_tokens, batch_size=32)
+    cands, assess = out / "candidates.jsonl", out / "assess_candidates.jsonl"
+    step("sample (train)", cands.with_suffix(".done"), _sample_and_mark, run_sample,
+         SampleConfig(**sample_common, out=str(cands), split="train", n_questions=plan.n_sample))
+    step("sample (assess)", assess.with_suffix(".done"), _sample_and_mark, run_sample,
+         SampleConfig(**sample_common, out=str(assess), split="validation", n_questions=plan.n_assess))
+
+    models = {"VFT": vft_model}
+    for name, method in METHODS.items():
+        d = out / name
+        step(name, d / "metrics.json", run_align, AlignConfig(
+            **common, model=vft_model, candidates=str(cands), out=str(d), method=method, beta=plan.beta,
+            max_steps=plan.align_steps, batch_size=plan.align_batch, lr=plan.align_lr, lr_schedule="constant",
+            n_train=plan.n_train, diag_every=max(plan.align_steps // 5, 1), diag_candidates=str(assess),
+            diag_questions=plan.n_assess, logging_steps=max(plan.align_steps // 10, 1), save_steps=plan.align_steps))
+        models[name] = str(d / "model")
+
+    for name, path in models.items():
+        step(f"eval {name}", out / "eval" / f"{name}.json", run_eval, EvalConfig(
+            **common, model=path, split="test", batch_size=64, max_new_tokens=plan.max_new_tokens,
+            out=str(out / "eval" / f"{name}.json")))
+
+    if not _done(out / "assess" / "assessment.json"):
+        t0 = time.time()
+        _assess(models, assess, out / "assess")
+        timings["assess"] = round(time.time() - t0, 1)
+        atomic_write_json(out / "timings.json", timings)
+
+    from aftune.evaluation.run_report import write_run_report
+
+    report = write_run_report(out, models, plan=plan, timings=timings)
+    print(f"[demo] report: {report}")
+    return {"report": str(report), "timings": timings}
+
+
+def _sample_and_mark(run_sample, cfg: SampleConfig) -> None:
+    run_sample(cfg)
+    (Path(cfg.out).with_suffix(".done")).write_text("ok\n")
+
+
+def _assess(models: dict[str, str], candidates: Path, out: Path) -> None:
+    from aftune.modeling import load_model_and_tokenizer
+    from aftune.sampling.store import read_groups
+    from aftune.steps import assess_models
+
+    groups = read_groups(candidates)
+    loaded = {n: load_model_and_tokenizer(p) for n, p in models.items()}
+    assess_models(loaded, groups, out)

@@ -1,0 +1,134 @@
+"""Merge the per-shard candidates files of `aftune sample --shard i/n` into one file `aftune align` reads.
+
+Shard i of n samples questions i, i+n, i+2n, ... of the split into OUT.shard{i}of{n}.jsonl (with its own
+meta sidecar, and resumes on its own). merge_shards checks that the shards belong together (same task,
+model, tokenizer and sampling settings, all complete, none missing) and writes every question once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from aftune.io import InputError, atomic_write_json, write_jsonl
+from aftune.records import Group
+from aftune.sampling.store import _CHECKED_SAMPLING, group_stats, meta_path_for, read_groups
+
+_SHARD_RE = re.compile(r"\.shard(\d+)of(\d+)$")
+
+
+def shard_file(out: str | os.PathLike, i: int, n: int) -> Path:
+    """The file shard i of n writes for --out OUT (same naming as `aftune sample --shard i/n`)."""
+    p = Path(out)
+    return p.with_name(f"{p.stem}.shard{i}of{n}{p.suffix}")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    mp = meta_path_for(path)
+    if not mp.exists():
+        raise InputError(f"has no {mp.name}; only files written by `aftune sample` can be merged", path)
+    try:
+        meta = json.loads(mp.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"not valid JSON ({e})", mp) from None
+    if not isinstance(meta, dict):
+        raise InputError("expected a JSON object", mp)
+    return meta
+
+
+def _signature(meta: dict[str, Any]) -> dict[str, Any]:
+    """The settings every shard must share (those a resumed `aftune sample` run checks)."""
+    sampling = meta.get("sampling") or {}
+    tok = meta.get("tokenizer") or {}
+    sig = {"task": meta.get("task"), "model": meta.get("model"),
+           "tokenizer.name": tok.get("name"), "tokenizer.vocab_size": tok.get("vocab_size")}
+    for key in _CHECKED_SAMPLING:
+        value = sampling.get(key)
+        sig[f"sampling.{key}"] = list(value) if isinstance(value, (list, tuple)) else value
+    return sig
+
+
+def _check_shard_names(paths: list[Path]) -> int | None:
+    """If every name is X.shard{i}of{n}.jsonl: one n, every i in [0, n) exactly once. Returns n."""
+    parsed = [_SHARD_RE.search(p.stem) for p in paths]
+    if not all(parsed):
+        return None
+    ns = {int(m.group(2)) for m in parsed}
+    if len(ns) != 1:
+        raise InputError(f"shards of different splits (of {sorted(ns)}) cannot be merged: they overlap")
+    n = ns.pop()
+    idx = [int(m.group(1)) for m in parsed]
+    missing = sorted(set(range(n)) - set(idx))
+    if missing:
+        raise InputError(f"missing shard(s) {', '.join(f'{i}/{n}' for i in missing)}: run "
+                         f"`aftune sample --shard i/{n}` for them first", paths[0])
+    return n
+
+
+def merge_shards(paths: list[str | os.PathLike], out: str | os.PathLike, require_complete: bool = True) -> dict[str, Any]:
+    """Merge shard files into `out` (JSONL + meta sidecar, each written atomically). Every question appears
+    once: a group present in two inputs with identical content is kept once; with different content it is
+    an error. Returns the merged file's stats."""
+    paths = [Path(p) for p in paths]
+    out = Path(out)
+    if not paths:
+        raise InputError("no shard files to merge")
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        raise InputError("the same shard file is given twice")
+    if out.resolve() in resolved:
+        raise InputError("the output is one of the shard files", out)
+    for p in paths:
+        if not p.exists():
+            raise InputError("file does not exist", p)
+    n = _check_shard_names(paths)
+    metas = [_read_meta(p) for p in paths]
+    ref = _signature(metas[0])
+    for p, meta in zip(paths, metas):
+        if require_complete and meta.get("status") != "complete":
+            raise InputError(f"shard is not complete (status {meta.get('status')!r}); rerun its `aftune sample` "
+                             "command to finish it (it resumes)", p)
+        for key, value in _signature(meta).items():
+            if value != ref[key]:
+                raise InputError(f"{key}={value!r} but {paths[0].name} has {ref[key]!r}; shards must come from "
+                                 "one sampling configuration", meta_path_for(p), field=key)
+
+    merged: list[dict[str, Any]] = []
+    where: dict[str, tuple[Path, dict]] = {}
+    dropped = 0
+    for p in paths:
+        for g in read_groups(p):
+            if g.task != ref["task"]:
+                raise InputError(f"group {g.id!r} is for task {g.task!r}, the meta says {ref['task']!r}", p, field="task")
+            d = g.to_dict()
+            if g.id in where:
+                if where[g.id][1] != d:
+                    raise InputError(f"question {g.id!r} is also in {where[g.id][0]} with different candidates", p)
+                dropped += 1
+                continue
+            where[g.id] = (p, d)
+            merged.append(d)
+
+    stats = group_stats([Group.from_dict(d) for d in merged])
+    stats.update({"shards": len(paths), "duplicates_dropped": dropped})
+    write_jsonl(out, merged)
+    meta = {k: metas[0].get(k) for k in ("task", "model", "tokenizer", "sampling")}
+    meta.update({"status": "complete", "stats": stats, "merged_from": [p.name for p in paths], "n_shards": n})
+    atomic_write_json(meta_path_for(out), meta)
+    return stats
+
+
+def run_merge(out: str, shards: int = 0, inputs: str = "") -> dict[str, Any]:
+    """`aftune merge`: either --shards N (merge OUT.shard{i}ofN.jsonl, i < N, into OUT) or --inputs a,b,c."""
+    if bool(shards) == bool(inputs.strip()):
+        raise InputError("give either --shards N or --inputs a,b,c", field="--shards")
+    if shards < 0:
+        raise InputError(f"must be >= 1, got {shards}", field="--shards")
+    paths = [shard_file(out, i, shards) for i in range(shards)] if shards else \
+        [Path(p.strip()) for p in inputs.split(",") if p.strip()]
+    stats = merge_shards(paths, out)
+    print(json.dumps({k: v for k, v in stats.items() if not isinstance(v, (dict, list))}))
+    return stats
