@@ -2,7 +2,7 @@
 
 Both sides sample the same prompts, batched the same way, with EOS suppressed so every row generates
 exactly --max-new-tokens tokens; timings are interleaved and the median of --runs is reported. Peak memory
-of each side is measured in a fresh child process (ru_maxrss growth over the loaded-model baseline; on CUDA
+of each side is measured in a fresh child process (sampled RSS growth over the loaded-model baseline; on CUDA
 torch.cuda.max_memory_allocated). A second part measures dropping finished rows from the cache, with EOS
 made likely so that rows end at different steps.
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -118,10 +118,21 @@ def child(args) -> None:
     cuda = next(model.parameters()).is_cuda
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    base, peak_before = rss_kb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss alone is useless here: importing and building the model peaks above the run itself.
+    # So a thread samples VmRSS every millisecond during the run; the peak minus the pre-run RSS is the
+    # memory the sampling itself needed.
+    base, peak, running = rss_kb(), [0], [True]
+
+    def poll() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], rss_kb())
+            time.sleep(0.001)
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
     (run_aftune if args._child == "aftune" else run_generate)(model, tok, prompts, cfg)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    res = {"peak_rss_growth_mb": (peak - base) / 1024, "peak_reached_before_run": peak == peak_before}
+    running[0] = False
+    th.join()
+    res = {"peak_rss_growth_mb": round((max(peak[0], rss_kb()) - base) / 1024, 1)}
     if cuda:
         res["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(res))

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 AFTUNE = Path(sys.executable).with_name("aftune")
 
 # Small enough that a step is milliseconds of compute; the task-args keep the arith splits small too.
@@ -76,7 +75,8 @@ def subprocess_env() -> dict[str, str]:
 
 def start_cli(*args: str, **kw) -> subprocess.Popen:
     """`aftune ARGS` as a real process (for SIGKILL tests and traceback checks)."""
-    return subprocess.Popen([str(AFTUNE), *map(str, args)], env=subprocess_env(), stdout=subprocess.PIPE,
+    exe = [str(AFTUNE)] if AFTUNE.exists() else [sys.executable, "-m", "aftune.cli"]  # same main()
+    return subprocess.Popen([*exe, *map(str, args)], env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 

@@ -65,16 +65,17 @@ def test_sample_killed_repeatedly_resumes_to_the_uninterrupted_file(tiny_model, 
     expected = _records(artifacts / "cands.jsonl")  # the same command, never interrupted
     assert len(expected) == N_QUESTIONS
 
-    kept, killed_mid_run = b"", 0
+    kept, cut_short = b"", 0
     for _ in range(3):  # each killed run also resumes the previous one's partial file
         target = _n_lines(out) + rng.randint(1, 3)
         proc = start_cli("sample", "--model", tiny_model, "--out", out, *SAMPLE)
-        killed_mid_run += _kill_when(proc, lambda: _n_lines(out) >= target, rng, max_delay=0.3)
+        _kill_when(proc, lambda: _n_lines(out) >= target, rng, max_delay=0.15)
         data = out.read_bytes()
         assert data.startswith(kept), "records finished before a kill changed after resuming"
         kept = _complete_lines(out)
+        cut_short += _n_lines(out) < N_QUESTIONS
         json.loads((tmp_path / "crash.jsonl.meta.json").read_text())  # the sidecar is never torn
-    assert killed_mid_run >= 2 and 0 < _n_lines(out) < N_QUESTIONS
+    assert cut_short >= 2, "the kills came too late to interrupt sampling"
 
     r = cli("sample", "--model", tiny_model, "--out", out, *SAMPLE)
     assert r.code == 0, r.stderr
@@ -111,11 +112,12 @@ def _losses(metrics: dict, key: str) -> dict[int, float]:
 
 def _tear_next_checkpoint(ckpt_dir: Path) -> Path:
     """Fake a kill inside Trainer._save_checkpoint: the newest folder has weights but no trainer state."""
-    done = max(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    torn = ckpt_dir / f"checkpoint-{int(done.name.split('-')[1]) + 100}"
-    shutil.copytree(done, torn)
-    (torn / "trainer_state.json").unlink()
-    (torn / "model.safetensors").write_bytes((torn / "model.safetensors").read_bytes()[:100])
+    newest = max(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    torn = ckpt_dir / f"checkpoint-{int(newest.name.split('-')[1]) + 100}"
+    shutil.copytree(newest, torn)  # newest may itself be torn, when the kill landed inside a save
+    (torn / "trainer_state.json").unlink(missing_ok=True)
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100] if weights.exists() else b"")
     return torn
 
 
@@ -152,7 +154,7 @@ def _train_killed_then_resumed(args: list, tmp_path: Path, rng: random.Random, k
 
 def test_align_killed_between_checkpoints_resumes_to_the_same_model(tiny_model, candidates, tmp_path):
     args = ["align", "--model", tiny_model, "--candidates", candidates, "--task-args", "n_train=200", "--method", "bc",
-            "--max-steps", "10", "--save-steps", "2", "--logging-steps", "1", "--batch-size", "2", "--quiet"]
+            "--max-steps", "14", "--save-steps", "2", "--logging-steps", "1", "--batch-size", "2", "--quiet"]
     ref, out = _train_killed_then_resumed(args, tmp_path, random.Random(7), kill_after_steps=[2, 4])
     _assert_same_run(ref, out, ("loss", "align_loss"))
 

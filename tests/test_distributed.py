@@ -151,8 +151,10 @@ def test_two_processes_one_step_equals_one_process(tmp_path, monkeypatch):
                                                                     list(range(16)))
     assert len(list((tmp_path / "c2").glob("reflogps-*.json"))) == 1
     assert r0["ref"] == r1["ref"] and len(r0["ref"]) == 16
-    torch.testing.assert_close(torch.tensor([x for v in r0["ref"] for x in v]),
-                               torch.tensor([x for v in single["ref"] for x in v]), rtol=0, atol=1e-5)
+    # (summed log-probs, about -800: batches padded to other widths differ in the 7th digit)
+    torch.testing.assert_close(torch.tensor([x for v in r0["ref"] for x in v], dtype=torch.float64),
+                               torch.tensor([x for v in single["ref"] for x in v], dtype=torch.float64),
+                               rtol=1e-6, atol=1e-5)
 
     # the same 8 questions, each whole on one rank, none on both; 2 micro-batches of 2 per rank
     assert [len(b) for b in r0["seen"]] == [2, 2] and [len(b) for b in r1["seen"]] == [2, 2]

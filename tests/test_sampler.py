@@ -6,43 +6,22 @@ import math
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny import char_tokenizer, tiny_llama
 
 from aftune.sampling import Sample, SamplingConfig, generate_k
 
 torch.set_num_threads(1)
-CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +-=#.:?\n")
 PROMPTS = ["what is 2+3?", "a", "hello there 12 + 7 =", "x y z", "tom has 4 pens. he gets 9 more."]
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for c in CHARS:
-        vocab[c] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def tiny_model(tok, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    # A larger init than the default makes logits peaked, so greedy ties cannot hide padding bugs.
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=None, initializer_range=0.2)
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return tiny_tokenizer()
+    return char_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tok):
-    return tiny_model(tok)
+    return tiny_llama(tok)
 
 
 def full_forward_logprob(model, tok, prompt: str, token_ids: list[int]) -> float:
@@ -206,7 +185,7 @@ def _has_vllm_and_cuda() -> bool:
 def test_vllm_backend_samples_and_scores(tmp_path, tok):
     from aftune.sampling.vllm_backend import generate_k_vllm
 
-    model = tiny_model(tok)
+    model = tiny_llama(tok)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     prompts = PROMPTS[:3]

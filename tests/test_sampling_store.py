@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny import char_tokenizer, tiny_llama
 
 import aftune.sampling.store as store
 from aftune.io import InputError
@@ -17,7 +16,6 @@ from aftune.sampling.store import build_group, dedupe_samples, meta_path_for, re
 from aftune.tasks.base import Task
 
 torch.set_num_threads(1)
-CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +-=#.:?<>*\n")
 
 
 class HashTask(Task):
@@ -32,32 +30,14 @@ class HashTask(Task):
         return ans or None
 
 
-def tiny_tokenizer(extra: str = "") -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for c in CHARS + list(extra):
-        vocab.setdefault(c, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def tiny_model(tok) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=None, initializer_range=0.2)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def tok():
-    return tiny_tokenizer()
+    return char_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tok):
-    return tiny_model(tok)
+    return tiny_llama(tok)
 
 
 EXAMPLES = [Example(id=f"q{i}", question=f"tom has {i} pens and gets {i + 2} more" + " x" * (i % 3),
@@ -176,7 +156,7 @@ def test_resume_mismatch_raises_and_leaves_file(model, tok, tmp_path):
         (dict(task=OtherTask()), "task"),
         (dict(cfg=SamplingConfig(k=5, max_new_tokens=10, temperature=1.0, batch_size=2)), "sampling.k"),
         (dict(cfg=SamplingConfig(k=4, max_new_tokens=10, temperature=0.5, batch_size=2)), "sampling.temperature"),
-        (dict(tokenizer=tiny_tokenizer(extra="ABC")), "tokenizer.vocab_size"),
+        (dict(tokenizer=char_tokenizer(extra="ABC")), "tokenizer.vocab_size"),
         (dict(model_name="other-model"), "model"),
     ]
     for change, field in cases:

@@ -102,6 +102,24 @@ def _demo(cfg: C.DemoConfig) -> None:
     run_demo(cfg)
 
 
+def _merge(cfg: C.MergeConfig) -> None:
+    from aftune.sampling.shards import run_merge
+
+    print(run_merge(cfg.out, shards=cfg.shards, inputs=cfg.inputs))
+
+
+@click.command("experiment")
+@click.argument("config_file", type=click.Path())
+@click.option("--out", default=None, help="output folder (default: the config's `out`)")
+@click.option("--quiet/--no-quiet", default=False, help="no progress bars")
+def experiment(config_file: str, out: str | None, quiet: bool) -> None:
+    """Run a grid of (method x seed x k x beta x lambda) as resumable runs and write a results table."""
+    from aftune.experiment import run_experiment
+
+    res = run_experiment(config_file, out=out, quiet=quiet)
+    print(f"results: {res['results']}")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="aftune")
 def app() -> None:
@@ -117,6 +135,8 @@ app.add_command(make_command("sample", C.SampleConfig, _sample, "Sample k soluti
 app.add_command(make_command("align", C.AlignConfig, _align, "AFT (or a baseline) from the VFT model on a candidates file."))
 app.add_command(make_command("eval", C.EvalConfig, _eval, "Greedy-decoding accuracy on a split (+ assessment accuracy on candidates)."))
 app.add_command(make_command("assess", C.AssessConfig, _assess, "Assessment diagnostics: can the model tell right reasoning from wrong?"))
+app.add_command(make_command("merge", C.MergeConfig, _merge, "Merge `aftune sample --shard i/n` files into one candidates file (every question once)."))
+app.add_command(experiment)
 app.add_command(make_command("demo", C.DemoConfig, _demo, "The whole pipeline on the built-in arith task, with a report (CPU, < 20 min)."))
 
 

@@ -128,9 +128,17 @@ class AssessConfig(Common):
 
 
 @dataclass
+class MergeConfig:
+    out: str = opt("runs/candidates.jsonl", "merged candidates file; shards are OUT.shard{i}of{n}.jsonl")
+    shards: int = opt(0, "n: merge OUT.shard0ofn.jsonl ... OUT.shard{n-1}ofn.jsonl")
+    inputs: str = opt("", "or: comma-separated shard files to merge")
+
+
+@dataclass
 class DemoConfig:
     out: str = opt("runs/demo", "output folder")
     quick: bool = opt(False, "smoke test: tiny budget, finishes in about 3 minutes")
+    methods: str = opt("", "extra `aftune align` methods for the table ('all' or a comma list; ~2 min each)")
     seed: int = opt(0, "random seed")
     bf16: bool = opt(False, "bf16 autocast")
     quiet: bool = opt(False, "no progress bars")
@@ -140,8 +148,8 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.name.rstrip("_")
 
 
-def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
-    """Read a YAML config whose keys are flag names; unknown keys are an error naming file and key."""
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """yaml.safe_load a file that must hold a mapping; errors name the file (and line)."""
     path = Path(path)
     if not path.exists():
         raise InputError("config file does not exist", path)
@@ -151,14 +159,21 @@ def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         raise InputError(f"not valid YAML ({getattr(e, 'problem', e)})", path, None if line is None else line + 1) from None
     if not isinstance(data, dict):
-        raise InputError("expected a mapping of flag names to values", path)
+        raise InputError("expected a mapping of keys to values", path)
+    return data
+
+
+def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
+    """Read a YAML config whose keys are flag names; unknown keys are an error naming file and key."""
+    path = Path(path)
+    data = read_yaml_mapping(path)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     known = {flag_name(f).replace("-", "_"): f.name for f in fields.values()}
     out = {}
     for key, value in data.items():
         norm = str(key).replace("-", "_")
         if norm not in known:
-            line = _key_line(path, key)
+            line = key_line(path, key)
             raise InputError(f"unknown key (known: {', '.join(sorted(known))})", path, line, str(key))
         out[known[norm]] = _typed(value, fields[known[norm]].type, path, key)
     return out
@@ -183,10 +198,10 @@ def _typed(value: Any, annotation: Any, path: Path, key: Any) -> Any:
             return str(value)  # `names: 7`, `task_args: 3` are strings the user meant
     want = f"{base} or null" if optional else base
     got = "null" if value is None else type(value).__name__
-    raise InputError(f"expected {want}, got {got}", path, _key_line(path, key), str(key))
+    raise InputError(f"expected {want}, got {got}", path, key_line(path, key), str(key))
 
 
-def _key_line(path: Path, key: Any) -> int | None:
+def key_line(path: Path, key: Any) -> int | None:
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.lstrip().startswith(f"{key}:"):
             return i

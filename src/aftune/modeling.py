@@ -59,10 +59,14 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokeni
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    from tokenizers import Regex
+
     tok = Tokenizer(models.BPE(unk_token=None))
+    # Byte-level words, then every digit on its own (a leading space may stay glued to the first one):
+    # "Ġ15" -> "Ġ1", "5". Single digits keep arithmetic learnable without a lone-space token per number.
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        pre_tokenizers.Split(Regex("Ġ?[0-9]"), behavior="isolated"),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS],

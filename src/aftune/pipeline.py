@@ -45,8 +45,8 @@ class DemoPlan:
 
 
 FULL = DemoPlan(n_train=6000, n_validation=300, n_test=500, n_sample=1200, n_assess=150, k=8, temperature=0.8,
-                vft_steps=1600, vft_batch=32, vft_lr=2e-3, align_steps=150, align_batch=8, align_lr=2e-4,
-                beta=0.5, hidden=192, layers=3, heads=4, vocab=400, max_new_tokens=128,
+                vft_steps=1200, vft_batch=32, vft_lr=2e-3, align_steps=150, align_batch=8, align_lr=1e-4,
+                beta=0.5, hidden=192, layers=3, heads=4, vocab=512, max_new_tokens=128,
                 task_args="max_number=20,min_steps=2,max_steps=3")
 QUICK = DemoPlan(n_train=600, n_validation=40, n_test=60, n_sample=48, n_assess=24, k=4, temperature=0.8,
                  vft_steps=60, vft_batch=16, vft_lr=3e-3, align_steps=10, align_batch=4, align_lr=2e-4,
@@ -101,13 +101,11 @@ def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
          SampleConfig(**sample_common, out=str(assess), split="validation", n_questions=plan.n_assess))
 
     models = {"VFT": vft_model}
-    for name, method in METHODS.items():
+    runs = dict(METHODS)
+    runs.update({m: m for m in extra_methods(cfg.methods) if m not in runs.values()})
+    for name, method in runs.items():
         d = out / name
-        step(name, d / "metrics.json", run_align, AlignConfig(
-            **common, model=vft_model, candidates=str(cands), out=str(d), method=method, beta=plan.beta,
-            max_steps=plan.align_steps, batch_size=plan.align_batch, lr=plan.align_lr, lr_schedule="constant",
-            n_train=plan.n_train, diag_every=max(plan.align_steps // 5, 1), diag_candidates=str(assess),
-            diag_questions=plan.n_assess, logging_steps=max(plan.align_steps // 10, 1), save_steps=plan.align_steps))
+        step(name, d / "metrics.json", run_align, align_config(plan, common, vft_model, cands, assess, d, method))
         models[name] = str(d / "model")
 
     for name, path in models.items():
@@ -115,7 +113,8 @@ def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
             **common, model=path, split="test", batch_size=64, max_new_tokens=plan.max_new_tokens,
             out=str(out / "eval" / f"{name}.json")))
 
-    if not _done(out / "assess" / "assessment.json"):
+    assessed = json.loads((out / "assess" / "assessment.json").read_text())["models"] if _done(out / "assess" / "assessment.json") else {}
+    if set(models) - set(assessed):
         t0 = time.time()
         _assess(models, assess, out / "assess")
         timings["assess"] = round(time.time() - t0, 1)
@@ -128,16 +127,38 @@ def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
     return {"report": str(report), "timings": timings}
 
 
+def align_config(plan: DemoPlan, common: dict, vft_model: str, cands: Path, assess: Path, out: Path,
+                 method: str) -> AlignConfig:
+    """One continuation run from the VFT model: every method gets the same steps, batches and diagnostics."""
+    return AlignConfig(
+        **common, model=vft_model, candidates=str(cands), out=str(out), method=method, beta=plan.beta,
+        max_steps=plan.align_steps, batch_size=plan.align_batch, lr=plan.align_lr, lr_schedule="cosine",
+        warmup_ratio=0.1,  # continue from the annealed VFT model gently, and anneal again
+        n_train=plan.n_train, diag_every=max(plan.align_steps // 5, 1), diag_candidates=str(assess),
+        diag_questions=plan.n_assess, logging_steps=max(plan.align_steps // 10, 1), save_steps=plan.align_steps)
+
+
+def extra_methods(spec: str) -> list[str]:
+    """--methods: 'all' or a comma list of `aftune align` methods to add to the demo's table."""
+    from aftune.io import InputError
+    from aftune.training.methods import METHODS as ALL
+
+    names = list(ALL) if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    for m in names:
+        if m not in ALL:
+            raise InputError(f"unknown method '{m}'; choose from: {', '.join(ALL)}", field="--methods")
+    return names
+
+
 def _sample_and_mark(run_sample, cfg: SampleConfig) -> None:
     run_sample(cfg)
     (Path(cfg.out).with_suffix(".done")).write_text("ok\n")
 
 
 def _assess(models: dict[str, str], candidates: Path, out: Path) -> None:
-    from aftune.modeling import load_model_and_tokenizer
     from aftune.sampling.store import read_groups
-    from aftune.steps import assess_models
+    from aftune.steps import assess_models, load_for_inference
 
     groups = read_groups(candidates)
-    loaded = {n: load_model_and_tokenizer(p) for n, p in models.items()}
+    loaded = {n: load_for_inference(p) for n, p in models.items()}
     assess_models(loaded, groups, out)

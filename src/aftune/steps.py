@@ -25,6 +25,14 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", trust_re
         raise InputError(f"cannot load a model from here ({first})", name_or_path, field="--model") from None
 
 
+def load_for_inference(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """Model + tokenizer on this process's accelerator (sample, eval, assess; training lets Trainer place it)."""
+    from aftune.distributed import local_device
+
+    model, tok = load_model_and_tokenizer(name_or_path, dtype, trust_remote_code)
+    return model.to(local_device()), tok
+
+
 def tasks_for(cfg) -> list:
     """The config's tasks; the registry's ValueErrors (unknown task or option) become one-line InputErrors."""
     try:
@@ -87,7 +95,9 @@ def run_sample(cfg: SampleConfig) -> dict:
         examples = examples[:cfg.n_questions]
     if not examples:
         raise InputError(f"split '{cfg.split}' of task '{task.name}' is empty", field="--split")
-    shard = _shard(cfg.shard)
+    from aftune.distributed import env_shard
+
+    shard = _shard(cfg.shard or env_shard())  # under `accelerate launch`, one shard per process
     if shard is not None:
         examples = examples[shard[0]::shard[1]]
     out = shard_path(cfg.out, shard)
@@ -95,13 +105,15 @@ def run_sample(cfg: SampleConfig) -> dict:
     scfg = SamplingConfig(k=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                           seed=cfg.seed, batch_size=cfg.batch_size, stop=("\nQuestion:",))
     if cfg.backend == "vllm":
-        from aftune.sampling.store import sample_candidates_with
+        from aftune.modeling import load_tokenizer
         from aftune.sampling.vllm_backend import generate_k_vllm
 
-        stats = sample_candidates_with(generate_k_vllm, cfg.model, task, examples, out, scfg)
+        tok = load_tokenizer(cfg.model, cfg.trust_remote_code)  # for the meta check; vLLM loads its own
+        stats = sample_candidates(None, tok, task, examples, out, scfg, model_name=cfg.model, progress=not cfg.quiet,
+                                  generate=lambda prompts, c: generate_k_vllm(cfg.model, prompts, c))
         save_config(cfg, out.parent, f"{out.stem}.config.yaml")
         return stats
-    model, tok = load_model_and_tokenizer(cfg.model, dtype="bfloat16" if cfg.bf16 else "float32",
+    model, tok = load_for_inference(cfg.model, dtype="bfloat16" if cfg.bf16 else "float32",
                                           trust_remote_code=cfg.trust_remote_code)
     stats = sample_candidates(model, tok, task, examples, out, scfg, model_name=cfg.model, progress=not cfg.quiet)
     # Saved once the file is complete: a run refused by the meta check must not overwrite the config
@@ -126,7 +138,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     tasks = tasks_for(cfg)
     items = load_split(tasks, cfg.split, cfg.n_questions)
-    model, tok = load_model_and_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model, tok = load_for_inference(cfg.model, trust_remote_code=cfg.trust_remote_code)
     t0 = time.time()
     res = greedy_accuracy(model, tok, items, cfg.max_new_tokens, cfg.batch_size, progress=not cfg.quiet)
     res["eval_seconds"] = round(time.time() - t0, 1)
@@ -170,7 +182,7 @@ def run_assess(cfg: AssessConfig) -> dict:
     if len(names) != len(paths):
         raise InputError(f"{len(names)} names for {len(paths)} models", field="--names")
     out = Path(cfg.out)
-    models = {n: load_model_and_tokenizer(p, trust_remote_code=cfg.trust_remote_code) for n, p in zip(names, paths)}
+    models = {n: load_for_inference(p, trust_remote_code=cfg.trust_remote_code) for n, p in zip(names, paths)}
     out.mkdir(parents=True, exist_ok=True)  # after the models load: a bad path leaves OUT untouched
     save_config(cfg, out)
     if cfg.candidates:

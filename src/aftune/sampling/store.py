@@ -14,7 +14,7 @@ import time
 import zlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Callable, Any
 
 from tqdm.auto import tqdm
 
@@ -114,7 +114,8 @@ def group_stats(groups: list[Group]) -> dict[str, Any]:
 
 
 def sample_candidates(model, tokenizer, task, examples: list[Example], out_path: str | os.PathLike,
-                      cfg: SamplingConfig, model_name: str = "", progress: bool = True) -> dict[str, Any]:
+                      cfg: SamplingConfig, model_name: str = "", progress: bool = True,
+                      generate: Callable[[list[str], SamplingConfig], list[list[Sample]]] | None = None) -> dict[str, Any]:
     """Sample, label and append one Group per example to `out_path` (JSONL), resuming a partial file.
 
     Questions are processed in order of prompt length (less padding), so the file's line order is not the
@@ -160,7 +161,10 @@ def sample_candidates(model, tokenizer, task, examples: list[Example], out_path:
             batch = todo[start:start + cfg.batch_size]
             # A seed per batch keyed by its first question: distinct streams per batch, reproducible reruns.
             seed = zlib.crc32(f"{cfg.seed}:{batch[0].id}".encode())
-            samples = generate_k(model, tokenizer, [prompts[ex.id] for ex in batch], replace(cfg, seed=seed))
+            batch_prompts, batch_cfg = [prompts[ex.id] for ex in batch], replace(cfg, seed=seed)
+            # `generate` swaps the engine (e.g. vLLM); labelling, resume and the file format stay the same
+            samples = (generate(batch_prompts, batch_cfg) if generate is not None
+                       else generate_k(model, tokenizer, batch_prompts, batch_cfg))
             groups = [build_group(task, ex, prompts[ex.id], s, cfg.k) for ex, s in zip(batch, samples)]
             append_jsonl(out_path, [g.to_dict() for g in groups])
             n_samples += sum(len(s) for s in samples)

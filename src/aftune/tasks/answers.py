@@ -81,6 +81,8 @@ def to_fraction(s: str | None) -> Fraction | None:
 def _match_value(m: re.Match) -> str | None:
     pre = m.group("pre")
     negative = "-" in pre or "\u2212" in pre
+    if len(m.group("num")) > _MAX_NUMBER_CHARS:  # garbage, and int() refuses > 4300 digits anyway
+        return None
     try:
         value = Decimal(m.group("num").replace(",", ""))
     except InvalidOperation:

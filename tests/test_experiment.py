@@ -1,0 +1,196 @@
+"""`aftune experiment`: a tiny grid end to end, resume, config errors, the paired test, per-question beta."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from aftune.experiment import (gap_beta, grid, load_experiment, mcnemar_exact, paired_test, run_experiment,
+                               subsample_candidates)
+from aftune.io import InputError
+
+TINY_PLAN = dict(n_train=120, n_validation=12, n_test=16, n_sample=12, n_assess=8, k=4, vft_steps=12, vft_batch=8,
+                 align_steps=4, align_batch=4, hidden=32, layers=1, heads=2, vocab=300, max_new_tokens=48)
+CONFIG = dict(name="tiny", base="quick", plan=TINY_PLAN, seeds=[0, 1], methods=["bc"], k=[2, 4], beta=[0.5],
+              **{"lambda": [1.0]}, beta_auto={"mode": "gap", "factors": [2.0], "floor": 0.02})
+
+
+def _write(path, data) -> str:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a shared 2-core machine is faster on one thread
+    try:
+        d = tmp_path_factory.mktemp("exp")
+        cfg = _write(d / "tiny.yaml", CONFIG)
+        res = run_experiment(cfg, out=str(d / "out"), quiet=True)
+        yield d, cfg, res
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_grid_runs_end_to_end(experiment):
+    d, _, res = experiment
+    out = d / "out"
+    results = json.loads((out / "results.json").read_text())
+    cells = {c["cell"]: c for c in results["cells"]}
+    # control once per seed (k / beta / lambda do not change it), bc at each k x (beta 0.5, auto)
+    assert set(cells) == {"VFT", "vft", "bc-k2-b0.5-l1", "bc-k4-b0.5-l1", "bc-k2-gap2-l1", "bc-k4-gap2-l1"}
+    assert res["n_runs"] == 2 * 5
+    for name, c in cells.items():
+        assert c["seeds"] == [0, 1]
+        acc = c["metrics"]["test_acc"]
+        ev = [json.loads((out / f"seed{s}" / ("eval/VFT.json" if name == "VFT" else f"runs/{name}/eval.json")).read_text())
+              for s in (0, 1)]
+        assert acc["values"] == [e["accuracy"] for e in ev]
+        assert acc["mean"] == pytest.approx(sum(acc["values"]) / 2)
+        assert acc["std"] == pytest.approx(abs(acc["values"][0] - acc["values"][1]) / math.sqrt(2))
+        for col in ("assess_acc", "self_rerank", "ppl_pos", "ppl_neg"):
+            assert set(c["metrics"][col]) == {"mean", "std", "n", "values"}
+        if name != "vft":
+            t = c["vs_control"]
+            assert t["n"] == 2 * 16 and 0 <= t["p"] <= 1
+            assert t["diff"] == pytest.approx(acc["mean"] - cells["vft"]["metrics"]["test_acc"]["mean"])
+    for s in (0, 1):
+        preds = (out / f"seed{s}" / "runs" / "bc-k2-b0.5-l1" / "eval.predictions.jsonl").read_text().splitlines()
+        assert len(preds) == 16 and "correct" in json.loads(preds[0])
+        # the k=2 file is the k=4 sample cut to its first 2 candidates per group, not a second sampling run
+        big = [json.loads(line) for line in (out / f"seed{s}" / "candidates.k4.jsonl").read_text().splitlines()]
+        small = [json.loads(line) for line in (out / f"seed{s}" / "candidates.k2-of4.jsonl").read_text().splitlines()]
+        assert [g["id"] for g in big] == [g["id"] for g in small]
+        assert all([c["text"] for c in g2["candidates"]] == [c["text"] for c in g4["candidates"][:2]] for g2, g4 in zip(small, big))
+        cfg = yaml.safe_load((out / f"seed{s}" / "runs" / "bc-k2-gap2-l1" / "config.yaml").read_text())
+        assert cfg["method"] == "bc+gap0.02" and cfg["beta"] == 2.0 and cfg["max_candidates"] == 3
+        assert not (out / f"seed{s}" / "runs" / "vft" / "checkpoints").exists()
+        assert len(list((out / f"seed{s}").glob("reflogps-*.json"))) == 2  # VFT scores for the auto runs (k=2, k=4)
+    md = (out / "results.md").read_text()
+    assert "| bc-k4-gap2-l1 |" in md and "McNemar" in md and "Per-question beta" in md
+    for png in ("accuracy.png", "accuracy_vs_k.png"):
+        assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "plots" / "accuracy_vs_beta.png").exists()  # one numeric beta: no curve to draw
+
+
+def test_rerun_skips_finished_runs(experiment):
+    d, cfg, res = experiment
+    out = d / "out"
+    models = sorted(out.glob("seed*/**/model/model.safetensors"))
+    assert len(models) == 2 * 6  # VFT + 5 runs per seed
+    before = {p: p.stat().st_mtime_ns for p in models}
+    res2 = run_experiment(cfg, out=str(out), quiet=True)
+    assert {p: p.stat().st_mtime_ns for p in models} == before
+    assert res2["timings"] == res["timings"] and len(res2["skipped"]) == len(res["timings"])
+    assert json.loads((out / "results.json").read_text())["cells"] == res["cells"]
+
+
+def test_changed_plan_under_the_same_out_is_refused(experiment, tmp_path):
+    d, _, _ = experiment
+    cfg = _write(tmp_path / "c.yaml", {**CONFIG, "plan": {**TINY_PLAN, "align_steps": 5}})
+    with pytest.raises(InputError, match="different plan"):
+        run_experiment(cfg, out=str(d / "out"), quiet=True)
+
+
+@pytest.mark.parametrize("data, key, message", [
+    ({"metods": ["bc"]}, "metods", "unknown key"),
+    ({"plan": {"vft_stps": 3}}, "plan.vft_stps", "unknown plan field"),
+    ({"plan": {"vft_steps": "many"}}, "plan.vft_steps", "expected int"),
+    ({"methods": ["bc", "nope"]}, "methods", "unknown method 'nope'"),
+    ({"k": [1, 4]}, "k", ">= 2"),
+    ({"beta": [0.0]}, "beta", "> 0"),
+    ({"methods": ["dc"], "beta_auto": "gap"}, "beta_auto", "per-question beta"),
+    ({"beta_auto": {"mode": "gap", "factor": 2}}, "beta_auto.factor", "unknown key"),
+])
+def test_bad_config_names_file_and_key(tmp_path, data, key, message):
+    path = _write(tmp_path / "bad.yaml", {"name": "x", "methods": ["bc"], **data})
+    with pytest.raises(InputError, match=message) as e:
+        load_experiment(path)
+    assert str(path) in str(e.value) and f"field '{key}'" in str(e.value)
+
+
+def test_grid_collapses_axes_a_method_ignores(tmp_path):
+    exp = load_experiment(_write(tmp_path / "g.yaml", {"methods": ["rft", "dc", "bc"], "seeds": [3], "k": [2, 8],
+                                                      "beta": [0.1, 0.5], "lambda": [0.5, 1]}))
+    cells = [r.cell for r in grid(exp)]
+    assert cells[0] == "vft"  # the control is added and comes first
+    assert cells.count("vft") == 1 and "rft-k2" in cells and "rft-k8" in cells
+    assert sum(c.startswith("dc-") for c in cells) == 2 * 2 and sum(c.startswith("bc-") for c in cells) == 2 * 2 * 2
+    assert len(cells) == 1 + 2 + 4 + 8
+
+
+def test_sub_grids_run_their_union_once(tmp_path):
+    exp = load_experiment(_write(tmp_path / "g.yaml", {
+        "methods": ["bc"], "k": [8], "beta": [0.5], "lambda": [1], "seeds": [0, 1],
+        "grids": [{"k": [2, 8]}, {"beta": [0.1, 0.5]}, {"lambda": [0.5, 1], "beta_auto": {"factors": [2], "floor": 0.01}}]}))
+    cells = [r.cell for r in grid(exp) if r.seed == 0]
+    assert cells == ["vft", "bc-k2-b0.5-l1", "bc-k8-b0.5-l1", "bc-k8-b0.1-l1", "bc-k8-b0.5-l0.5", "bc-k8-gap2-l0.5",
+                     "bc-k8-gap2-l1"]
+    assert exp.ks == (2, 8) and len(grid(exp)) == 2 * len(cells)
+    with pytest.raises(InputError, match="field 'grids\\[0\\].kk'"):
+        load_experiment(_write(tmp_path / "b.yaml", {"grids": [{"kk": [2]}]}))
+
+
+def test_mcnemar_and_paired_test_by_hand():
+    # b=1, c=5: P(X<=1 | n=6) = (1 + 6) / 64, two-sided 14/64
+    assert mcnemar_exact(1, 5) == pytest.approx(14 / 64)
+    assert mcnemar_exact(5, 1) == pytest.approx(14 / 64)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
+    # seed 0: q1 method only, q2 control only, q3 both, q4 neither; seed 1: q1, q2 method only
+    m0, c0 = {"q1": True, "q2": False, "q3": True, "q4": False}, {"q1": False, "q2": True, "q3": True, "q4": False}
+    m1, c1 = {"q1": True, "q2": True, "q3": False, "q4": False}, {"q1": False, "q2": False, "q3": False, "q4": False}
+    t = paired_test([(m0, c0), (m1, c1)])
+    # pooled d = [1, -1, 0, 0, 1, 1, 0, 0]: mean 2/8, sample var (4 - 8/16) / 7 = 0.5, se sqrt(0.5/8) = 0.25
+    assert (t["b"], t["c"], t["n"]) == (3, 1, 8)
+    assert t["diff"] == pytest.approx(0.25) and t["se"] == pytest.approx(0.25)
+    assert t["p"] == pytest.approx(2 * 5 / 16)  # n=4, P(X<=1) = 5/16
+    assert t["diff_per_seed"] == [0.0, 0.5]
+    with pytest.raises(ValueError):
+        paired_test([({"q1": True}, {"q2": True})])
+
+
+def test_gap_beta_and_per_question_loss():
+    from aftune import losses
+    from aftune.experiment import auto_method
+    from aftune.training.methods import METHODS, GroupBatch
+
+    # weakest positive -0.3; gaps to negatives 0.1, 0.2, 0.4 -> median 0.2, x2
+    assert gap_beta([-0.1, -0.3], [-0.4, -0.5, -0.7], 2.0, 0.02) == pytest.approx(0.4)
+    assert gap_beta([-0.5], [-0.1], 2.0, 0.02) == 0.02  # VFT prefers the negative: floor
+    assert gap_beta([-0.5], [], 2.0, 0.02) == 0.02
+
+    method = METHODS[auto_method("bc", 0.02)]
+    assert method.needs_reference_logps and method.uses_beta
+    mean = torch.tensor([[-0.1, -0.3, -0.2], [-0.2, -0.25, -0.9]], requires_grad=True)
+    lengths = torch.tensor([[10.0, 20.0, 5.0], [8.0, 4.0, 2.0]])
+    positive = torch.tensor([[True, False, False], [True, True, False]])
+    valid = torch.ones_like(positive)
+    vft = torch.tensor([[-0.2, -0.5, -0.3], [-0.1, -0.3, -0.6]])  # per-token VFT scores
+    batch = GroupBatch(positive, torch.where(positive, 0, 1), valid, vft * lengths)
+    scored = type("S", (), {"mean_padded": mean, "sum_padded": mean * lengths})()
+    got = method.loss(scored, batch, type("C", (), {"beta": 2.0, "dpo_beta": 0.1})())
+    # question 0: gaps 0.3, 0.1 -> median 0.2 -> beta 0.4; question 1: weakest -0.3, gap 0.3 -> beta 0.6
+    want = torch.cat([losses.boundary_constraint_loss(mean[:1], positive[:1], valid[:1], beta=0.4),
+                      losses.boundary_constraint_loss(mean[1:], positive[1:], valid[1:], beta=0.6)])
+    assert torch.allclose(got, want)
+    got.sum().backward()
+    assert torch.isfinite(mean.grad).all()
+
+
+def test_subsample_recomputes_ranks(tmp_path):
+    from aftune.records import Candidate, Group
+    from aftune.sampling.store import meta_path_for, read_groups
+
+    g = Group("1", "arith", "Q", "R", "5", [Candidate("a #### 4", "4", False, rank=1, wrong_steps=1),
+                                           Candidate("b #### 5", "5", True, rank=0, wrong_steps=0),
+                                           Candidate("c #### 6", "6", False, rank=2, wrong_steps=3)])
+    src = tmp_path / "c.k3.jsonl"
+    src.write_text(json.dumps(g.to_dict()) + "\n")
+    meta_path_for(src).write_text(json.dumps({"task": "arith", "sampling": {"k": 3}}))
+    subsample_candidates(src, tmp_path / "c.k2.jsonl", 2)
+    (h,) = read_groups(tmp_path / "c.k2.jsonl")
+    assert [c.text for c in h.candidates] == ["a #### 4", "b #### 5"] and [c.rank for c in h.candidates] == [1, 0]
+    assert json.loads(meta_path_for(tmp_path / "c.k2.jsonl").read_text())["sampling"]["k"] == 2
