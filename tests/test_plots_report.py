@@ -181,3 +181,21 @@ def test_assessment_report_without_alarms_or_scores(tmp_path):
     assert "None: no monitored score fell" in md
     assert "score_histograms.png" not in md
     assert "| VFT | – |" in md  # empty metrics show as dashes
+
+
+def test_many_models_switch_to_readable_layouts(tmp_path):
+    from aftune.evaluation.plots import MANY_MODELS, plot_acc_vs_k, plot_metric_bars
+
+    n = MANY_MODELS + 3
+    table = {f"m{i}": {"assessment_acc_macro": 0.5 + i / 100, "pass_at_k": None} for i in range(n)}
+    p = plot_metric_bars(tmp_path / "bars.png", table, ["assessment_acc_macro", "pass_at_k"])
+    curves = {f"m{i}": {"k": [1, 2, 4], "best_of_k_self": [0.4, 0.5, 0.5 + i / 100], "pass_at_k": [0.4, 0.6, 0.7]}
+              for i in range(n)}
+    q = plot_acc_vs_k(tmp_path / "acck.png", curves)
+    for path in (p, q):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    # the horizontal layout is taller than wide per model: one row per model
+    from PIL import Image
+
+    w, h = Image.open(p).size
+    assert h > 0.28 * n * 120

@@ -10,7 +10,6 @@ import dataclasses
 import sys
 import types
 import typing
-from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -105,7 +104,7 @@ def _demo(cfg: C.DemoConfig) -> None:
 def _merge(cfg: C.MergeConfig) -> None:
     from aftune.sampling.shards import run_merge
 
-    print(run_merge(cfg.out, shards=cfg.shards, inputs=cfg.inputs))
+    run_merge(cfg.out, shards=cfg.shards, inputs=cfg.inputs)  # prints its own summary
 
 
 @click.command("experiment")

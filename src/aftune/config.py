@@ -137,7 +137,7 @@ class MergeConfig:
 @dataclass
 class DemoConfig:
     out: str = opt("runs/demo", "output folder")
-    quick: bool = opt(False, "smoke test: tiny budget, finishes in about 3 minutes")
+    quick: bool = opt(False, "smoke test: tiny budget, a few minutes")
     methods: str = opt("", "extra `aftune align` methods for the table ('all' or a comma list; ~2 min each)")
     seed: int = opt(0, "random seed")
     bf16: bool = opt(False, "bf16 autocast")

@@ -15,15 +15,13 @@ import json
 import math
 import shutil
 import statistics
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 
 from aftune.io import InputError, atomic_write_json, iter_jsonl, write_jsonl
-from aftune.pipeline import FULL, QUICK, DemoPlan, _sample_and_mark, _task_args
+from aftune.pipeline import FULL, QUICK, DemoPlan, Steps, _sample_and_mark, _task_args
 
 CONTROL = "vft"
 GRID_KEYS = ("methods", "k", "beta", "lambda", "beta_auto")
@@ -377,20 +375,8 @@ def run_experiment(config_path: str, out: str | None = None, quiet: bool = False
         shutil.copyfile(config_path, root / "experiment.yaml")  # the config as given, next to its results
 
     plan = exp.plan
-    timings: dict[str, float] = json.loads((root / "timings.json").read_text()) if (root / "timings.json").exists() else {}
-    skipped: list[str] = []
-
-    def step(name: str, done: Path, fn, *args) -> None:
-        if done.exists():
-            skipped.append(name)
-            if not quiet:
-                print(f"[experiment] {name}: already done ({done})")
-            return
-        print(f"[experiment] {name} ...", flush=True)
-        t0 = time.time()
-        fn(*args)
-        timings[name] = round(time.time() - t0, 1)
-        atomic_write_json(root / "timings.json", timings)
+    step = Steps(root, "experiment", announce_skips=not quiet)
+    timings, skipped = step.timings, step.skipped
 
     kmax = max(exp.ks)
     for seed in exp.seeds:

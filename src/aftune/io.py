@@ -73,6 +73,18 @@ def require(obj: dict, field: str, types: type | tuple[type, ...], path: Any, li
     return value
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file that must hold an object (e.g. a .meta.json sidecar); errors name the file."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"not valid JSON ({e})", path) from None
+    if not isinstance(obj, dict):
+        raise InputError("expected a JSON object", path)
+    return obj
+
+
 def truncate_torn_tail(path: str | os.PathLike) -> int:
     """Cut a trailing partial line (no final newline) left by a killed append; returns bytes removed."""
     path = Path(path)

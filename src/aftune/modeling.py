@@ -104,17 +104,35 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def forward_with_cache(model, cache=None, **inputs):
-    """model(...) passing a KV cache under whichever name this transformers version uses.
-
-    transformers 5.x renamed `past_key_values` to `cache` (old name removed in 5.40); 4.x only knows the
-    old one. Returns (outputs, cache).
-    """
+def forward_params(model) -> frozenset[str]:
+    """Keyword arguments the underlying model's forward accepts, looking through DDP / peft wrappers
+    (which forward **kwargs and so hide the real signature)."""
     import inspect
 
-    params = inspect.signature(model.forward).parameters
-    key = "cache" if "cache" in params else "past_key_values"
+    inner = model
+    for _ in range(4):  # DDP(.module) -> PeftModel(.get_base_model()) -> the HF model
+        if hasattr(inner, "module") and isinstance(getattr(inner, "module"), torch.nn.Module):
+            inner = inner.module
+        elif hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        else:
+            break
+    return frozenset(inspect.signature(inner.forward).parameters)
+
+
+def cache_kwarg(model) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache` (old name removed in 5.40); 4.x knows only the old."""
+    return "cache" if "cache" in forward_params(model) else "past_key_values"
+
+
+def returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def forward_with_cache(model, cache=None, **inputs):
+    """model(...) passing a KV cache under whichever name this transformers version uses; returns (outputs, cache)."""
     if cache is not None:
-        inputs[key] = cache
+        inputs[cache_kwarg(model)] = cache
     out = model(**inputs)
-    return out, getattr(out, "cache", None) if hasattr(out, "cache") else getattr(out, "past_key_values", None)
+    return out, returned_cache(out)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from aftune.config import AlignConfig, DemoConfig, EvalConfig, SampleConfig, SFTConfig, save_config
@@ -42,16 +42,17 @@ class DemoPlan:
     vocab: int
     max_new_tokens: int
     task_args: str  # arith difficulty knobs
+    diag_every: int = 30  # held-out assessment diagnostics every N alignment steps
 
 
 FULL = DemoPlan(n_train=6000, n_validation=300, n_test=500, n_sample=1200, n_assess=150, k=8, temperature=0.8,
                 vft_steps=1200, vft_batch=32, vft_lr=2e-3, align_steps=150, align_batch=8, align_lr=1e-4,
                 beta=0.5, hidden=192, layers=3, heads=4, vocab=512, max_new_tokens=128,
                 task_args="max_number=20,min_steps=2,max_steps=3")
-QUICK = DemoPlan(n_train=600, n_validation=40, n_test=60, n_sample=48, n_assess=24, k=4, temperature=0.8,
+QUICK = DemoPlan(n_train=600, n_validation=40, n_test=60, n_sample=32, n_assess=16, k=4, temperature=0.8,
                  vft_steps=60, vft_batch=16, vft_lr=3e-3, align_steps=10, align_batch=4, align_lr=2e-4,
-                 beta=0.5, hidden=64, layers=2, heads=2, vocab=300, max_new_tokens=96,
-                 task_args="max_number=20,min_steps=2,max_steps=3")
+                 beta=0.5, hidden=64, layers=2, heads=2, vocab=300, max_new_tokens=64,
+                 task_args="max_number=20,min_steps=2,max_steps=3", diag_every=5)
 METHODS = {"control": "vft", "AFT-BC": "bc", "RFT": "rft"}
 
 
@@ -63,6 +64,32 @@ def _done(path: Path) -> bool:
     return path.exists()
 
 
+class Steps:
+    """Runs named pipeline steps once each: a step whose output exists is skipped (so a killed run
+    resumes where it stopped), and the wall time of each step that ran is kept in ROOT/timings.json."""
+
+    def __init__(self, root: Path, label: str, announce_skips: bool = True):
+        self.root, self.label, self.announce_skips = Path(root), label, announce_skips
+        path = self.root / "timings.json"
+        self.timings: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+        self.skipped: list[str] = []
+
+    def __call__(self, name: str, done: Path, fn, *args) -> None:
+        if _done(done):
+            self.skipped.append(name)
+            if self.announce_skips:
+                print(f"[{self.label}] {name}: already done ({done})")
+            return
+        print(f"[{self.label}] {name} ...", flush=True)
+        t0 = time.time()
+        fn(*args)
+        self.record(name, time.time() - t0)
+
+    def record(self, name: str, seconds: float) -> None:
+        self.timings[name] = round(seconds, 1)
+        atomic_write_json(self.root / "timings.json", self.timings)
+
+
 def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
     from aftune.steps import run_eval, run_sample
     from aftune.training.run import run_align, run_sft
@@ -72,17 +99,8 @@ def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     common = dict(task="arith", task_args=_task_args(plan, cfg.seed), seed=cfg.seed, quiet=cfg.quiet, bf16=cfg.bf16)
-    timings: dict[str, float] = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
-
-    def step(name: str, done: Path, fn, *args) -> None:
-        if _done(done):
-            print(f"[demo] {name}: already done ({done})")
-            return
-        print(f"[demo] {name} ...", flush=True)
-        t0 = time.time()
-        fn(*args)
-        timings[name] = round(time.time() - t0, 1)
-        atomic_write_json(out / "timings.json", timings)
+    step = Steps(out, "demo")
+    timings = step.timings
 
     vft = out / "vft"
     step("VFT", vft / "metrics.json", run_sft, SFTConfig(
@@ -117,8 +135,7 @@ def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
     if set(models) - set(assessed):
         t0 = time.time()
         _assess(models, assess, out / "assess")
-        timings["assess"] = round(time.time() - t0, 1)
-        atomic_write_json(out / "timings.json", timings)
+        step.record("assess", time.time() - t0)
 
     from aftune.evaluation.run_report import write_run_report
 
@@ -134,7 +151,7 @@ def align_config(plan: DemoPlan, common: dict, vft_model: str, cands: Path, asse
         **common, model=vft_model, candidates=str(cands), out=str(out), method=method, beta=plan.beta,
         max_steps=plan.align_steps, batch_size=plan.align_batch, lr=plan.align_lr, lr_schedule="cosine",
         warmup_ratio=0.1,  # continue from the annealed VFT model gently, and anneal again
-        n_train=plan.n_train, diag_every=max(plan.align_steps // 5, 1), diag_candidates=str(assess),
+        n_train=plan.n_train, diag_every=plan.diag_every, diag_candidates=str(assess),
         diag_questions=plan.n_assess, logging_steps=max(plan.align_steps // 10, 1), save_steps=plan.align_steps)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from aftune.modeling import forward_with_cache
+from aftune.modeling import forward_params, forward_with_cache
 
 
 @dataclass
@@ -51,9 +51,7 @@ def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _keeps_logits(model) -> bool:
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in forward_params(model)
 
 
 def score_groups(model, prompts: list[list[int]], candidates: list[list[list[int]]], pad_id: int,

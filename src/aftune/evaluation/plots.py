@@ -120,6 +120,8 @@ def plot_acc_vs_k(path: str | os.PathLike, named_curves: dict[str, dict[str, Seq
     Each curve dict is `assessment_metrics(...)["acc_vs_k"]`: {"k": [...], rule: [acc, ...]}.
     """
     plt = _pyplot()
+    if len(named_curves) > MANY_MODELS and rules is None:
+        return _plot_self_select_many(plt, path, named_curves)
     rules = list(rules or RULE_LABELS)
     colors = {r: f"C{i}" for i, r in enumerate(rules)}
     markers = {r: _MARKERS[i % len(_MARKERS)] for i, r in enumerate(rules)}
@@ -169,6 +171,8 @@ def plot_metric_bars(path: str | os.PathLike, table: dict[str, dict[str, float |
     plt = _pyplot()
     models = list(table)
     metrics = list(metrics)
+    if len(models) > MANY_MODELS:
+        return _metric_barh_many(plt, path, table, metrics, title)
 
     def unit_scale(mt: str) -> bool:
         vals = _finite([table[m].get(mt) for m in models])
@@ -216,6 +220,61 @@ def plot_metric_bars(path: str | os.PathLike, table: dict[str, dict[str, float |
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.94), ncol=len(handles),
                    fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.88 if handles else 1))
+    return _save(fig, path)
+
+
+MANY_MODELS = 6  # beyond this, one colour per model stops being readable: switch layouts
+
+
+def _plot_self_select_many(plt, path, named_curves) -> Path:
+    """Many models: self-select accuracy vs k, one line per model, plus the (shared) pass@k oracle."""
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    cmap = plt.get_cmap("tab20")
+    ks_all: set[int] = set()
+    for i, (model, curve) in enumerate(named_curves.items()):
+        pts = [(k, y) for k, y in zip(curve.get("k", []), curve.get("best_of_k_self", [])) if y is not None]
+        ks_all.update(k for k, _ in pts)
+        ax.plot([k for k, _ in pts], [100 * y for _, y in pts], color=cmap(i % 20), marker=_MARKERS[i % len(_MARKERS)],
+                markersize=4, linestyle=_LINESTYLES[(i // 20) % len(_LINESTYLES)], label=model)
+    first = next(iter(named_curves.values()))
+    oracle = [(k, y) for k, y in zip(first.get("k", []), first.get("pass_at_k", [])) if y is not None]
+    if oracle:
+        ax.plot([k for k, _ in oracle], [100 * y for _, y in oracle], color="black", linestyle=":", label="pass@k (oracle)")
+    if ks_all:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(ks_all))
+        ax.set_xticklabels([str(k) for k in sorted(ks_all)])
+    ax.set_title("Self-select (top own score) accuracy vs k, per model")
+    ax.set_xlabel("k (candidates kept per question, log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _metric_barh_many(plt, path, table, metrics, title) -> Path:
+    """Many models: one panel per metric, one horizontal bar per model (names on the y axis)."""
+    models = list(table)
+    fig, axes = plt.subplots(1, max(1, len(metrics)), squeeze=False, sharey=True,
+                             figsize=(min(16.0, 3.0 * max(1, len(metrics)) + 1.5), 0.28 * len(models) + 1.6))
+    y = list(range(len(models)))
+    for ax, mt in zip(axes[0], metrics):
+        vals = [table[m].get(mt) for m in models]
+        finite = [float(v) if v is not None and math.isfinite(float(v)) else 0.0 for v in vals]
+        ax.barh(y, finite, color=["C0" if v is not None else "lightgrey" for v in vals])
+        for yi, v in zip(y, vals):
+            ax.text(0 if v is None else float(v), yi, " n/a" if v is None else f" {float(v):.3f}", va="center", fontsize=7)
+        ax.set_title(_metric_label(mt), fontsize=9)
+        ax.set_xlabel(_axis_unit(mt), fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+        lo = min(finite) if finite else 0.0
+        ax.set_xlim(min(0.0, lo), max(finite + [0.0]) * 1.18 or 1.0)
+    axes[0, 0].set_yticks(y)
+    axes[0, 0].set_yticklabels(models, fontsize=8)
+    axes[0, 0].invert_yaxis()
+    fig.suptitle(title)
+    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -12,7 +12,6 @@ sampling temperature.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from aftune.modeling import cache_kwarg, forward_params, returned_cache
 
 
 @dataclass
@@ -65,17 +66,6 @@ class Sample:
     def score(self) -> float:
         """Length-normalised log-likelihood (AFT's s(c))."""
         return self.logprob_sum / max(self.n_tokens, 1)
-
-
-def _cache_kwarg(model) -> str:
-    # transformers 5 renamed `past_key_values` to `cache`; accept models written against either name.
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _returned_cache(out) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 class _PreallocatedLayer(DynamicLayer):
@@ -202,13 +192,13 @@ def _generate_batch(model, prompt_ids: list[list[int]], cfg: SamplingConfig, eos
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
 
-    cache_kw = _cache_kwarg(model)
-    fwd_params = inspect.signature(model.forward).parameters
+    cache_kw = cache_kwarg(model)
+    fwd_params = forward_params(model)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in fwd_params else {}
     # Without padding the default causal mask is exact, and skipping the 2-D mask saves building a
     # 4-D one every step.
     out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=pos, use_cache=True, **extra)
-    cache = _returned_cache(out)
+    cache = returned_cache(out)
     if cache is None:
         raise TypeError(f"{type(model).__name__} returned no KV cache; generate_k needs a model with use_cache")
     logits = out.logits[:, -1, :].float()
@@ -260,7 +250,7 @@ def _generate_batch(model, prompt_ids: list[list[int]], cfg: SamplingConfig, eos
             mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=-1)
         out = model(input_ids=step_ids, attention_mask=mask if padded else None,
                     position_ids=next_pos.unsqueeze(-1), use_cache=True, **{cache_kw: cache}, **extra)
-        returned = _returned_cache(out)
+        returned = returned_cache(out)
         cache = returned if returned is not None else cache
         logits = out.logits[:, -1, :].float()
         next_pos = next_pos + 1

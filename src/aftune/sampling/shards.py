@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from aftune.io import InputError, atomic_write_json, write_jsonl
+from aftune.io import InputError, atomic_write_json, read_json_object, write_jsonl
 from aftune.records import Group
 from aftune.sampling.store import _CHECKED_SAMPLING, group_stats, meta_path_for, read_groups
 
@@ -30,13 +30,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     mp = meta_path_for(path)
     if not mp.exists():
         raise InputError(f"has no {mp.name}; only files written by `aftune sample` can be merged", path)
-    try:
-        meta = json.loads(mp.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"not valid JSON ({e})", mp) from None
-    if not isinstance(meta, dict):
-        raise InputError("expected a JSON object", mp)
-    return meta
+    return read_json_object(mp)
 
 
 def _signature(meta: dict[str, Any]) -> dict[str, Any]:

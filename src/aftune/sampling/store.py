@@ -8,7 +8,6 @@ tasks, tokenizers or sampling settings in one file.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import zlib
@@ -18,7 +17,8 @@ from typing import Callable, Any
 
 from tqdm.auto import tqdm
 
-from aftune.io import InputError, append_jsonl, atomic_write_json, iter_jsonl, require, truncate_torn_tail
+from aftune.io import (InputError, append_jsonl, atomic_write_json, iter_jsonl, read_json_object, require,
+                       truncate_torn_tail)
 from aftune.records import Candidate, Example, Group
 from aftune.sampling.sampler import Sample, SamplingConfig, generate_k
 
@@ -133,12 +133,7 @@ def sample_candidates(model, tokenizer, task, examples: list[Example], out_path:
                             "sampling": cfg.to_dict()}
     has_data = out_path.exists() and out_path.stat().st_size > 0
     if has_data and meta_path.exists():
-        try:
-            old = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"not valid JSON ({e})", meta_path) from None
-        if not isinstance(old, dict):
-            raise InputError("expected a JSON object", meta_path)
+        old = read_json_object(meta_path)
         _check_meta(meta_path, old, meta)  # before touching the data file: a mismatch leaves it as it was
     elif has_data:
         raise InputError(f"has candidates but no {meta_path.name} to check them against; refusing to append "
