@@ -182,3 +182,17 @@ def test_resume_point_skips_torn_checkpoints(tmp_path):
     cfg.resume = False
     assert _resume_point(cfg, ckpt) is None
     assert _resume_point(AlignConfig(), tmp_path / "absent") is None
+
+
+def test_kill_after_the_final_checkpoint_restores_instead_of_stepping_again(tmp_path):
+    # transformers resumes a checkpoint at max_steps by running one more step; aftune restores it instead
+    args = ["sft", *TINY, "--max-steps", "4", "--eval-steps", "2", "--logging-steps", "1", "--out", tmp_path / "r"]
+    assert cli(*args).code == 0
+    ref = (tmp_path / "r" / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "r" / "model")
+    (tmp_path / "r" / "metrics.json").unlink()  # as if killed between the last save and the outputs
+    r = cli(*args)
+    assert r.code == 0, r.stderr
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["steps"] == 4 and max(_losses(m, "loss")) == 4
+    assert (tmp_path / "r" / "model" / "model.safetensors").read_bytes() == ref

@@ -117,6 +117,23 @@ def _shared_resume_point(cfg: TrainCommon, ckpt_dir: Path) -> str | None:
         return _resume_point(cfg, ckpt_dir)
 
 
+def _train_or_restore(trainer, resume: str | None) -> None:
+    """trainer.train(), resuming from `resume`; but a checkpoint that already holds the last step (a kill
+    after the final save, before the outputs were written) is restored, not resumed: transformers would
+    run one step past max_steps."""
+    from transformers.trainer_callback import TrainerState
+
+    if resume is not None:
+        state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        if state.global_step >= trainer.args.max_steps:
+            trainer.state = state
+            trainer._load_from_checkpoint(resume)
+            if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
+                trainer._load_best_model()
+            return
+    trainer.train(resume_from_checkpoint=resume)
+
+
 def run_sft(cfg: SFTConfig) -> dict:
     _check_train_args(cfg)
     out = Path(cfg.out)
@@ -154,7 +171,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     trainer = AFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          data_collator=partial(collate, pad_id=tok.pad_token_id), processing_class=tok, callbacks=callbacks)
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=_shared_resume_point(cfg, ckpt))
+    _train_or_restore(trainer, _shared_resume_point(cfg, ckpt))
     wall = time.time() - t0
     path = _save_model(trainer, tok, out, cfg, model_path)
     metrics = {"model": str(path), "train_seconds": round(wall, 1), "steps": trainer.state.global_step,
@@ -285,7 +302,7 @@ def run_align(cfg: AlignConfig) -> dict:
     if diag is not None:
         diag.trainer = trainer
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=_shared_resume_point(cfg, ckpt))
+    _train_or_restore(trainer, _shared_resume_point(cfg, ckpt))
     wall = time.time() - t0
     path = _save_model(trainer, tok, out, cfg, cfg.model)
     metrics = {"model": str(path), "method": cfg.method, "train_seconds": round(wall, 1),
