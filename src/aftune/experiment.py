@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 
 from aftune.io import InputError, atomic_write_json, iter_jsonl, write_jsonl
-from aftune.pipeline import FULL, QUICK, DemoPlan, Steps, _sample_and_mark, _task_args
+from aftune.pipeline import FULL, QUICK, DemoPlan, Steps, _sample_and_mark, _task_args, vft_config
 
 CONTROL = "vft"
 GRID_KEYS = ("methods", "k", "beta", "lambda", "beta_auto")
@@ -350,7 +350,7 @@ def _fingerprint(exp: Experiment) -> dict:
 
 def run_experiment(config_path: str, out: str | None = None, quiet: bool = False) -> dict:
     """Run (or resume) the grid of `config_path`, then write results.{md,json} and plots; returns a summary."""
-    from aftune.config import AlignConfig, EvalConfig, SampleConfig, SFTConfig
+    from aftune.config import AlignConfig, EvalConfig, SampleConfig
     from aftune.steps import run_eval, run_sample
     from aftune.training.run import run_align, run_sft
 
@@ -383,12 +383,7 @@ def run_experiment(config_path: str, out: str | None = None, quiet: bool = False
         sd = root / f"seed{seed}"
         common = dict(task="arith", task_args=_task_args(plan, exp.data_seed), seed=seed, quiet=quiet, bf16=exp.bf16)
         vft = sd / "vft"
-        step(f"seed{seed}/sft (VFT start)", vft / "metrics.json", run_sft, SFTConfig(
-            **common, model="tiny", out=str(vft), max_steps=plan.vft_steps, batch_size=plan.vft_batch, lr=plan.vft_lr,
-            lr_schedule="cosine", warmup_ratio=0.03, eval_steps=max(plan.vft_steps // 8, 5),
-            save_steps=max(plan.vft_steps // 8, 5), n_validation=plan.n_validation, eval_accuracy=False,
-            tiny_hidden=plan.hidden, tiny_layers=plan.layers, tiny_heads=plan.heads, vocab_size=plan.vocab,
-            logging_steps=max(plan.vft_steps // 20, 1)))
+        step(f"seed{seed}/sft (VFT start)", vft / "metrics.json", run_sft, vft_config(plan, common, vft))
         vft_model = str(vft / "model")
         sample = dict(**common, model=vft_model, temperature=plan.temperature, max_new_tokens=plan.max_new_tokens,
                       batch_size=32)

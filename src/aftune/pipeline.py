@@ -60,10 +60,6 @@ def _task_args(plan: DemoPlan, seed: int) -> str:
     return f"seed={seed},n_train={plan.n_train},n_validation={plan.n_validation},n_test={plan.n_test},{plan.task_args}"
 
 
-def _done(path: Path) -> bool:
-    return path.exists()
-
-
 class Steps:
     """Runs named pipeline steps once each: a step whose output exists is skipped (so a killed run
     resumes where it stopped), and the wall time of each step that ran is kept in ROOT/timings.json."""
@@ -75,7 +71,7 @@ class Steps:
         self.skipped: list[str] = []
 
     def __call__(self, name: str, done: Path, fn, *args) -> None:
-        if _done(done):
+        if done.exists():
             self.skipped.append(name)
             if self.announce_skips:
                 print(f"[{self.label}] {name}: already done ({done})")
@@ -103,11 +99,7 @@ def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
     timings = step.timings
 
     vft = out / "vft"
-    step("VFT", vft / "metrics.json", run_sft, SFTConfig(
-        **common, model="tiny", out=str(vft), max_steps=plan.vft_steps, batch_size=plan.vft_batch, lr=plan.vft_lr,
-        lr_schedule="cosine", warmup_ratio=0.03, eval_steps=max(plan.vft_steps // 8, 5), save_steps=max(plan.vft_steps // 8, 5),
-        n_validation=plan.n_validation, eval_accuracy=False, tiny_hidden=plan.hidden, tiny_layers=plan.layers,
-        tiny_heads=plan.heads, vocab_size=plan.vocab, logging_steps=max(plan.vft_steps // 20, 1)))
+    step("VFT", vft / "metrics.json", run_sft, vft_config(plan, common, vft))
     vft_model = str(vft / "model")
 
     sample_common = dict(**common, model=vft_model, k=plan.k, temperature=plan.temperature,
@@ -131,7 +123,7 @@ def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
             **common, model=path, split="test", batch_size=64, max_new_tokens=plan.max_new_tokens,
             out=str(out / "eval" / f"{name}.json")))
 
-    assessed = json.loads((out / "assess" / "assessment.json").read_text())["models"] if _done(out / "assess" / "assessment.json") else {}
+    assessed = json.loads((out / "assess" / "assessment.json").read_text())["models"] if (out / "assess" / "assessment.json").exists() else {}
     if set(models) - set(assessed):
         t0 = time.time()
         _assess(models, assess, out / "assess")
@@ -142,6 +134,15 @@ def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
     report = write_run_report(out, models, plan=plan, timings=timings)
     print(f"[demo] report: {report}")
     return {"report": str(report), "timings": timings}
+
+
+def vft_config(plan: DemoPlan, common: dict, out: Path) -> SFTConfig:
+    """VFT of the tiny from-scratch model, cosine-annealed to 0 so alignment starts from a converged model."""
+    return SFTConfig(
+        **common, model="tiny", out=str(out), max_steps=plan.vft_steps, batch_size=plan.vft_batch, lr=plan.vft_lr,
+        lr_schedule="cosine", warmup_ratio=0.03, eval_steps=max(plan.vft_steps // 8, 5), save_steps=max(plan.vft_steps // 8, 5),
+        n_validation=plan.n_validation, eval_accuracy=False, tiny_hidden=plan.hidden, tiny_layers=plan.layers,
+        tiny_heads=plan.heads, vocab_size=plan.vocab, logging_steps=max(plan.vft_steps // 20, 1))
 
 
 def align_config(plan: DemoPlan, common: dict, vft_model: str, cands: Path, assess: Path, out: Path,
