@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_ARGS = "n_train=16,n_validation=4,n_test=4"
@@ -44,7 +48,7 @@ def _worker(model: str, candidates: str, out: str, batch: int, accum: int, patch
     import aftune.training.run as R
 
     _use_sgd(R, patch)
-    computed, seen, refs = [], [], []
+    computed, seen, refs, engine = [], [], [], set()
     orig_once = D.compute_once_sharded
 
     def recording_once(path, n, compute_part):
@@ -62,13 +66,15 @@ def _worker(model: str, candidates: str, out: str, batch: int, accum: int, patch
     class Recording(R.AFTTrainer):
         def alignment_terms(self, model, groups):
             seen.append([[list(g.prompt), len(g.candidates)] for g in groups])
+            # what wraps the model: FSDP2 shards parameters as DTensors
+            engine.add(f"{self.accelerator.distributed_type.value}/{type(next(model.parameters())).__name__}")
             return super().alignment_terms(model, groups)
 
     patch(R, "AFTTrainer", Recording)
     R.run_align(_align_cfg(model, candidates, out, batch, accum))
     rank, world = D.rank_and_world()
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"world": world, "computed": computed,
-                                                          "seen": seen, "ref": refs}))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"world": world, "computed": computed, "seen": seen,
+                                                          "ref": refs, "engine": sorted(engine)}))
 
 
 # ------------------------------------------------------------------------------------------- fixtures
@@ -205,6 +211,80 @@ def test_accumulation_and_resume_are_exact(tmp_path, monkeypatch):
     assert max((a[k] - one_step[k]).abs().max().item() for k in a) > 1e-3
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+
+def _launch(tmp_path: Path, *align_args: str) -> subprocess.Popen:
+    """`accelerate launch` (2 gloo processes, the shipped CPU config) of `python -m aftune.cli align ...`,
+    so that a test can kill the launcher and both workers (`_kill_tree`)."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(
+        [str(accelerate), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_gloo_2proc.yaml"),
+         "--main_process_port", str(_free_port()), "-m", "aftune.cli", "align", *align_args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every worker (torch's elastic agent starts workers in their own sessions,
+    so killing the launcher's process group would leave them running)."""
+    import psutil  # an accelerate dependency
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in reversed(procs):  # workers first
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+def test_kill_under_accelerate_launch_resumes_to_the_straight_run(tmp_path):
+    """SIGKILL to the whole `accelerate launch` (launcher + 2 ranks) just after a checkpoint; launching the same
+    command again resumes from it (weights, AdamW state, data position, per rank) and ends where an
+    uninterrupted 2-process run ends."""
+    import torch
+
+    model, cand = _make_inputs(tmp_path)
+    args = lambda out: ["--model", str(model), "--candidates", str(cand), "--out", str(tmp_path / out),  # noqa: E731
+                        "--method", "bc", "--task", "arith", "--task-args", TASK_ARGS, "--n-train", "16",
+                        "--batch-size", "2", "--max-steps", "6", "--save-steps", "1", "--logging-steps", "1",
+                        "--lr", "0.01", "--max-candidates", "4", "--quiet"]
+    _finish(_launch(tmp_path, *args("straight")))
+
+    crash = _launch(tmp_path, *args("crash"))
+    marker = tmp_path / "crash" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    deadline = time.time() + 240
+    while not marker.exists() and crash.poll() is None and time.time() < deadline:
+        time.sleep(0.002)  # a step takes ~60 ms here: the kill lands a few ms after the save
+    _kill_tree(crash)
+    log, _ = crash.communicate()
+    assert marker.exists() and not (tmp_path / "crash" / "metrics.json").exists(), "not killed mid-run:\n" + log[-3000:]
+
+    log = _finish(_launch(tmp_path, *args("crash")))
+    assert "aftune: resuming from" in log
+    assert 1 <= log.count("{'loss'") < 6  # only the steps after the checkpoint ran again
+    straight, resumed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "crash"))
+    assert resumed["steps"] == straight["steps"] == 6
+    losses = lambda m: {e["step"]: e["loss"] for e in m["log_history"] if "loss" in e}  # noqa: E731
+    assert losses(resumed).keys() == losses(straight).keys() == set(range(1, 7))
+    for step, value in losses(straight).items():
+        assert losses(resumed)[step] == pytest.approx(value, rel=1e-4), step
+    a, b, init = _load(tmp_path / "straight" / "model"), _load(tmp_path / "crash" / "model"), _load(model)
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_compute_once_single_process(tmp_path):

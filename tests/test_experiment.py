@@ -10,6 +10,7 @@ import yaml
 from aftune.experiment import (gap_beta, grid, load_experiment, mcnemar_exact, paired_test, run_experiment,
                                subsample_candidates)
 from aftune.io import InputError
+from conftest import cli
 
 TINY_PLAN = dict(n_train=120, n_validation=12, n_test=16, n_sample=12, n_assess=8, k=4, vft_steps=12, vft_batch=8,
                  align_steps=4, align_batch=4, hidden=32, layers=1, heads=2, vocab=300, max_new_tokens=48)
@@ -104,12 +105,55 @@ def test_changed_plan_under_the_same_out_is_refused(experiment, tmp_path):
     ({"beta": [0.0]}, "beta", "> 0"),
     ({"methods": ["dc"], "beta_auto": "gap"}, "beta_auto", "per-question beta"),
     ({"beta_auto": {"mode": "gap", "factor": 2}}, "beta_auto.factor", "unknown key"),
+    ({"k": [2, 8], "sample_k": 4}, "sample_k", ">= every k"),
+    ({"report": 3}, "report", "folder path"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, data, key, message):
     path = _write(tmp_path / "bad.yaml", {"name": "x", "methods": ["bc"], **data})
     with pytest.raises(InputError, match=message) as e:
         load_experiment(path)
     assert str(path) in str(e.value) and f"field '{key}'" in str(e.value)
+
+
+def test_seed_processes_then_one_results_run_with_a_shared_out(tmp_path):
+    """--seeds runs part of the grid and writes no results; the run over all seeds skips that work and
+    writes the results under `report`. A second study with the same plan in the same `out` reuses the VFT
+    models, the k=sample_k candidates and the control."""
+
+    base = dict(CONFIG, plan={**TINY_PLAN, "vft_steps": 6}, methods=["bc"], k=[2], beta_auto=None, sample_k=4,
+                out=str(tmp_path / "shared"))
+    a = _write(tmp_path / "a.yaml", {**base, "name": "a", "report": str(tmp_path / "rep_a")})
+    b = _write(tmp_path / "b.yaml", {**base, "name": "b", "report": str(tmp_path / "rep_b"), "methods": ["dc"]})
+    shared = tmp_path / "shared"
+
+    r = cli("experiment", a, "--seeds", "1", "--quiet")
+    assert r.code == 0, r.stderr
+    assert (shared / "seed1" / "runs" / "bc-k2-b0.5-l1" / "eval.json").exists() and not (shared / "seed0").exists()
+    assert (shared / "seed1" / "candidates.k4.jsonl").exists() and (shared / "seed1" / "candidates.k2-of4.jsonl").exists()
+    assert not (tmp_path / "rep_a" / "results.md").exists() and "run without --seeds" in r.stdout
+    seed1 = {p: p.stat().st_mtime_ns for p in (shared / "seed1").rglob("model.safetensors")}
+
+    r = cli("experiment", a, "--quiet")
+    assert r.code == 0, r.stderr
+    assert {p: p.stat().st_mtime_ns for p in (shared / "seed1").rglob("model.safetensors")} == seed1  # not redone
+    assert "| bc-k2-b0.5-l1 |" in (tmp_path / "rep_a" / "results.md").read_text()
+    assert not (shared / "results.md").exists()
+    timings = json.loads((shared / "timings.json").read_text())
+    assert "seed1/align bc-k2-b0.5-l1" in timings and "seed0/align bc-k2-b0.5-l1" in timings
+
+    before = {p: p.stat().st_mtime_ns for p in shared.rglob("model.safetensors")}
+    r = cli("experiment", b, "--quiet")
+    assert r.code == 0, r.stderr
+    after = {p: p.stat().st_mtime_ns for p in shared.rglob("model.safetensors")}
+    assert all(after[p] == t for p, t in before.items())  # VFT models and the control reused
+    assert len(after) == len(before) + 2  # only dc-k2-l1, once per seed
+    md = (tmp_path / "rep_b" / "results.md").read_text()
+    assert "| dc-k2-l1 |" in md and "bc-k2" not in md
+
+    r = cli("experiment", a, "--seeds", "0,x")
+    assert r.code == 2 and "--seeds" in r.stderr
+    r = cli("experiment", a, "--seeds", "5")
+    assert r.code == 2 and "not a subset" in r.stderr
 
 
 def test_grid_collapses_axes_a_method_ignores(tmp_path):

@@ -110,13 +110,22 @@ def _merge(cfg: C.MergeConfig) -> None:
 @click.command("experiment")
 @click.argument("config_file", type=click.Path())
 @click.option("--out", default=None, help="output folder (default: the config's `out`)")
+@click.option("--seeds", default=None, help="comma list: run only these of the config's seeds (no results "
+              "table; to spread one experiment over processes)")
 @click.option("--quiet/--no-quiet", default=False, help="no progress bars")
-def experiment(config_file: str, out: str | None, quiet: bool) -> None:
+def experiment(config_file: str, out: str | None, seeds: str | None, quiet: bool) -> None:
     """Run a grid of (method x seed x k x beta x lambda) as resumable runs and write a results table."""
     from aftune.experiment import run_experiment
 
-    res = run_experiment(config_file, out=out, quiet=quiet)
-    print(f"results: {res['results']}")
+    only = None
+    if seeds is not None:
+        try:
+            only = tuple(int(s) for s in seeds.split(",") if s.strip())
+        except ValueError:
+            raise InputError(f"expected a comma list of integers, got {seeds!r}", field="--seeds") from None
+    res = run_experiment(config_file, out=out, quiet=quiet, seeds=only)
+    if res["results"]:
+        print(f"results: {res['results']}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -25,7 +25,8 @@ from aftune.pipeline import FULL, QUICK, DemoPlan, Steps, _sample_and_mark, _tas
 
 CONTROL = "vft"
 GRID_KEYS = ("methods", "k", "beta", "lambda", "beta_auto")
-TOP_KEYS = ("name", "out", "base", "data_seed", "plan", "seeds", *GRID_KEYS, "grids", "diag_every", "bf16")
+TOP_KEYS = ("name", "out", "report", "base", "data_seed", "plan", "seeds", *GRID_KEYS, "grids", "sample_k",
+            "diag_every", "bf16")
 AUTO_KEYS = ("mode", "factors", "floor")
 METRICS = {  # results column -> (source, key)
     "test_acc": ("eval", "accuracy"),
@@ -64,10 +65,16 @@ class Experiment:
     data_seed: int = 0
     diag_every: int = 0
     bf16: bool = False
+    report: str | None = None  # where results.{md,json} and plots go (default: out)
+    sample_k: int | None = None  # candidates sampled per question (default: the largest k of the grids)
 
     @property
     def ks(self) -> tuple[int, ...]:
         return tuple(sorted({k for g in self.grids for k in g.ks}))
+
+    @property
+    def kmax(self) -> int:
+        return self.sample_k or max(self.ks)
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -118,15 +125,21 @@ def load_experiment(path: str | Path) -> Experiment:
 
     name = str(data.get("name", path.stem))
     out = data.get("out", f"runs/experiments/{name}")
-    for key, kind in (("data_seed", int), ("diag_every", int), ("bf16", bool)):
+    for key, kind in (("data_seed", int), ("diag_every", int), ("bf16", bool), ("sample_k", int)):
         if key in data and (not isinstance(data[key], kind) or kind is int and isinstance(data[key], bool)):
             raise err(key, f"expected {kind.__name__}, got {type(data[key]).__name__}")
     if data.get("diag_every", 0) < 0:
         raise err("diag_every", "must be >= 0")
-    # with sub-grids the top-level axes are only their defaults
-    return Experiment(name=name, out=str(out), plan=plan, seeds=seeds, grids=tuple(grids[1:] if subs else grids),
+    grids = tuple(grids[1:] if subs else grids)  # with sub-grids the top-level axes are only their defaults
+    sample_k = data.get("sample_k")
+    if sample_k is not None and sample_k < max(k for g in grids for k in g.ks):
+        raise err("sample_k", f"must be >= every k of the grids, got {sample_k}")
+    report = data.get("report")
+    if report is not None and not isinstance(report, str):
+        raise err("report", f"expected a folder path, got {type(report).__name__}")
+    return Experiment(name=name, out=str(out), plan=plan, seeds=seeds, grids=grids,
                       data_seed=int(data.get("data_seed", 0)), diag_every=int(data.get("diag_every", 0)),
-                      bf16=bool(data.get("bf16", False)))
+                      bf16=bool(data.get("bf16", False)), report=report, sample_k=sample_k)
 
 
 def _num_list(data: dict, key: str, kind: type, default: list, err, where: str = "") -> tuple:
@@ -345,20 +358,30 @@ def subsample_candidates(src: Path, dst: Path, k: int) -> None:
 def _fingerprint(exp: Experiment) -> dict:
     # what every shared output depends on: changing it under an existing folder would mix results
     return {"plan": dataclasses.asdict(exp.plan), "data_seed": exp.data_seed, "bf16": exp.bf16,
-            "max_k": max(exp.ks), "diag_every": exp.diag_every}
+            "max_k": exp.kmax, "diag_every": exp.diag_every}
 
 
-def run_experiment(config_path: str, out: str | None = None, quiet: bool = False) -> dict:
-    """Run (or resume) the grid of `config_path`, then write results.{md,json} and plots; returns a summary."""
-    from aftune.config import AlignConfig, EvalConfig, SampleConfig
+def run_experiment(config_path: str, out: str | None = None, quiet: bool = False,
+                   seeds: tuple[int, ...] | None = None) -> dict:
+    """Run (or resume) the grid of `config_path`, then write results.{md,json} and plots; returns a summary.
+
+    `seeds`: run only these of the config's seeds (to spread one experiment over several processes); the
+    results are then not written: a run over all seeds (which skips the finished work) writes them."""
+    from aftune.config import EvalConfig, SampleConfig
+    from aftune.pipeline import align_config
     from aftune.steps import run_eval, run_sample
     from aftune.training.run import run_align, run_sft
 
     exp = load_experiment(config_path)
     if out is not None:
         exp = replace(exp, out=out)
+    if seeds is not None and not set(seeds) <= set(exp.seeds):
+        raise InputError(f"--seeds {list(seeds)} is not a subset of the config's seeds {list(exp.seeds)}",
+                         config_path, field="seeds")
     root = Path(exp.out)
+    report = Path(exp.report or exp.out)
     root.mkdir(parents=True, exist_ok=True)
+    report.mkdir(parents=True, exist_ok=True)
     fp_path = root / "experiment.json"
     fp = _fingerprint(exp)
     if fp_path.exists():
@@ -368,18 +391,20 @@ def run_experiment(config_path: str, out: str | None = None, quiet: bool = False
             raise InputError(f"{root} holds an experiment run with different {', '.join(diff)}; "
                              "use a new `out` (methods, seeds, smaller k, beta and lambda may be added freely)",
                              config_path, field=diff[0] if diff else None)
+    else:
+        atomic_write_json(fp_path, {"fingerprint": fp})  # what every experiment sharing this folder must match
     runs = grid(exp)
-    atomic_write_json(fp_path, {"fingerprint": fp, "config": str(config_path), "name": exp.name,
-                                "grid": [dataclasses.asdict(r) for r in runs]})
-    if Path(config_path).resolve() != (root / "experiment.yaml").resolve():
-        shutil.copyfile(config_path, root / "experiment.yaml")  # the config as given, next to its results
+    atomic_write_json(report / "grid.json", {"config": str(config_path), "name": exp.name, "out": str(root),
+                                              "grid": [dataclasses.asdict(r) for r in runs]})
+    if Path(config_path).resolve() != (report / "experiment.yaml").resolve():
+        shutil.copyfile(config_path, report / "experiment.yaml")  # the config as given, next to its results
 
     plan = exp.plan
     step = Steps(root, "experiment", announce_skips=not quiet)
     timings, skipped = step.timings, step.skipped
 
-    kmax = max(exp.ks)
-    for seed in exp.seeds:
+    kmax = exp.kmax
+    for seed in seeds if seeds is not None else exp.seeds:
         sd = root / f"seed{seed}"
         common = dict(task="arith", task_args=_task_args(plan, exp.data_seed), seed=seed, quiet=quiet, bf16=exp.bf16)
         vft = sd / "vft"
@@ -406,18 +431,20 @@ def run_experiment(config_path: str, out: str | None = None, quiet: bool = False
             if r.auto:
                 auto_method(r.base, r.floor)  # registered in this process before align reads METHODS
             k = r.k or kmax
-            step(f"seed{seed}/align {r.cell}", d / "metrics.json", _align_and_clean, run_align, AlignConfig(
-                **common, model=vft_model, candidates=str(cands[k]), out=str(d), method=r.method,
-                beta=r.beta if r.beta is not None else plan.beta, lambda_=r.lam if r.lam is not None else 1.0,
-                max_candidates=k + 1, max_steps=plan.align_steps, batch_size=plan.align_batch, lr=plan.align_lr,
-                lr_schedule="constant", n_train=plan.n_train, diag_every=exp.diag_every, diag_candidates=str(assess),
-                diag_questions=plan.n_assess, logging_steps=max(plan.align_steps // 10, 1), save_steps=plan.align_steps))
+            # the demo's continuation (same schedule for every method), with this run's k / beta / lambda
+            cfg = replace(align_config(plan, common, vft_model, cands[k], assess, d, r.method),
+                          beta=r.beta if r.beta is not None else plan.beta, lambda_=r.lam if r.lam is not None else 1.0,
+                          max_candidates=k + 1, diag_every=exp.diag_every)
+            step(f"seed{seed}/align {r.cell}", d / "metrics.json", _align_and_clean, run_align, cfg)
             step(f"seed{seed}/eval {r.cell}", d / "eval.json", run_eval,
                  EvalConfig(**ev, model=str(d / "model"), out=str(d / "eval.json")))
 
-    results = write_results(root, exp, runs)
-    print(f"[experiment] results: {root / 'results.md'}")
-    return {"results": str(root / "results.md"), "n_runs": len(runs), "skipped": skipped, "timings": timings,
+    if seeds is not None and set(seeds) != set(exp.seeds):
+        print(f"[experiment] seeds {list(seeds)} done; run without --seeds to write the results")
+        return {"results": None, "n_runs": len(runs), "skipped": skipped, "timings": timings, "cells": None}
+    results = write_results(root, report, exp, runs)
+    print(f"[experiment] results: {report / 'results.md'}")
+    return {"results": str(report / "results.md"), "n_runs": len(runs), "skipped": skipped, "timings": timings,
             "cells": results["cells"]}
 
 
@@ -477,8 +504,8 @@ def _metrics(eval_json: Path) -> dict[str, float | None]:
     return {col: src[s].get(key) for col, (s, key) in METRICS.items()}
 
 
-def write_results(root: Path, exp: Experiment, runs: list[Run]) -> dict:
-    """results.json / results.md / plots from the files the runs wrote (rerunnable at any time)."""
+def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) -> dict:
+    """report/results.json, results.md and plots from the files the runs wrote under root (rerunnable)."""
     from aftune.evaluation.report import markdown_image, markdown_table, write_report
 
     cells: dict[str, list[Run]] = {}
@@ -502,13 +529,13 @@ def write_results(root: Path, exp: Experiment, runs: list[Run]) -> dict:
                                                        for r in rs}, rs[0]))
 
     auto = {}
-    kmax = max(exp.ks)
+    kmax = exp.kmax
     for f, floor in sorted({(r.beta, r.floor) for r in runs if r.auto}):
         auto[f"gap x{f:g}, floor {floor:g}"] = {
             f"seed{s}": auto_beta_summary(root / f"seed{s}" / f"candidates.k{kmax}.jsonl", f, floor) for s in exp.seeds}
     results = {"name": exp.name, "plan": dataclasses.asdict(exp.plan), "seeds": list(exp.seeds),
                "data_seed": exp.data_seed, "control": CONTROL, "cells": out_cells, "auto_beta": auto}
-    atomic_write_json(root / "results.json", results)
+    atomic_write_json(report / "results.json", results)
 
     def pm(m: dict, scale: float = 1.0, fmt: str = ".1f") -> str | None:
         if m["mean"] is None:
@@ -527,7 +554,7 @@ def write_results(root: Path, exp: Experiment, runs: list[Run]) -> dict:
                      "b / c": None if not t else f"{t['b']} / {t['c']}",
                      "p (McNemar)": None if not t else f"{t['p']:.3g}"})
     cols = list(rows[0])
-    plots = write_plots(root, out_cells, exp)
+    plots = write_plots(report, out_cells, exp)
     sections = [("Results", markdown_table(rows, cols, {"lambda": "g"}) + f"""
 Mean ± std over {len(exp.seeds)} VFT seed(s) {list(exp.seeds)} (data seed {exp.data_seed}: every seed sees the same
 questions). **test acc**: greedy accuracy on {exp.plan.n_test} test questions. **assess acc**: assessment accuracy
@@ -537,7 +564,7 @@ own top-scored held-out candidate; **ppl pos / neg**: mean perplexity of correct
 alignment term) of the same seed, pooled over seeds, ± its standard error; **b / c**: questions only the method /
 only the control got right; **p**: exact two-sided McNemar test on the pooled discordant counts. The `VFT` row is the
 start checkpoint (compared with the control it shows what the extra steps alone bring)."""),
-                ("Plots", "\n\n".join(markdown_image(p, alt, root) for p, alt in plots) or "None.")]
+                ("Plots", "\n\n".join(markdown_image(p, alt, report) for p, alt in plots) or "None.")]
     if auto:
         arows = [{"factor": f, "seed": s, **v} for f, per in auto.items() for s, v in per.items()]
         sections.append(("Per-question beta (beta_auto: gap)", markdown_table(
@@ -546,7 +573,7 @@ start checkpoint (compared with the control it shows what the extra steps alone 
               "under the VFT model, on mixed training questions (sampled candidates; in training the reference also "
               "counts as a positive)."))
     sections.append(("Plan", "```\n" + json.dumps(dataclasses.asdict(exp.plan), indent=1) + "\n```"))
-    write_report(root / "results.md", f"aftune experiment: {exp.name}", sections)
+    write_report(report / "results.md", f"aftune experiment: {exp.name}", sections)
     return results
 
 

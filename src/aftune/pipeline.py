@@ -83,7 +83,10 @@ class Steps:
 
     def record(self, name: str, seconds: float) -> None:
         self.timings[name] = round(seconds, 1)
-        atomic_write_json(self.root / "timings.json", self.timings)
+        path = self.root / "timings.json"
+        # merged with what is on disk: processes running other seeds of one experiment share the file
+        on_disk = json.loads(path.read_text()) if path.exists() else {}
+        atomic_write_json(path, {**on_disk, **self.timings})
 
 
 def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:

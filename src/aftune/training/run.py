@@ -125,6 +125,8 @@ def _train_or_restore(trainer, resume: str | None) -> None:
 
     if resume is not None:
         state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        if trainer.is_world_process_zero():
+            print(f"aftune: resuming from {resume} (step {state.global_step})", file=sys.stderr)
         if state.global_step >= trainer.args.max_steps:
             trainer.state = state
             trainer._load_from_checkpoint(resume)
