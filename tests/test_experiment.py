@@ -72,7 +72,7 @@ def test_grid_runs_end_to_end(experiment):
         assert len(list((out / f"seed{s}").glob("reflogps-*.json"))) == 2  # VFT scores for the auto runs (k=2, k=4)
     md = (out / "results.md").read_text()
     assert "| bc-k4-gap2-l1 |" in md and "McNemar" in md and "Per-question beta" in md
-    for png in ("accuracy.png", "accuracy_vs_k.png"):
+    for png in ("accuracy.png", "delta_vs_control.png", "accuracy_vs_k.png"):
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "plots" / "accuracy_vs_beta.png").exists()  # one numeric beta: no curve to draw
 

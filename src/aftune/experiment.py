@@ -604,20 +604,50 @@ def write_plots(root: Path, cells: list[dict], exp: Experiment) -> list[tuple[Pa
     fig.tight_layout()
     out.append((_save(fig, root / "plots" / "accuracy.png"), "test accuracy per configuration (error bars: std over seeds)"))
 
+    # The paired view: seeds differ far more from each other than methods from their seed's control, so
+    # the std bars above hide what the study measures. Per cell: pooled difference to the control with a
+    # 95% interval (1.96 SE), and each seed's own difference as a dot.
+    def delta(c: dict) -> tuple[float, float] | None:  # (difference, 95% half-width) in points
+        t = c.get("vs_control")
+        return None if not t or t["diff"] is None else (100 * t["diff"], 196 * (t["se"] or 0.0))
+
+    paired = [c for c in cells if delta(c) is not None]
+    if paired:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(paired) + 2), 4.5))
+        x = range(len(paired))
+        d, ci = [delta(c)[0] for c in paired], [delta(c)[1] for c in paired]
+        ax.bar(x, d, yerr=ci, capsize=3, color=["tab:gray" if c["cell"] == "VFT" else
+                                                "tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:blue"
+                                                for c, lo, hi in zip(paired, [a - b for a, b in zip(d, ci)],
+                                                                     [a + b for a, b in zip(d, ci)])])
+        for i, c in enumerate(paired):
+            per = [100 * v for v in c["vs_control"]["diff_per_seed"] if v is not None]
+            ax.plot([i] * len(per), per, "o", color="black", markersize=3, alpha=0.7)
+        ax.axhline(0, color="black", linewidth=1)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([c["cell"] for c in paired], rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("test accuracy minus control (points)")
+        ax.set_title(f"{exp.name}: paired difference to the control (bars: pooled ± 95% CI; dots: seeds)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        out.append((_save(fig, root / "plots" / "delta_vs_control.png"),
+                    "difference to the same seed's control (pooled over seeds, 95% interval; dots: single seeds)"))
+
     def lines(axis: str, path: str, title: str, xlabel: str, log: bool) -> None:
-        groups: dict[tuple, list[tuple[float, dict]]] = {}
-        flat: dict[str, dict] = {}
+        # paired differences to the control (see delta_vs_control.png): seed spread would swamp raw accuracy
+        groups: dict[tuple, list[tuple[float, tuple[float, float]]]] = {}
+        flat: dict[str, tuple[float, float]] = {}
         for c in cells:
-            if c["cell"] in ("VFT", CONTROL) or acc[c["cell"]]["mean"] is None:
+            if c["cell"] in ("VFT", CONTROL) or delta(c) is None:
                 continue
             if axis == "beta" and c["beta"] is not None and c["beta"].startswith("gap"):
-                flat[c["cell"]] = acc[c["cell"]]  # a per-question beta has no position on the beta axis
+                flat[c["cell"]] = delta(c)  # a per-question beta has no position on the beta axis
                 continue
             x = c["k"] if axis == "k" else (float(c["beta"]) if c["beta"] is not None else None)
             if x is None:
                 continue
             key = (c["method"],) + tuple(c[a] for a in ("k", "beta", "lambda") if a != axis)
-            groups.setdefault(key, []).append((x, acc[c["cell"]]))
+            groups.setdefault(key, []).append((x, delta(c)))
         groups = {g: sorted(v, key=lambda p: p[0]) for g, v in groups.items() if len({x for x, _ in v}) > 1}
         if not groups:
             return
@@ -625,23 +655,22 @@ def write_plots(root: Path, cells: list[dict], exp: Experiment) -> list[tuple[Pa
         for i, (g, pts) in enumerate(groups.items()):
             label = " ".join(f"{a}={v}" for a, v in zip(("method",) + tuple(a for a in ("k", "beta", "lambda") if a != axis), g)
                              if v is not None)
-            ax.errorbar([x for x, _ in pts], [100 * m["mean"] for _, m in pts], yerr=[err(m) for _, m in pts],
+            ax.errorbar([x for x, _ in pts], [d for _, (d, _) in pts], yerr=[e for _, (_, e) in pts],
                         marker="o", capsize=3, color=f"C{i % 10}", label=label)
-        for j, (name, m) in enumerate(flat.items()):
-            ax.axhline(100 * m["mean"], color=f"C{(len(groups) + j) % 10}", linestyle=":", linewidth=1.2, label=name)
-        if control is not None:
-            ax.axhline(100 * control, color="black", linestyle="--", linewidth=1, label="control")
+        for j, (name, (d, e)) in enumerate(flat.items()):
+            color = f"C{(len(groups) + j) % 10}"
+            ax.axhline(d, color=color, linestyle=":", linewidth=1.2, label=f"{name} (± {e:.1f})")
+        ax.axhline(0, color="black", linestyle="--", linewidth=1, label="control")
         if log:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylim(bottom=0)
-        ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+        ax.set_ylabel("test accuracy minus control (points), ± 95% CI")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
         out.append((_save(fig, root / "plots" / path), title))
 
-    lines("k", "accuracy_vs_k.png", "Accuracy vs k (candidates per training question)", "k", True)
-    lines("beta", "accuracy_vs_beta.png", "Accuracy vs beta (boundary margin)", "beta (nats per token, log scale)", True)
+    lines("k", "accuracy_vs_k.png", "Accuracy vs k: difference to the control", "k", True)
+    lines("beta", "accuracy_vs_beta.png", "Accuracy vs beta: difference to the control", "beta (nats per token, log scale)", True)
     return out
