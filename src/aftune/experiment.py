@@ -663,6 +663,9 @@ def write_plots(root: Path, cells: list[dict], exp: Experiment) -> list[tuple[Pa
         ax.axhline(0, color="black", linestyle="--", linewidth=1, label="control")
         if log:
             ax.set_xscale("log")
+            xs = sorted({x for pts in groups.values() for x, _ in pts})
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])  # the grid's values, not log-scale decades
+            ax.minorticks_off()
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy minus control (points), ± 95% CI")
         ax.set_title(title)
