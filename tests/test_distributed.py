@@ -150,6 +150,7 @@ def test_two_processes_one_step_equals_one_process(tmp_path, monkeypatch):
     r0, r1 = (json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1))
     single = json.loads((tmp_path / "one" / "rank0.json").read_text())
     assert (r0["world"], r1["world"], single["world"]) == (2, 2, 1)
+    assert r0["engine"] == r1["engine"] == ["MULTI_CPU/Parameter"]  # gloo DDP, as the config asks
 
     # reference log-probs: each question scored once (each rank its half), file written once (main),
     # all values on both ranks, identical to one process's
