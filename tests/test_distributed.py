@@ -131,21 +131,15 @@ def test_two_processes_one_step_equals_one_process(tmp_path, monkeypatch):
 
     torch.set_num_threads(1)
     model, cand = _make_inputs(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    accelerate = Path(sys.executable).parent / "accelerate"
     c2, c1 = _copy_candidates(cand, tmp_path / "c2"), _copy_candidates(cand, tmp_path / "c1")
     # 2 processes x 2 questions x 2 accumulation steps == 1 process x 8 questions
-    two = subprocess.Popen(
-        [str(accelerate), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_gloo_2proc.yaml"),
-         "--main_process_port", str(_free_port()), __file__, "--worker", str(model), str(c2),
-         str(tmp_path / "two"), "2", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    two = _launch(__file__, "--worker", str(model), str(c2), str(tmp_path / "two"), "2", "2")
     try:  # meanwhile, the one-process run here
         _worker(str(model), str(c1), str(tmp_path / "one"), 8, 1, monkeypatch.setattr)
-        out2, _ = two.communicate(timeout=150)
-    finally:
-        if two.poll() is None:
-            two.kill()
-    assert two.returncode == 0, out2[-5000:]
+    except BaseException:
+        _kill_tree(two)
+        raise
+    _finish(two, timeout=150)
 
     r0, r1 = (json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1))
     single = json.loads((tmp_path / "one" / "rank0.json").read_text())
@@ -214,14 +208,14 @@ def test_accumulation_and_resume_are_exact(tmp_path, monkeypatch):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
 
 
-def _launch(tmp_path: Path, *align_args: str) -> subprocess.Popen:
-    """`accelerate launch` (2 gloo processes, the shipped CPU config) of `python -m aftune.cli align ...`,
-    so that a test can kill the launcher and both workers (`_kill_tree`)."""
+def _launch(*argv: str) -> subprocess.Popen:
+    """`accelerate launch` of ARGV (a script or `-m module`, and its arguments) as 2 gloo processes with
+    the shipped CPU config; output captured. `_finish` waits for it, `_kill_tree` kills all of it."""
     accelerate = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.Popen(
         [str(accelerate), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_gloo_2proc.yaml"),
-         "--main_process_port", str(_free_port()), "-m", "aftune.cli", "align", *align_args],
+         "--main_process_port", str(_free_port()), *argv],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -262,9 +256,9 @@ def test_kill_under_accelerate_launch_resumes_to_the_straight_run(tmp_path):
                         "--method", "bc", "--task", "arith", "--task-args", TASK_ARGS, "--n-train", "16",
                         "--batch-size", "2", "--max-steps", "6", "--save-steps", "1", "--logging-steps", "1",
                         "--lr", "0.01", "--max-candidates", "4", "--quiet"]
-    _finish(_launch(tmp_path, *args("straight")))
+    _finish(_launch("-m", "aftune.cli", "align", *args("straight")))
 
-    crash = _launch(tmp_path, *args("crash"))
+    crash = _launch("-m", "aftune.cli", "align", *args("crash"))
     marker = tmp_path / "crash" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
     deadline = time.time() + 240
     while not marker.exists() and crash.poll() is None and time.time() < deadline:
@@ -273,7 +267,7 @@ def test_kill_under_accelerate_launch_resumes_to_the_straight_run(tmp_path):
     log, _ = crash.communicate()
     assert marker.exists() and not (tmp_path / "crash" / "metrics.json").exists(), "not killed mid-run:\n" + log[-3000:]
 
-    log = _finish(_launch(tmp_path, *args("crash")))
+    log = _finish(_launch("-m", "aftune.cli", "align", *args("crash")))
     assert "aftune: resuming from" in log
     assert 1 <= log.count("{'loss'") < 6  # only the steps after the checkpoint ran again
     straight, resumed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "crash"))

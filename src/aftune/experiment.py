@@ -611,21 +611,19 @@ def write_plots(root: Path, cells: list[dict], exp: Experiment) -> list[tuple[Pa
         t = c.get("vs_control")
         return None if not t or t["diff"] is None else (100 * t["diff"], 196 * (t["se"] or 0.0))
 
-    paired = [c for c in cells if delta(c) is not None]
+    paired = [(c, delta(c)) for c in cells if delta(c) is not None]
     if paired:
         fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(paired) + 2), 4.5))
         x = range(len(paired))
-        d, ci = [delta(c)[0] for c in paired], [delta(c)[1] for c in paired]
-        ax.bar(x, d, yerr=ci, capsize=3, color=["tab:gray" if c["cell"] == "VFT" else
-                                                "tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:blue"
-                                                for c, lo, hi in zip(paired, [a - b for a, b in zip(d, ci)],
-                                                                     [a + b for a, b in zip(d, ci)])])
-        for i, c in enumerate(paired):
+        colors = ["tab:gray" if c["cell"] == "VFT" else "tab:green" if d - e > 0 else "tab:red" if d + e < 0
+                  else "tab:blue" for c, (d, e) in paired]  # green / red: the interval excludes 0
+        ax.bar(x, [d for _, (d, _) in paired], yerr=[e for _, (_, e) in paired], capsize=3, color=colors)
+        for i, (c, _) in enumerate(paired):
             per = [100 * v for v in c["vs_control"]["diff_per_seed"] if v is not None]
             ax.plot([i] * len(per), per, "o", color="black", markersize=3, alpha=0.7)
         ax.axhline(0, color="black", linewidth=1)
         ax.set_xticks(list(x))
-        ax.set_xticklabels([c["cell"] for c in paired], rotation=45, ha="right", fontsize=8)
+        ax.set_xticklabels([c["cell"] for c, _ in paired], rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("test accuracy minus control (points)")
         ax.set_title(f"{exp.name}: paired difference to the control (bars: pooled ± 95% CI; dots: seeds)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)

@@ -66,9 +66,12 @@ class Steps:
 
     def __init__(self, root: Path, label: str, announce_skips: bool = True):
         self.root, self.label, self.announce_skips = Path(root), label, announce_skips
-        path = self.root / "timings.json"
-        self.timings: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+        self.timings: dict[str, float] = self._on_disk()
         self.skipped: list[str] = []
+
+    def _on_disk(self) -> dict[str, float]:
+        path = self.root / "timings.json"
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def __call__(self, name: str, done: Path, fn, *args) -> None:
         if done.exists():
@@ -83,10 +86,8 @@ class Steps:
 
     def record(self, name: str, seconds: float) -> None:
         self.timings[name] = round(seconds, 1)
-        path = self.root / "timings.json"
         # merged with what is on disk: processes running other seeds of one experiment share the file
-        on_disk = json.loads(path.read_text()) if path.exists() else {}
-        atomic_write_json(path, {**on_disk, **self.timings})
+        atomic_write_json(self.root / "timings.json", {**self._on_disk(), **self.timings})
 
 
 def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
