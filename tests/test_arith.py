@@ -57,7 +57,7 @@ def test_splits_sizes_and_disjoint(task):
 def test_references_correct_and_annotations_valid(ops):
     t = ArithTask(seed=1, ops=ops, **SMALL)
     for ex in t.load("train") + t.load("test"):
-        assert t.is_correct(ex.reference, ex)
+        assert t.grade(ex.reference, ex).correct
         assert extract_number(ex.reference, strict=True) == ex.answer
         checks = check_annotations(ex.reference)
         assert checks and all(checks), ex.reference
@@ -72,7 +72,7 @@ def test_many_distinct_valid_solutions(task):
     for ex in task.load("test")[:100]:
         paths = task.solution_paths(ex, 10, rng)
         for s in paths:
-            assert all(check_annotations(s)) and task.is_correct(s, ex)
+            assert all(check_annotations(s)) and task.grade(s, ex).correct
         distinct_texts.append(len(set(paths)))
         distinct_eqs.append(len({equation_list(s) for s in paths}))
     assert sum(distinct_texts) / len(distinct_texts) >= 3
@@ -129,12 +129,12 @@ def test_too_small_space_is_an_error_not_a_hang():
 def test_grading(task):
     ex = task.load("test")[0]
     gold = int(ex.answer)
-    assert task.is_correct(f"blah\n#### {gold}", ex)
-    assert task.is_correct(f"The answer is {gold}.00", ex)
-    assert not task.is_correct(f"#### {gold + 1}", ex)
-    assert not task.is_correct("I don't know", ex)
+    assert task.grade(f"blah\n#### {gold}", ex).correct
+    assert task.grade(f"The answer is {gold}.00", ex).correct
+    assert not task.grade(f"#### {gold + 1}", ex).correct
+    assert not task.grade("I don't know", ex).correct
     wrong = ex.reference.rsplit("#### ", 1)[0] + f"#### {gold + 1}"
-    assert not task.is_correct(wrong, ex)
+    assert not task.grade(wrong, ex).correct
     assert task.extract_answer("#### 1,234") == "1234"
     assert task.answers_match("12.0", "12") and not task.answers_match(None, "12")
 

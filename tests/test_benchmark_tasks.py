@@ -62,9 +62,8 @@ def test_every_reference_grades_as_correct(loaded, name):
     task = get_task(name, data_dir=str(DATA))
     for split, examples in loaded[name].items():
         for e in examples:
-            opts = {"options": e.meta["options"]} if name != "gsm8k" else {}
-            assert task.is_correct(e.reference, e), (split, e.id)
-            assert task.answers_match(task.extract_answer(e.reference, strict=True, **opts), e.answer), (split, e.id)
+            assert task.grade(e.reference, e).correct, (split, e.id)
+            assert task.answers_match(task.extract_answer(e.reference, e, strict=True), e.answer), (split, e.id)
 
 
 @needs_data
@@ -81,7 +80,7 @@ def test_reference_with_a_wrong_final_answer_grades_as_wrong(loaded, name):
                 other = "B" if e.answer == "A" else "A"
                 assert last == f"The answer is {e.answer}."
                 wrong = f"{body}\nThe answer is {other}."
-            assert not task.is_correct(wrong, e), (split, e.id)
+            assert not task.grade(wrong, e).correct, (split, e.id)
 
 
 @needs_data
@@ -105,11 +104,11 @@ def test_gsm8k_answers_and_validation_slice(loaded):
 def test_aqua_references_and_options(loaded):
     a = loaded["aqua"]
     dev0 = a["validation"][0]
-    assert dev0.meta["options"] == {"A": "32400", "B": "6000", "C": "600", "D": "60000", "E": "10"}
+    assert dev0.options == {"A": "32400", "B": "6000", "C": "600", "D": "60000", "E": "10"}
     # "Correct answer - A" closing line replaced by the uniform answer line.
     assert dev0.reference.endswith("Speed in miles/minutes = 60 * 540 = 32400\nThe answer is A.")
     flan0 = a["train"][0]
-    assert flan0.meta["options"]["C"] == "1120" and flan0.answer == "C"
+    assert flan0.options["C"] == "1120" and flan0.answer == "C"
     assert flan0.reference == "1/7:1/7:1/14 = 2:2:1\n1/5*5600 = 1120\n2240-1120 = 1120\nThe answer is C."
     task = AquaTask(data_dir=str(DATA))
     task.load("validation")
@@ -172,7 +171,7 @@ def test_numeric_answers_match_numerically(tmp_path):
     g = GSM8KTask(data_dir=str(tmp_path))
     assert g.answers_match("29.00", "29") and g.answers_match("1,600", "1600") and g.answers_match("$29", "29")
     assert not g.answers_match("29.5", "29") and not g.answers_match(None, "29")
-    assert g.is_correct("so $1,600.00 in total", Example("x", "q", "", "1600"))
+    assert g.grade("so $1,600.00 in total", Example("x", "q", "", "1600")).correct
 
 
 def test_letter_answers_match(tmp_path):
@@ -288,11 +287,11 @@ def test_hub_loading(fake_hub):
     assert len(g.load("train")) == 100 and len(g.load("validation")) == 500 and g.load("test")[3].answer == "3"
     a = get_task("aqua")
     (ex,) = a.load("train")
-    assert ex.reference == "1+1=2\nThe answer is B." and ex.meta["options"]["E"] == "5"
+    assert ex.reference == "1+1=2\nThe answer is B." and ex.options["E"] == "5"
     e = get_task("ecqa")
     (ex,) = e.load("validation")
-    assert ex.reference == "The answer is C." and ex.meta["options"]["C"] == "x"
-    assert e.is_correct("It must be x.", ex)
+    assert ex.reference == "The answer is C." and ex.options["C"] == "x"
+    assert e.grade("It must be x.", ex).correct
     assert fake_hub == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "train"),
                         ("openai/gsm8k", "main", "test"), ("deepmind/aqua_rat", "raw", "train"),
                         ("tau/commonsense_qa", None, "validation")]

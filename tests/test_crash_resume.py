@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import SAMPLE, TINY, cli, start_cli
 from aftune.config import AlignConfig
-from aftune.training.run import _resume_point
+from aftune.commands.training import resume_point
 
 N_QUESTIONS = 12  # as in conftest.SAMPLE
 
@@ -177,11 +177,11 @@ def test_resume_point_skips_torn_checkpoints(tmp_path):
     (ckpt / "checkpoint-8").mkdir()
     (ckpt / "checkpoint-8" / "trainer_state.json").write_text('{"global_step": 8, "log_hi')  # torn write
     cfg = AlignConfig()
-    assert _resume_point(cfg, ckpt) == str(ckpt / "checkpoint-4")
+    assert resume_point(cfg, ckpt) == str(ckpt / "checkpoint-4")
     assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint-2", "checkpoint-4"]
     cfg.resume = False
-    assert _resume_point(cfg, ckpt) is None
-    assert _resume_point(AlignConfig(), tmp_path / "absent") is None
+    assert resume_point(cfg, ckpt) is None
+    assert resume_point(AlignConfig(), tmp_path / "absent") is None
 
 
 def test_kill_after_the_final_checkpoint_restores_instead_of_stepping_again(tmp_path):

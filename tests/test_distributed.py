@@ -30,24 +30,20 @@ def _align_cfg(model: str, candidates: str, out: str, batch: int, accum: int, **
     base = dict(model=model, candidates=candidates, out=out, method="dpo", task="arith", task_args=TASK_ARGS,
                 n_train=16, batch_size=batch, grad_accum=accum, max_steps=1, lr=0.5, lr_schedule="constant",
                 warmup_ratio=0.0, save_steps=1000, logging_steps=1, quiet=True, max_candidates=4,
-                max_response_tokens=160, resume=False, seed=0)
+                max_response_tokens=160, resume=False, seed=0, optim="sgd", max_grad_norm=0.0)  # SGD, no clipping
     base.update(kw)
     return AlignConfig(**base)
-
-
-def _use_sgd(run_module, patch=setattr) -> None:
-    """SGD, no gradient clipping (see the module docstring)."""
-    orig = run_module._training_args
-    patch(run_module, "_training_args", lambda *a, **k: orig(*a, optim="sgd", max_grad_norm=0.0, **k))
 
 
 def _worker(model: str, candidates: str, out: str, batch: int, accum: int, patch=setattr) -> None:
     """One align run that records, per rank: the groups each step scored, the reference log-probs it got,
     and which questions' reference log-probs it computed. `patch` is monkeypatch.setattr when run inside pytest."""
-    import aftune.distributed as D
-    import aftune.training.run as R
+    from transformers import TrainerCallback
 
-    _use_sgd(R, patch)
+    import aftune.distributed as D
+    from aftune.commands.align import run_align
+    from aftune.training.trainer import AFTTrainer
+
     computed, seen, refs, engine = [], [], [], set()
     orig_once = D.compute_once_sharded
 
@@ -55,23 +51,21 @@ def _worker(model: str, candidates: str, out: str, batch: int, accum: int, patch
         return orig_once(path, n, lambda idx: computed.extend(idx) or compute_part(idx))
 
     patch(D, "compute_once_sharded", recording_once)
-    orig_ref = R.reference_logps
+    orig_terms = AFTTrainer.alignment_terms
 
-    def recording_ref(model, tok, ds, *a, **k):
-        orig_ref(model, tok, ds, *a, **k)
-        refs.extend(it.ref_logps for it in ds.items)
+    def recording_terms(self, model, groups):
+        seen.append([[list(g.prompt), len(g.candidates)] for g in groups])
+        # what wraps the model: FSDP2 shards parameters as DTensors
+        engine.add(f"{self.accelerator.distributed_type.value}/{type(next(model.parameters())).__name__}")
+        return orig_terms(self, model, groups)
 
-    patch(R, "reference_logps", recording_ref)
+    patch(AFTTrainer, "alignment_terms", recording_terms)
 
-    class Recording(R.AFTTrainer):
-        def alignment_terms(self, model, groups):
-            seen.append([[list(g.prompt), len(g.candidates)] for g in groups])
-            # what wraps the model: FSDP2 shards parameters as DTensors
-            engine.add(f"{self.accelerator.distributed_type.value}/{type(next(model.parameters())).__name__}")
-            return super().alignment_terms(model, groups)
+    class RecordReferences(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            refs.extend(it.ref_logps for it in train_dataloader.dataset.items)
 
-    patch(R, "AFTTrainer", Recording)
-    R.run_align(_align_cfg(model, candidates, out, batch, accum))
+    run_align(_align_cfg(model, candidates, out, batch, accum), callbacks=[RecordReferences()])
     rank, world = D.rank_and_world()
     Path(out, f"rank{rank}.json").write_text(json.dumps({"world": world, "computed": computed, "seen": seen,
                                                           "ref": refs, "engine": sorted(engine)}))
@@ -182,23 +176,22 @@ def test_accumulation_and_resume_are_exact(tmp_path, monkeypatch):
     optimiser and data position)."""
     import torch
 
-    import aftune.training.run as R
+    from aftune.commands.align import run_align
 
     torch.set_num_threads(1)
-    _use_sgd(R, monkeypatch.setattr)
     model, cand = _make_inputs(tmp_path)
     cfg = lambda out, batch, accum, **kw: _align_cfg(str(model), str(cand), str(tmp_path / out), batch, accum, **kw)  # noqa: E731
-    R.run_align(cfg("ga", 4, 2))
-    R.run_align(cfg("big", 8, 1))
-    R.run_align(cfg("ckpt", 8, 1, gradient_checkpointing=True))  # recomputes; the prompt is not shared then
+    run_align(cfg("ga", 4, 2))
+    run_align(cfg("big", 8, 1))
+    run_align(cfg("ckpt", 8, 1, gradient_checkpointing=True))  # recomputes; the prompt is not shared then
     ga, big, ckpt = (_load(tmp_path / d / "model") for d in ("ga", "big", "ckpt"))
     for k in big:
         torch.testing.assert_close(ga[k], big[k], rtol=0, atol=1e-5, msg=k)
         torch.testing.assert_close(ckpt[k], big[k], rtol=0, atol=1e-5, msg=k)
 
-    R.run_align(cfg("straight", 4, 1, max_steps=2, lr=0.2))
-    R.run_align(cfg("resumed", 4, 1, max_steps=1, lr=0.2, save_steps=1))
-    R.run_align(cfg("resumed", 4, 1, max_steps=2, lr=0.2, save_steps=1, resume=True))
+    run_align(cfg("straight", 4, 1, max_steps=2, lr=0.2))
+    run_align(cfg("resumed", 4, 1, max_steps=1, lr=0.2, save_steps=1))
+    run_align(cfg("resumed", 4, 1, max_steps=2, lr=0.2, save_steps=1, resume=True))
     metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert metrics["steps"] == 2
     a, b, one_step = _load(tmp_path / "straight" / "model"), _load(tmp_path / "resumed" / "model"), \

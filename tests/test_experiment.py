@@ -7,8 +7,10 @@ import pytest
 import torch
 import yaml
 
-from aftune.experiment import (gap_beta, grid, load_experiment, mcnemar_exact, paired_test, run_experiment,
-                               subsample_candidates)
+from aftune.commands.experiment import grid, load_experiment, run_experiment
+from aftune.evaluation.stats import mcnemar_exact, paired_test
+from aftune.sampling.store import subsample_candidates
+from aftune.training.reference import gap_beta
 from aftune.io import InputError
 from conftest import cli
 
@@ -67,7 +69,9 @@ def test_grid_runs_end_to_end(experiment):
         assert [g["id"] for g in big] == [g["id"] for g in small]
         assert all([c["text"] for c in g2["candidates"]] == [c["text"] for c in g4["candidates"][:2]] for g2, g4 in zip(small, big))
         cfg = yaml.safe_load((out / f"seed{s}" / "runs" / "bc-k2-gap2-l1" / "config.yaml").read_text())
-        assert cfg["method"] == "bc+gap0.02" and cfg["beta"] == 2.0 and cfg["max_candidates"] == 3
+        # the per-question beta is a loss option of bc (its floor 0.02), not a method of its own
+        assert (cfg["method"], cfg["beta_auto"], cfg["beta_floor"]) == ("bc", "gap", 0.02)
+        assert cfg["beta"] == 2.0 and cfg["max_candidates"] == 3
         assert not (out / f"seed{s}" / "runs" / "vft" / "checkpoints").exists()
         assert len(list((out / f"seed{s}").glob("reflogps-*.json"))) == 2  # VFT scores for the auto runs (k=2, k=4)
     md = (out / "results.md").read_text()
@@ -198,25 +202,35 @@ def test_mcnemar_and_paired_test_by_hand():
 
 def test_gap_beta_and_per_question_loss():
     from aftune import losses
-    from aftune.experiment import auto_method
-    from aftune.training.methods import METHODS, GroupBatch
+    from aftune.training.arguments import auto_beta_eligible
+    from aftune.training.data import AlignDataset, GroupItem
+    from aftune.training.methods import METHODS, CandidateBatch
+    from aftune.training.reference import question_betas
 
     # weakest positive -0.3; gaps to negatives 0.1, 0.2, 0.4 -> median 0.2, x2
     assert gap_beta([-0.1, -0.3], [-0.4, -0.5, -0.7], 2.0, 0.02) == pytest.approx(0.4)
     assert gap_beta([-0.5], [-0.1], 2.0, 0.02) == 0.02  # VFT prefers the negative: floor
     assert gap_beta([-0.5], [], 2.0, 0.02) == 0.02
 
-    method = METHODS[auto_method("bc", 0.02)]
-    assert method.needs_reference_logps and method.uses_beta
+    method = METHODS["bc"]
+    assert auto_beta_eligible(method) and method.uses_beta and not auto_beta_eligible(METHODS["dpo-bc"])
     mean = torch.tensor([[-0.1, -0.3, -0.2], [-0.2, -0.25, -0.9]], requires_grad=True)
-    lengths = torch.tensor([[10.0, 20.0, 5.0], [8.0, 4.0, 2.0]])
+    lengths = [[10, 20, 5], [8, 4, 2]]
     positive = torch.tensor([[True, False, False], [True, True, False]])
     valid = torch.ones_like(positive)
-    vft = torch.tensor([[-0.2, -0.5, -0.3], [-0.1, -0.3, -0.6]])  # per-token VFT scores
-    batch = GroupBatch(positive, torch.where(positive, 0, 1), valid, vft * lengths)
-    scored = type("S", (), {"mean_padded": mean, "sum_padded": mean * lengths})()
-    got = method.loss(scored, batch, type("C", (), {"beta": 2.0, "dpo_beta": 0.1})())
+    vft = [[-0.2, -0.5, -0.3], [-0.1, -0.3, -0.6]]  # per-token VFT scores
+    # the per-question betas come from the start model's summed log-probs and the candidates' lengths
+    ds = AlignDataset.__new__(AlignDataset)
+    ds.items = [GroupItem([1], [[0] * n for n in ls], pos.tolist(), [0 if p else 1 for p in pos.tolist()],
+                          [False] * 3, ref_logps=[v * n for v, n in zip(vs, ls)])
+                for ls, pos, vs in zip(lengths, positive, vft)]
+    question_betas(ds, 2.0, 0.02)
+    betas = torch.tensor([it.beta for it in ds.items])
     # question 0: gaps 0.3, 0.1 -> median 0.2 -> beta 0.4; question 1: weakest -0.3, gap 0.3 -> beta 0.6
+    assert betas.tolist() == pytest.approx([0.4, 0.6])
+    batch = CandidateBatch(mean, mean * torch.tensor(lengths), positive, torch.where(positive, 0, 1), valid,
+                           beta=betas)
+    got = method.loss(batch)
     want = torch.cat([losses.boundary_constraint_loss(mean[:1], positive[:1], valid[:1], beta=0.4),
                       losses.boundary_constraint_loss(mean[1:], positive[1:], valid[1:], beta=0.6)])
     assert torch.allclose(got, want)
@@ -226,7 +240,7 @@ def test_gap_beta_and_per_question_loss():
 
 def test_subsample_recomputes_ranks(tmp_path):
     from aftune.records import Candidate, Group
-    from aftune.sampling.store import meta_path_for, read_groups
+    from aftune.records import meta_path_for, read_groups
 
     g = Group("1", "arith", "Q", "R", "5", [Candidate("a #### 4", "4", False, rank=1, wrong_steps=1),
                                            Candidate("b #### 5", "5", True, rank=0, wrong_steps=0),

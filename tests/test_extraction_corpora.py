@@ -1,7 +1,7 @@
 """Regression corpora of tricky completions (tests/corpora/*.jsonl), run in strict and flexible mode.
 
 Each line: `completion`, `gold` (normalised), `strict` / `flexible` (expected extracted answer or
-null), `correct` (expected `is_correct`, which grades the flexible extraction), `note`; the
+null), `correct` (expected `Task.grade(...).correct`, which grades the flexible extraction), `note`; the
 multiple-choice corpora add the example's `options`.  The expected values were written by hand.
 """
 
@@ -58,12 +58,10 @@ def test_corpus_is_large_and_well_formed(name):
 def test_corpus_case(name, case, tmp_path_factory):
     task = _task(name, tmp_path_factory)
     options = case.get("options")
-    example = Example(id=case["id"], question="q", reference="", answer=case["gold"],
-                      meta={"options": options} if options else {})
-    kwargs = {"options": options} if options else {}
-    assert task.extract_answer(case["completion"], strict=True, **kwargs) == case["strict"], case["note"]
-    assert task.extract_answer(case["completion"], **kwargs) == case["flexible"], case["note"]
-    assert task.is_correct(case["completion"], example) is case["correct"], case["note"]
+    example = Example(id=case["id"], question="q", reference="", answer=case["gold"], options=options)
+    assert task.extract_answer(case["completion"], example, strict=True) == case["strict"], case["note"]
+    assert task.extract_answer(case["completion"], example) == case["flexible"], case["note"]
+    assert task.grade(case["completion"], example).correct is case["correct"], case["note"]
     # Strict never finds an answer that flexible mode would not also find.
     if case["strict"] is not None:
         assert case["flexible"] == case["strict"], case["note"]

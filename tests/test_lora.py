@@ -35,13 +35,13 @@ def test_lora_dpo_reference_is_base_and_only_adapter_trains(tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from aftune.distributed import base_model_context, is_peft_model
     from aftune.modeling import load_model_and_tokenizer
-    from aftune.sampling.store import read_groups
-    from aftune.training.run import run_align
+    from aftune.records import read_groups
+    from aftune.commands.align import run_align
 
     model_dir, cand = _make_inputs(tmp_path)
-    cfg = _align_cfg(str(model_dir), str(cand), str(tmp_path / "run"), 4, 1, max_steps=2, lr=1e-2,
+    cfg = _align_cfg(str(model_dir), str(cand), str(tmp_path / "run"), 4, 1, max_steps=2, lr=1e-2, optim="adamw_torch_fused",
+                     max_grad_norm=1.0,
                      lora_r=4, lora_alpha=8, lora_targets="q_proj,v_proj")
     run_align(cfg)
     out = tmp_path / "run"
@@ -57,8 +57,8 @@ def test_lora_dpo_reference_is_base_and_only_adapter_trains(tmp_path):
 
     # trained adapter: disabled -> the base (the reference), enabled -> a different model
     peft_model = PeftModel.from_pretrained(load_model_and_tokenizer(str(model_dir))[0], str(out / "adapter"))
-    assert is_peft_model(peft_model) and not is_peft_model(base)
-    with base_model_context(peft_model):
+    assert isinstance(peft_model, PeftModel) and not isinstance(base, PeftModel)
+    with peft_model.disable_adapter():
         torch.testing.assert_close(flat(_base_scores(peft_model, tok, groups, cfg)), flat(ref), rtol=0, atol=1e-4)
     tuned = flat(_base_scores(peft_model, tok, groups, cfg))
     assert (tuned - flat(ref)).abs().max() > 1e-3
@@ -78,8 +78,8 @@ def test_lora_dpo_reference_is_base_and_only_adapter_trains(tmp_path):
 
 def test_lora_sft_with_checkpointing_saves_adapter_and_evaluable_model(tmp_path):
     from aftune.config import EvalConfig, SFTConfig
-    from aftune.steps import run_eval
-    from aftune.training.run import run_sft
+    from aftune.commands.eval import run_eval
+    from aftune.commands.sft import run_sft
 
     out = tmp_path / "sft"
     run_sft(SFTConfig(model="tiny", out=str(out), task="arith", task_args="n_train=16,n_validation=4,n_test=4",

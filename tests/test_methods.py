@@ -13,7 +13,7 @@ from aftune.scoring import score_texts
 from aftune.tasks import get_task
 from aftune.tasks.arith import ArithTask
 from aftune.training.methods import METHODS
-from aftune.training.run import run_align
+from aftune.commands.align import run_align
 
 TASK_ARGS = "n_train=60,n_validation=10,n_test=10"
 

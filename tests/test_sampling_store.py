@@ -12,7 +12,8 @@ import aftune.sampling.store as store
 from aftune.io import InputError
 from aftune.records import Example
 from aftune.sampling import Sample, SamplingConfig
-from aftune.sampling.store import build_group, dedupe_samples, meta_path_for, read_groups, sample_candidates
+from aftune.records import meta_path_for, read_groups
+from aftune.sampling.store import build_group, dedupe_samples, sample_candidates
 from aftune.tasks.base import Task
 
 torch.set_num_threads(1)
@@ -23,7 +24,10 @@ class HashTask(Task):
 
     name = "hash"
 
-    def extract_answer(self, completion: str, strict: bool = False) -> str | None:
+    def load(self, split: str) -> list[Example]:
+        return list(EXAMPLES)
+
+    def extract_answer(self, completion: str, example=None, strict: bool = False) -> str | None:
         if "####" not in completion:
             return None
         ans = completion.rsplit("####", 1)[1].strip()
@@ -85,7 +89,7 @@ def test_sample_candidates_writes_labelled_groups_and_stats(model, tok, tmp_path
         texts = [" ".join(c.text.split()) for c in g.candidates]
         assert len(set(texts)) == len(texts)
         for c in g.candidates:
-            assert c.correct == task.is_correct(c.text, ex) and c.answer == task.extract_answer(c.text)
+            assert c.correct == task.grade(c.text, ex).correct and c.answer == task.extract_answer(c.text)
             assert c.rank is not None and c.score is not None and c.score < 0
         n_cands += len(g.candidates)
     assert stats["questions"] == 7 and stats["candidates"] == n_cands and stats["new_questions"] == 7

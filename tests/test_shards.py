@@ -4,14 +4,17 @@ merge_shards gives every question exactly once, refusing shards that do not belo
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 
 import pytest
 import torch
 
 from aftune.io import InputError
-from aftune.sampling.shards import merge_shards, run_merge, shard_file
-from aftune.sampling.store import meta_path_for, read_groups
+from aftune.commands.merge import run_merge
+from aftune.config import MergeConfig
+from aftune.sampling.shards import merge_shards, shard_file
+from aftune.records import meta_path_for, read_groups
 
 torch.set_num_threads(1)
 TASK_ARGS = "n_train=7,n_validation=2,n_test=2"
@@ -30,7 +33,7 @@ def tiny_model(tmp_path_factory):
 
 def _sample(model, out, shard, **kw):
     from aftune.config import SampleConfig
-    from aftune.steps import run_sample
+    from aftune.commands.sample import run_sample
 
     return run_sample(SampleConfig(model=str(model), out=str(out), task="arith", task_args=TASK_ARGS, split="train",
                                    k=2, max_new_tokens=5, batch_size=1, quiet=True, shard=shard, **kw))
@@ -93,7 +96,7 @@ def test_merge_gives_every_question_once(shards, tmp_path):
     meta = json.loads(meta_path_for(out).read_text())
     assert meta["status"] == "complete" and meta["task"] == "arith" and meta["n_shards"] == 2
     # `aftune merge --shards 2` merges OUT.shard{i}of2.jsonl into OUT
-    run_merge(str(s["out"]), shards=2)
+    run_merge(MergeConfig(out=str(s["out"]), shards=2))
     assert sorted(_ids(s["out"])) == sorted(s["all_ids"])
 
 
@@ -143,6 +146,5 @@ def test_merge_refuses_shards_that_do_not_belong_together(shards, tmp_path):
 
 
 def test_shard_file_matches_sample_naming():
-    from aftune.steps import shard_path
-
-    assert shard_file("runs/c.jsonl", 3, 8) == shard_path("runs/c.jsonl", (3, 8))
+    # the one naming rule `aftune sample --shard i/n` writes and `aftune merge --shards n` reads
+    assert shard_file("runs/c.jsonl", 3, 8) == Path("runs/c.shard3of8.jsonl")

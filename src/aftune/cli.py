@@ -7,9 +7,9 @@ keys and the saved config can never drift apart.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import json
 import sys
-import types
-import typing
 from typing import Any, Callable
 
 import click
@@ -18,31 +18,24 @@ from aftune import config as C
 from aftune.io import InputError, RunError
 
 
-def _click_type(tp: Any) -> tuple[Any, bool]:
-    """(click type, is_flag) for a dataclass field annotation."""
-    if isinstance(tp, str):
-        tp = _resolve_annotation(tp)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        tp = args[0]
-    if tp is bool:
-        return bool, True
-    return {int: int, float: float, str: str}.get(tp, str), False
+
+def _command(name: str) -> Callable:
+    """aftune.commands.<name>.run_<name>, imported when the command runs: the commands import torch and
+    transformers, which `aftune --help` and a flag error should not wait for."""
+    return getattr(importlib.import_module(f"aftune.commands.{name}"), f"run_{name}")
 
 
-def _resolve_annotation(name: str) -> Any:
-    # Annotations are strings under `from __future__ import annotations`; resolve the few we use.
-    table = {"int": int, "float": float, "str": str, "bool": bool, "int | None": int | None,
-             "str | None": str | None, "float | None": float | None}
-    return table[name]
+def _click_type(tp: type) -> tuple[Any, bool]:
+    """(click type, is_flag) for a config field's base type."""
+    return (bool, True) if tp is bool else ({int: int, float: float, str: str}.get(tp, str), False)
 
 
 def make_command(name: str, cls: type, run: Callable[[Any], Any], help: str) -> click.Command:
     params: list[click.Parameter] = []
+    types_ = C.field_types(cls)
     for f in dataclasses.fields(cls):
         flag = C.flag_name(f).replace("_", "-")
-        ctype, is_flag = _click_type(f.type)
+        ctype, is_flag = _click_type(types_[f.name][0])
         helptext = f.metadata.get("help", "")
         if is_flag:
             params.append(click.Option([f"--{flag}/--no-{flag}", f.name], default=f.default, show_default=True, help=helptext))
@@ -65,46 +58,37 @@ def make_command(name: str, cls: type, run: Callable[[Any], Any], help: str) -> 
     return click.Command(name, params=params, callback=callback, help=help, short_help=help.split("\n")[0])
 
 
-def _sft(cfg: C.SFTConfig) -> None:
-    from aftune.training.run import run_sft
+def _summary(d: dict) -> str:
+    return json.dumps({k: v for k, v in d.items() if not isinstance(v, (dict, list))}, default=str)
 
-    run_sft(cfg)
+
+def _sft(cfg: C.SFTConfig) -> None:
+    _command("sft")(cfg)
 
 
 def _sample(cfg: C.SampleConfig) -> None:
-    from aftune.steps import run_sample
-
-    run_sample(cfg)
+    click.echo(_summary(_command("sample")(cfg)))
 
 
 def _align(cfg: C.AlignConfig) -> None:
-    from aftune.training.run import run_align
-
-    run_align(cfg)
+    _command("align")(cfg)
 
 
 def _eval(cfg: C.EvalConfig) -> None:
-    from aftune.steps import run_eval
-
-    run_eval(cfg)
+    click.echo(json.dumps({k: v for k, v in _command("eval")(cfg).items() if k != "assessment"}, default=str))
 
 
 def _assess(cfg: C.AssessConfig) -> None:
-    from aftune.steps import run_assess
-
-    run_assess(cfg)
+    for name, m in _command("assess")(cfg).items():
+        click.echo(f"{name} {_summary(m)}")
 
 
 def _demo(cfg: C.DemoConfig) -> None:
-    from aftune.pipeline import run_demo
-
-    run_demo(cfg)
+    _command("demo")(cfg)
 
 
 def _merge(cfg: C.MergeConfig) -> None:
-    from aftune.sampling.shards import run_merge
-
-    run_merge(cfg.out, shards=cfg.shards, inputs=cfg.inputs)  # prints its own summary
+    click.echo(_summary(_command("merge")(cfg)))
 
 
 @click.command("experiment")
@@ -115,17 +99,15 @@ def _merge(cfg: C.MergeConfig) -> None:
 @click.option("--quiet/--no-quiet", default=False, help="no progress bars")
 def experiment(config_file: str, out: str | None, seeds: str | None, quiet: bool) -> None:
     """Run a grid of (method x seed x k x beta x lambda) as resumable runs and write a results table."""
-    from aftune.experiment import run_experiment
-
     only = None
     if seeds is not None:
         try:
             only = tuple(int(s) for s in seeds.split(",") if s.strip())
         except ValueError:
             raise InputError(f"expected a comma list of integers, got {seeds!r}", field="--seeds") from None
-    res = run_experiment(config_file, out=out, quiet=quiet, seeds=only)
+    res = _command("experiment")(config_file, out=out, quiet=quiet, seeds=only)
     if res["results"]:
-        print(f"results: {res['results']}")
+        click.echo(f"results: {res['results']}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

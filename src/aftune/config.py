@@ -4,6 +4,9 @@ on the command line). The resolved config is saved next to each step's outputs."
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,7 @@ from typing import Any
 import yaml
 
 from aftune.io import InputError, atomic_write_text
+from aftune.training.arguments import AlignmentArguments
 
 
 def opt(default: Any, help: str) -> Any:
@@ -37,6 +41,8 @@ class TrainCommon(Common):
     lr_schedule: str = opt("cosine", "cosine | linear | constant (annealing to 0 matters: see docs)")
     warmup_ratio: float = opt(0.05, "fraction of steps for warm-up")
     weight_decay: float = opt(0.0, "AdamW weight decay")
+    optim: str = opt("adamw_torch_fused", "optimizer, by transformers' name (adamw_torch_fused, adamw_torch, sgd, ...)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
     max_steps: int = opt(1500, "optimiser steps")
     max_response_tokens: int = opt(256, "truncate responses to this many tokens")
     logging_steps: int = opt(25, "log every N steps")
@@ -80,17 +86,12 @@ class SampleConfig(Common):
 
 
 @dataclass
-class AlignConfig(TrainCommon):
+class AlignConfig(TrainCommon, AlignmentArguments):
+    """`aftune align`: the method's fields come from AlignmentArguments (shared with AFTConfig)."""
+
     model: str = opt("runs/sft/model", "the VFT model to continue from")
     candidates: str = opt("runs/candidates.jsonl", "candidates file written by `aftune sample`")
     out: str = opt("runs/align", "output folder (model in OUT/model)")
-    method: str = opt("bc", "vft (control) | rft | align | dc | bc | rbc | rrhf | pro | dpo | dpo-pl | ... (see docs)")
-    beta: float = opt(0.5, "boundary margin, nats per token (bc, rbc, *-bc)")
-    lambda_: float = opt(1.0, "weight of the alignment loss")
-    dpo_beta: float = opt(0.1, "DPO inverse temperature")
-    max_candidates: int = opt(8, "candidates per question per step (reference included)")
-    include_reference: bool = opt(True, "the reference solution joins the positives")
-    share_prefix: bool = opt(True, "compute each prompt once for its k candidates")
     diag_every: int = opt(0, "log assessment diagnostics on held-out candidates every N steps (0 = off)")
     diag_questions: int = opt(64, "held-out questions (taken from the end of the candidates file) for diagnostics")
     diag_candidates: str | None = opt(None, "separate candidates file for diagnostics (then nothing is held out)")
@@ -100,6 +101,9 @@ class AlignConfig(TrainCommon):
     warmup_ratio: float = opt(0.0, "fraction of steps for warm-up")
     lr_schedule: str = opt("constant", "cosine | linear | constant")
     batch_size: int = opt(16, "questions per optimiser step")
+
+    def __post_init__(self) -> None:
+        self.check_alignment(name=lambda f: "--" + flag_name_of(f).replace("_", "-"))
 
 
 @dataclass
@@ -144,8 +148,26 @@ class DemoConfig:
     quiet: bool = opt(False, "no progress bars")
 
 
+def flag_name_of(name: str) -> str:
+    return name.rstrip("_")
+
+
 def flag_name(f: dataclasses.Field) -> str:
-    return f.name.rstrip("_")
+    return flag_name_of(f.name)
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """{field name: (base type, optional)} of a config dataclass: `int | None` -> (int, True). The one place
+    that reads annotations (strings under `from __future__ import annotations`)."""
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        optional = False
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            optional, tp = len(args) < len(typing.get_args(tp)), args[0]
+        out[name] = (tp, optional)
+    return out
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -175,30 +197,27 @@ def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
         if norm not in known:
             line = key_line(path, key)
             raise InputError(f"unknown key (known: {', '.join(sorted(known))})", path, line, str(key))
-        out[known[norm]] = _typed(value, fields[known[norm]].type, path, key)
+        out[known[norm]] = typed_value(value, *field_types(cls)[known[norm]], path, key)
     return out
 
 
-def _typed(value: Any, annotation: Any, path: Path, key: Any) -> Any:
+def typed_value(value: Any, base: type, optional: bool, path: Path, key: Any, strict_str: bool = False) -> Any:
     """The YAML value as the field's type, or InputError: a wrong type would otherwise surface as a
     traceback deep inside a step."""
-    ann = str(annotation).replace(" ", "")
-    optional = ann.endswith("|None")
-    base = ann.split("|")[0]
     if value is None and optional:
         return None
-    if base == "bool" and isinstance(value, bool):
+    if base is bool and isinstance(value, bool):
         return value
     if not isinstance(value, bool):
-        if base == "int" and isinstance(value, int):
+        if base is int and isinstance(value, int):
             return value
-        if base == "float" and isinstance(value, (int, float)):
+        if base is float and isinstance(value, (int, float)):
             return float(value)
-        if base == "str" and isinstance(value, (str, int, float)):
+        if base is str and (isinstance(value, str) or not strict_str and isinstance(value, (int, float))):
             return str(value)  # `names: 7`, `task_args: 3` are strings the user meant
-    want = f"{base} or null" if optional else base
+    want = f"{base.__name__} or null" if optional else base.__name__
     got = "null" if value is None else type(value).__name__
-    raise InputError(f"expected {want}, got {got}", path, key_line(path, key), str(key))
+    raise InputError(f"expected {want}, got {got}", path, key_line(path, str(key).split(".")[-1]), str(key))
 
 
 def key_line(path: Path, key: Any) -> int | None:

@@ -1,5 +1,5 @@
 """Scaling helpers: process rank / world size, compute-once-and-share, per-rank shards, and LoRA through
-peft (the DPO reference is the base model with the adapter disabled: no second copy of the weights).
+peft (an adapter is trained, then merged from disk into a plain model that every command reads).
 
 Everything here is a no-op in a single process. Under `accelerate launch` the process group is set up by
 `TrainingArguments` (or `init_process_group` in scripts); these helpers only use `torch.distributed`.
@@ -137,24 +137,14 @@ def local_device() -> torch.device:
 
 # ------------------------------------------------------------------------------------------- LoRA
 
-def wrap_lora(model, r: int, alpha: int, targets: list[str]):
+def lora_config(r: int, alpha: int, targets: list[str]):
+    """peft's LoraConfig for a causal LM (no dropout: the exactness tests compare runs step by step)."""
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
     except ImportError as e:  # optional extra
         raise ImportError("LoRA needs peft: pip install 'aftune[lora]'") from e
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=[t.strip() for t in targets if t.strip()],
-                     lora_dropout=0.0, task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
-
-
-def is_peft_model(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-def base_model_context(model):
-    """Run the base model: the adapter disabled for a peft model, nothing to do otherwise. This is the DPO
-    reference under LoRA; the frozen base weights are shared, so no second copy is held."""
-    return model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=[t.strip() for t in targets if t.strip()],
+                      lora_dropout=0.0, task_type="CAUSAL_LM")
 
 
 def merge_adapter(base_path: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,

@@ -6,6 +6,7 @@ malformed user file must say exactly which file, line and field is wrong.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -135,3 +136,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def write_jsonl(path: str | os.PathLike, objs: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

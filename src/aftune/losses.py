@@ -160,14 +160,27 @@ class PairTerms(NamedTuple):
     bound: Tensor | None  # [B, K]: B_j (0 where j has no better candidate; "boundary" only)
 
 
+def _beta_column(beta: float | Tensor, values: Tensor) -> float | Tensor:
+    """A number, or one margin per question (a ``[B]`` tensor, returned as ``[B, 1]`` to broadcast over j)."""
+    if not isinstance(beta, Tensor):
+        _check_positive("beta", beta)
+        return beta
+    if beta.shape not in ((values.shape[0],), (values.shape[0], 1)):
+        raise ValueError(f"beta must be a number or [B] = [{values.shape[0]}], got shape {tuple(beta.shape)}")
+    if not bool((torch.isfinite(beta) & (beta > 0)).all()):
+        raise ValueError("every per-question beta must be a finite number > 0")
+    return beta.detach().to(values.dtype).reshape(-1, 1)
+
+
 def pair_terms(
-    values: Tensor, pairs: Tensor, constraint: str = "none", beta: float = 0.5
+    values: Tensor, pairs: Tensor, constraint: str = "none", beta: float | Tensor = 0.5
 ) -> PairTerms:
     """The constraint mechanism shared by all losses.
 
     ``margin[b, i, j] = w_j - v_i`` with ``w = v`` ("none", "boundary") or ``w = sg(v)`` ("detach").
     For "boundary": ``B_j = min_{i: pairs[b, i, j]} v_i - beta``, ``T_ij = sg(2 * B_j - v_i)`` and
     ``boundary[b, i, j] = T_ij - v_j``. ``values`` must be finite (callers clean invalid slots).
+    ``beta`` is one margin, or a ``[B]`` tensor of per-question margins ``beta_b``.
     Raises ValueError for an unknown constraint, or for ``beta <= 0`` with "boundary".
     """
     _check_constraint(constraint)
@@ -178,7 +191,7 @@ def pair_terms(
     margin = worse.unsqueeze(1) - values.unsqueeze(2)
     if constraint != "boundary":
         return PairTerms(worse, margin, None, None)
-    _check_positive("beta", beta)
+    beta = _beta_column(beta, values)
     v = values.detach()  # the boundary is a target, never a path for gradient
     inf = torch.full((), math.inf, dtype=v.dtype, device=v.device)
     weakest_better = torch.where(pairs, v.unsqueeze(2), inf).amin(dim=1)  # [B, K] indexed by j
@@ -211,7 +224,7 @@ def sequence_scores(token_logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _pairwise_lse0(
-    scores: Tensor, pairs: Tensor, valid: Tensor, constraint: str, beta: float
+    scores: Tensor, pairs: Tensor, valid: Tensor, constraint: str, beta: float | Tensor
 ) -> Tensor:
     # One lse0 over every pair of the question (and every boundary term): AFT's form.
     t = pair_terms(_clean(scores, valid), pairs, constraint, beta)
@@ -254,12 +267,12 @@ def detached_constraint_loss(
 
 
 def boundary_constraint_loss(
-    scores: Tensor, positive: Tensor, valid: Tensor | None = None, beta: float = 0.5
+    scores: Tensor, positive: Tensor, valid: Tensor | None = None, beta: float | Tensor = 0.5
 ) -> Tensor:
     """BC, boundary constraint: with ``B = min_p s_p - beta`` and ``T_p = sg(2B - s_p)``,
     ``L_BC = lse0({s_n - s_p : p, n} U {T_p - s_n : p, n})`` over all (positive, negative) pairs.
     A negative is pushed down while above B and pulled up while below it. ``beta > 0`` (nats per
-    token) or ValueError."""
+    token; one number, or a ``[B]`` tensor with one margin per question) or ValueError."""
     pairs, v = _binary(scores, positive, valid)
     return _pairwise_lse0(scores, pairs, v, "boundary", beta)
 
@@ -280,7 +293,7 @@ def ranked_detached_constraint_loss(
 
 
 def ranked_boundary_constraint_loss(
-    scores: Tensor, ranks: Tensor, valid: Tensor | None = None, beta: float = 0.5
+    scores: Tensor, ranks: Tensor, valid: Tensor | None = None, beta: float | Tensor = 0.5
 ) -> Tensor:
     """L_RBC: with ``B_j = min_{i better than j} s_i - beta`` and ``T_ij = sg(2 B_j - s_i)``,
     ``L_RBC = lse0({s_j - s_i : i better than j} U {T_ij - s_j : i better than j})``.
@@ -297,7 +310,7 @@ def rrhf_loss(
     ranks: Tensor,
     valid: Tensor | None = None,
     constraint: str = "none",
-    beta: float = 0.5,
+    beta: float | Tensor = 0.5,
 ) -> Tensor:
     """RRHF ranking loss (the paper's formula; the trainer adds NLL of the best candidate):
 
@@ -317,7 +330,7 @@ def rrhf_loss(
     return torch.where(pairs, hinge, torch.zeros_like(hinge)).sum(dim=(1, 2))
 
 
-def _listwise(values: Tensor, pairs: Tensor, constraint: str, beta: float) -> Tensor:
+def _listwise(values: Tensor, pairs: Tensor, constraint: str, beta: float | Tensor) -> Tensor:
     # Row i of the pair mask is "all candidates strictly worse than i"; a row with no pairs gives
     # lse0 of an empty set = 0, so candidates without a worse one (and invalid ones) add nothing.
     t = pair_terms(values, pairs, constraint, beta)
@@ -333,7 +346,7 @@ def pro_loss(
     ranks: Tensor,
     valid: Tensor | None = None,
     constraint: str = "none",
-    beta: float = 0.5,
+    beta: float | Tensor = 0.5,
 ) -> Tensor:
     """PRO listwise loss (temperatures 1; the trainer adds the SFT term):
 

@@ -1,27 +1,36 @@
-"""Greedy-decoding accuracy: one batched, left-padded pass over a split (no per-question Python loop)."""
+"""Greedy-decoding accuracy: one batched, left-padded pass per task over a split (no per-question loop)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
 from aftune.records import Example
-from aftune.sampling.sampler import SamplingConfig, generate_k
+from aftune.sampling.sampler import Sample, SamplingConfig, generate_k
 from aftune.tasks import Task
 
-# A model that keeps writing after its answer would start a new question: cut there.
-STOP = ("\nQuestion:",)
+
+def prediction_row(task: Task, example: Example, sample: Sample) -> dict:
+    """One graded prediction, through the task's one grading path (the same as `aftune sample` labels with)."""
+    graded = task.grade(sample.text, example)
+    return {"id": example.id, "task": task.name, "gold": example.answer, "prediction": graded.answer,
+            "correct": graded.correct, "score": sample.score, "completion": sample.text}
 
 
 def greedy_predictions(model, tokenizer, items: list[tuple[Task, Example]], max_new_tokens: int = 256,
                        batch_size: int = 64, progress: bool = False) -> list[dict]:
-    cfg = SamplingConfig(k=1, temperature=0.0, max_new_tokens=max_new_tokens, stop=STOP, batch_size=batch_size)
-    outs = generate_k(model, tokenizer, [t.prompt(e) for t, e in items], cfg, progress=progress)
-    rows = []
-    for (t, e), (s,) in zip(items, outs):
-        pred = t.extract_answer(s.text)
-        rows.append({"id": e.id, "task": t.name, "gold": e.answer, "prediction": pred,
-                     "correct": t.answers_match(pred, e.answer), "score": s.score, "completion": s.text})
-    return rows
+    """Greedy completion of every (task, example), graded; rows in the order of `items`."""
+    rows: list[dict | None] = [None] * len(items)
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for i, (t, _) in enumerate(items):
+        by_task[t.name].append(i)
+    for idx in by_task.values():  # each task with its own stop strings
+        task = items[idx[0]][0]
+        cfg = SamplingConfig(k=1, temperature=0.0, max_new_tokens=max_new_tokens, stop=task.stop,
+                             batch_size=batch_size)
+        outs = generate_k(model, tokenizer, [task.prompt(items[i][1]) for i in idx], cfg, progress=progress)
+        for i, (s,) in zip(idx, outs):
+            rows[i] = prediction_row(task, items[i][1], s)
+    return rows  # type: ignore[return-value]
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -35,5 +44,13 @@ def summarize(rows: list[dict]) -> dict:
 
 def greedy_accuracy(model, tokenizer, items: list[tuple[Task, Example]], max_new_tokens: int = 256,
                     batch_size: int = 64, progress: bool = False) -> dict:
+    """{"accuracy", "n", "per_task", "predictions"}: greedy accuracy of `model` on `items`.
+
+    Example:
+        >>> from aftune import get_task
+        >>> from aftune.evaluation import greedy_accuracy
+        >>> task = get_task("arith", n_train=10, n_validation=2, n_test=4)
+        >>> res = greedy_accuracy(model, tok, [(task, e) for e in task.load("test")])  # doctest: +SKIP
+    """
     rows = greedy_predictions(model, tokenizer, items, max_new_tokens, batch_size, progress)
     return {**summarize(rows), "predictions": rows}

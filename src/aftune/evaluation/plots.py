@@ -299,3 +299,104 @@ def plot_training_curves(path: str | os.PathLike, history: Sequence[dict[str, An
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_experiment(root: Path, cells: list[dict], name: str, control_cell: str) -> list[tuple[Path, str]]:
+    """An experiment's plots under root/plots: accuracy per cell, the paired difference to the control, and
+    the difference vs k and vs beta. Returns (path, caption) pairs for the report."""
+    plt = _pyplot()
+    CONTROL = control_cell
+    out: list[tuple[Path, str]] = []
+    acc = {c["cell"]: c["metrics"]["test_acc"] for c in cells}
+    control = acc.get(CONTROL, {}).get("mean")
+
+    def err(m: dict) -> float:
+        return 100 * (m["std"] or 0.0)
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(cells) + 2), 4.5))
+    names = [c["cell"] for c in cells if acc[c["cell"]]["mean"] is not None]
+    ax.bar(range(len(names)), [100 * acc[n]["mean"] for n in names], yerr=[err(acc[n]) for n in names], capsize=3,
+           color=["tab:gray" if n in ("VFT", CONTROL) else "tab:blue" for n in names])
+    if control is not None:
+        ax.axhline(100 * control, color="black", linestyle="--", linewidth=1, label="control mean")
+        ax.legend(fontsize=8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{name}: accuracy per run configuration")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out.append((_save(fig, root / "plots" / "accuracy.png"), "test accuracy per configuration (error bars: std over seeds)"))
+
+    # The paired view: seeds differ far more from each other than methods from their seed's control, so
+    # the std bars above hide what the study measures. Per cell: pooled difference to the control with a
+    # 95% interval (1.96 SE), and each seed's own difference as a dot.
+    def delta(c: dict) -> tuple[float, float] | None:  # (difference, 95% half-width) in points
+        t = c.get("vs_control")
+        return None if not t or t["diff"] is None else (100 * t["diff"], 196 * (t["se"] or 0.0))
+
+    paired = [(c, delta(c)) for c in cells if delta(c) is not None]
+    if paired:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(paired) + 2), 4.5))
+        x = range(len(paired))
+        colors = ["tab:gray" if c["cell"] == "VFT" else "tab:green" if d - e > 0 else "tab:red" if d + e < 0
+                  else "tab:blue" for c, (d, e) in paired]  # green / red: the interval excludes 0
+        ax.bar(x, [d for _, (d, _) in paired], yerr=[e for _, (_, e) in paired], capsize=3, color=colors)
+        for i, (c, _) in enumerate(paired):
+            per = [100 * v for v in c["vs_control"]["diff_per_seed"] if v is not None]
+            ax.plot([i] * len(per), per, "o", color="black", markersize=3, alpha=0.7)
+        ax.axhline(0, color="black", linewidth=1)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([c["cell"] for c, _ in paired], rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("test accuracy minus control (points)")
+        ax.set_title(f"{name}: paired difference to the control (bars: pooled ± 95% CI; dots: seeds)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        out.append((_save(fig, root / "plots" / "delta_vs_control.png"),
+                    "difference to the same seed's control (pooled over seeds, 95% interval; dots: single seeds)"))
+
+    def lines(axis: str, path: str, title: str, xlabel: str, log: bool) -> None:
+        # paired differences to the control (see delta_vs_control.png): seed spread would swamp raw accuracy
+        groups: dict[tuple, list[tuple[float, tuple[float, float]]]] = {}
+        flat: dict[str, tuple[float, float]] = {}
+        for c in cells:
+            if c["cell"] in ("VFT", CONTROL) or delta(c) is None:
+                continue
+            if axis == "beta" and c["beta"] is not None and c["beta"].startswith("gap"):
+                flat[c["cell"]] = delta(c)  # a per-question beta has no position on the beta axis
+                continue
+            x = c["k"] if axis == "k" else (float(c["beta"]) if c["beta"] is not None else None)
+            if x is None:
+                continue
+            key = (c["method"],) + tuple(c[a] for a in ("k", "beta", "lambda") if a != axis)
+            groups.setdefault(key, []).append((x, delta(c)))
+        groups = {g: sorted(v, key=lambda p: p[0]) for g, v in groups.items() if len({x for x, _ in v}) > 1}
+        if not groups:
+            return
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for i, (g, pts) in enumerate(groups.items()):
+            label = " ".join(f"{a}={v}" for a, v in zip(("method",) + tuple(a for a in ("k", "beta", "lambda") if a != axis), g)
+                             if v is not None)
+            ax.errorbar([x for x, _ in pts], [d for _, (d, _) in pts], yerr=[e for _, (_, e) in pts],
+                        marker="o", capsize=3, color=f"C{i % 10}", label=label)
+        for j, (name, (d, e)) in enumerate(flat.items()):
+            color = f"C{(len(groups) + j) % 10}"
+            ax.axhline(d, color=color, linestyle=":", linewidth=1.2, label=f"{name} (± {e:.1f})")
+        ax.axhline(0, color="black", linestyle="--", linewidth=1, label="control")
+        if log:
+            ax.set_xscale("log")
+            xs = sorted({x for pts in groups.values() for x, _ in pts})
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])  # the grid's values, not log-scale decades
+            ax.minorticks_off()
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy minus control (points), ± 95% CI")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        out.append((_save(fig, root / "plots" / path), title))
+
+    lines("k", "accuracy_vs_k.png", "Accuracy vs k: difference to the control", "k", True)
+    lines("beta", "accuracy_vs_beta.png", "Accuracy vs beta: difference to the control", "beta (nats per token, log scale)", True)
+    return out

@@ -7,15 +7,14 @@ model, tokenizer and sampling settings, all complete, none missing) and writes e
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from aftune.io import InputError, atomic_write_json, read_json_object, write_jsonl
-from aftune.records import Group
-from aftune.sampling.store import _CHECKED_SAMPLING, group_stats, meta_path_for, read_groups
+from aftune.io import InputError, write_jsonl
+from aftune.records import CandidatesMeta, Group, meta_path_for, read_groups
+from aftune.sampling.store import group_stats
 
 _SHARD_RE = re.compile(r"\.shard(\d+)of(\d+)$")
 
@@ -26,23 +25,11 @@ def shard_file(out: str | os.PathLike, i: int, n: int) -> Path:
     return p.with_name(f"{p.stem}.shard{i}of{n}{p.suffix}")
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def _read_meta(path: Path) -> CandidatesMeta:
     mp = meta_path_for(path)
     if not mp.exists():
         raise InputError(f"has no {mp.name}; only files written by `aftune sample` can be merged", path)
-    return read_json_object(mp)
-
-
-def _signature(meta: dict[str, Any]) -> dict[str, Any]:
-    """The settings every shard must share (those a resumed `aftune sample` run checks)."""
-    sampling = meta.get("sampling") or {}
-    tok = meta.get("tokenizer") or {}
-    sig = {"task": meta.get("task"), "model": meta.get("model"),
-           "tokenizer.name": tok.get("name"), "tokenizer.vocab_size": tok.get("vocab_size")}
-    for key in _CHECKED_SAMPLING:
-        value = sampling.get(key)
-        sig[f"sampling.{key}"] = list(value) if isinstance(value, (list, tuple)) else value
-    return sig
+    return CandidatesMeta.read(mp)
 
 
 def _check_shard_names(paths: list[Path]) -> int | None:
@@ -80,23 +67,22 @@ def merge_shards(paths: list[str | os.PathLike], out: str | os.PathLike, require
             raise InputError("file does not exist", p)
     n = _check_shard_names(paths)
     metas = [_read_meta(p) for p in paths]
-    ref = _signature(metas[0])
+    first = metas[0]
     for p, meta in zip(paths, metas):
-        if require_complete and meta.get("status") != "complete":
-            raise InputError(f"shard is not complete (status {meta.get('status')!r}); rerun its `aftune sample` "
+        if require_complete and meta.status != "complete":
+            raise InputError(f"shard is not complete (status {meta.status!r}); rerun its `aftune sample` "
                              "command to finish it (it resumes)", p)
-        for key, value in _signature(meta).items():
-            if value != ref[key]:
-                raise InputError(f"{key}={value!r} but {paths[0].name} has {ref[key]!r}; shards must come from "
-                                 "one sampling configuration", meta_path_for(p), field=key)
+        for key, value, ref_value in meta.mismatches(first)[:1]:
+            raise InputError(f"{key}={value!r} but {paths[0].name} has {ref_value!r}; shards must come from "
+                             "one sampling configuration", meta_path_for(p), field=key)
 
     merged: list[dict[str, Any]] = []
     where: dict[str, tuple[Path, dict]] = {}
     dropped = 0
     for p in paths:
         for g in read_groups(p):
-            if g.task != ref["task"]:
-                raise InputError(f"group {g.id!r} is for task {g.task!r}, the meta says {ref['task']!r}", p, field="task")
+            if g.task != first.task:
+                raise InputError(f"group {g.id!r} is for task {g.task!r}, the meta says {first.task!r}", p, field="task")
             d = g.to_dict()
             if g.id in where:
                 if where[g.id][1] != d:
@@ -109,20 +95,6 @@ def merge_shards(paths: list[str | os.PathLike], out: str | os.PathLike, require
     stats = group_stats([Group.from_dict(d) for d in merged])
     stats.update({"shards": len(paths), "duplicates_dropped": dropped})
     write_jsonl(out, merged)
-    meta = {k: metas[0].get(k) for k in ("task", "model", "tokenizer", "sampling")}
-    meta.update({"status": "complete", "stats": stats, "merged_from": [p.name for p in paths], "n_shards": n})
-    atomic_write_json(meta_path_for(out), meta)
-    return stats
-
-
-def run_merge(out: str, shards: int = 0, inputs: str = "") -> dict[str, Any]:
-    """`aftune merge`: either --shards N (merge OUT.shard{i}ofN.jsonl, i < N, into OUT) or --inputs a,b,c."""
-    if bool(shards) == bool(inputs.strip()):
-        raise InputError("give either --shards N or --inputs a,b,c", field="--shards")
-    if shards < 0:
-        raise InputError(f"must be >= 1, got {shards}", field="--shards")
-    paths = [shard_file(out, i, shards) for i in range(shards)] if shards else \
-        [Path(p.strip()) for p in inputs.split(",") if p.strip()]
-    stats = merge_shards(paths, out)
-    print(json.dumps({k: v for k, v in stats.items() if not isinstance(v, (dict, list))}))
+    CandidatesMeta(task=first.task, model=first.model, tokenizer=first.tokenizer, sampling=first.sampling,
+                   status="complete", stats=stats, merged_from=[p.name for p in paths], n_shards=n).write(meta_path_for(out))
     return stats

@@ -17,49 +17,25 @@ from typing import Callable, Any
 
 from tqdm.auto import tqdm
 
-from aftune.io import (InputError, append_jsonl, atomic_write_json, iter_jsonl, read_json_object, require,
-                       truncate_torn_tail)
-from aftune.records import Candidate, Example, Group
+from aftune.io import InputError, append_jsonl, iter_jsonl, require, truncate_torn_tail, write_jsonl
+from aftune.records import Candidate, CandidatesMeta, Example, Group, meta_path_for, read_groups
 from aftune.sampling.sampler import Sample, SamplingConfig, generate_k
-
-# Settings that change which candidates are drawn: a resumed run must match them exactly.
-# batch_size and seed may change between runs (they only change which random draws are made).
-_CHECKED_SAMPLING = ("k", "temperature", "top_p", "max_new_tokens", "stop")
-
-
-def meta_path_for(out_path: str | os.PathLike) -> Path:
-    return Path(str(out_path) + ".meta.json")
+from aftune.tasks.feedback import assign_ranks
 
 
 def normalize_whitespace(text: str) -> str:
     return " ".join(text.split())
 
 
-def _tokenizer_info(tokenizer) -> dict[str, Any]:
+def tokenizer_info(tokenizer) -> dict[str, Any]:
     return {"name": str(getattr(tokenizer, "name_or_path", "") or ""), "vocab_size": len(tokenizer)}
 
 
-def _check_meta(meta_path: Path, old: dict, new: dict) -> None:
-    def fail(name: str, was: Any, now: Any) -> None:
+def _check_meta(meta_path: Path, old: CandidatesMeta, new: CandidatesMeta) -> None:
+    for name, was, now in old.mismatches(new, any_model=True)[:1]:
         raise InputError(f"this file was sampled with {name}={was!r} but this run uses {now!r}; "
                          "use a new output path (or delete the old file) instead of mixing them",
                          meta_path, field=name)
-
-    if old.get("task") != new["task"]:
-        fail("task", old.get("task"), new["task"])
-    if old.get("model") and new["model"] and old["model"] != new["model"]:
-        fail("model", old["model"], new["model"])
-    old_tok = old.get("tokenizer") or {}
-    for key in ("name", "vocab_size"):
-        if old_tok.get(key) != new["tokenizer"][key]:
-            fail(f"tokenizer.{key}", old_tok.get(key), new["tokenizer"][key])
-    old_s = old.get("sampling") or {}
-    for key in _CHECKED_SAMPLING:
-        was, now = old_s.get(key), new["sampling"][key]
-        if key == "stop" and was is not None:
-            was = list(was)
-        if was != now:
-            fail(f"sampling.{key}", was, now)
 
 
 def _done_ids(out_path: Path) -> set[str]:
@@ -88,11 +64,12 @@ def dedupe_samples(samples: list[Sample]) -> tuple[list[Sample], int]:
 
 def build_group(task, example: Example, prompt: str, samples: list[Sample], k: int) -> Group:
     """Label the deduplicated samples of one question and rank them."""
-    from aftune.tasks.feedback import assign_ranks  # written alongside; imported late on purpose
-
     kept, n_dup = dedupe_samples(samples)
-    candidates = [Candidate(text=s.text, answer=task.extract_answer(s.text), correct=task.is_correct(s.text, example),
-                            wrong_steps=task.wrong_steps(s.text), score=s.score) for s in kept]
+    candidates = []
+    for s in kept:
+        graded = task.grade(s.text, example)
+        candidates.append(Candidate(text=s.text, answer=graded.answer, correct=graded.correct,
+                                    wrong_steps=task.wrong_steps(s.text), score=s.score))
     assign_ranks(candidates)
     return Group(id=example.id, task=task.name, prompt=prompt, reference=example.reference, answer=example.answer,
                  candidates=candidates, meta={"k": k, "n_duplicates": n_dup})
@@ -129,12 +106,11 @@ def sample_candidates(model, tokenizer, task, examples: list[Example], out_path:
             raise InputError(f"duplicate example id {ex.id!r} in the input", field="id")
         seen_ids.add(ex.id)
 
-    meta: dict[str, Any] = {"task": task.name, "model": model_name, "tokenizer": _tokenizer_info(tokenizer),
-                            "sampling": cfg.to_dict()}
+    meta = CandidatesMeta(task=task.name, model=model_name, tokenizer=tokenizer_info(tokenizer),
+                          sampling=cfg.to_dict())
     has_data = out_path.exists() and out_path.stat().st_size > 0
     if has_data and meta_path.exists():
-        old = read_json_object(meta_path)
-        _check_meta(meta_path, old, meta)  # before touching the data file: a mismatch leaves it as it was
+        _check_meta(meta_path, CandidatesMeta.read(meta_path), meta)  # before touching the data file: a mismatch leaves it as it was
     elif has_data:
         raise InputError(f"has candidates but no {meta_path.name} to check them against; refusing to append "
                          "samples of unknown origin (use a new output path)", out_path)
@@ -143,7 +119,7 @@ def sample_candidates(model, tokenizer, task, examples: list[Example], out_path:
     done = _done_ids(out_path)
     todo = [ex for ex in examples if ex.id not in done]
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(meta_path, {**meta, "status": "running"})
+    replace(meta, status="running").write(meta_path)
 
     prompts = {ex.id: task.prompt(ex) for ex in todo}
     lengths = {ex.id: len(ids) for ex, ids in zip(todo, tokenizer([prompts[ex.id] for ex in todo])["input_ids"])} \
@@ -169,48 +145,20 @@ def sample_candidates(model, tokenizer, task, examples: list[Example], out_path:
     stats = group_stats(read_groups(out_path)) if out_path.exists() else group_stats([])
     stats.update({"new_questions": len(todo), "resumed_questions": len(done), "new_samples": n_samples,
                   "wall_s": round(wall, 3), "samples_per_s": n_samples / wall if wall > 0 else 0.0})
-    atomic_write_json(meta_path, {**meta, "status": "complete", "stats": stats})
+    replace(meta, status="complete", stats=stats).write(meta_path)
     return stats
 
 
-def _check_candidate(c: Any, path: Path, line: int, where: str) -> None:
-    if not isinstance(c, dict):
-        raise InputError("expected a JSON object", path, line, where)
-
-    def opt(name: str, types: tuple[type, ...]) -> None:
-        if c.get(name) is not None and (not isinstance(c[name], types) or isinstance(c[name], bool) and bool not in types):
-            raise InputError(f"expected {' or '.join(t.__name__ for t in types)} or null, got "
-                             f"{type(c[name]).__name__}", path, line, f"{where}.{name}")
-
-    for name, types in (("text", str), ("correct", bool)):
-        if name not in c:
-            raise InputError("missing field", path, line, f"{where}.{name}")
-        if not isinstance(c[name], types):
-            raise InputError(f"expected {types.__name__}, got {type(c[name]).__name__}", path, line, f"{where}.{name}")
-    opt("answer", (str,))
-    opt("rank", (int,))
-    opt("wrong_steps", (int,))
-    opt("score", (int, float))
-    opt("is_reference", (bool,))
-
-
-def read_groups(path: str | os.PathLike) -> list[Group]:
-    """Read a candidates file; malformed records raise InputError naming the file, line and field."""
-    path = Path(path)
-    groups: list[Group] = []
-    ids: set[str] = set()
-    for line, obj in iter_jsonl(path):
-        gid = require(obj, "id", (str, int), path, line)
-        for name in ("task", "prompt", "reference"):
-            require(obj, name, str, path, line)
-        require(obj, "answer", (str, int), path, line)
-        cands = require(obj, "candidates", list, path, line)
-        if obj.get("meta") is not None and not isinstance(obj["meta"], dict):
-            raise InputError(f"expected object, got {type(obj['meta']).__name__}", path, line, "meta")
-        for i, c in enumerate(cands):
-            _check_candidate(c, path, line, f"candidates[{i}]")
-        if str(gid) in ids:
-            raise InputError(f"duplicate group id {gid!r}", path, line, "id")
-        ids.add(str(gid))
-        groups.append(Group.from_dict(obj))
-    return groups
+def subsample_candidates(src: str | os.PathLike, dst: str | os.PathLike, k: int) -> None:
+    """dst = src with the first k (distinct) candidates per group, ranks recomputed on the subset: a smaller
+    k from one sampling pass at a larger one (the first k distinct draws of the larger pass)."""
+    src, dst = Path(src), Path(dst)
+    groups = read_groups(src)
+    for g in groups:
+        g.candidates = g.candidates[:k]
+        assign_ranks(g.candidates)
+        g.meta = {**g.meta, "k": k, "derived_from": src.name}
+    meta = CandidatesMeta.read(meta_path_for(src))
+    meta = replace(meta, sampling={**meta.sampling, "k": k}, derived_from=src.name, stats=group_stats(groups))
+    write_jsonl(dst, [g.to_dict() for g in groups])
+    meta.write(meta_path_for(dst))

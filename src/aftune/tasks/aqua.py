@@ -116,4 +116,4 @@ class AquaTask(MultipleChoiceTask, DatasetTask):
         reference, dropped = build_reference(rationale, correct, options)
         self.dropped_closing_lines += dropped
         return Example(id=ex_id, question=question, reference=reference, answer=correct,
-                       meta={"options": options})
+                       options=options)

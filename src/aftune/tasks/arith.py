@@ -268,13 +268,12 @@ class ArithTask(Task):
         return out
 
     def load(self, split: str) -> list[Example]:
-        if split not in self.splits:
-            raise ValueError(f"unknown split '{split}'; expected one of {self.splits}")
+        self.check_split(split)
         if self._cache is None:
             self._cache = self._build()
         return list(self._cache[split])
 
-    def extract_answer(self, completion: str, strict: bool = False) -> str | None:
+    def extract_answer(self, completion: str, example: Example | None = None, strict: bool = False) -> str | None:
         return extract_number(completion, strict=strict)
 
     def answers_match(self, predicted: str | None, gold: str) -> bool:

@@ -216,23 +216,18 @@ def extract_choice(completion: str, strict: bool = False,
 
 
 class MultipleChoiceTask(Task):
-    """Grading shared by the five-option tasks; `meta["options"]` maps letters to option texts."""
+    """Grading shared by the five-option tasks; `Example.options` maps letters to option texts."""
 
     def option_block(self, example: Example) -> str:
-        return format_options(example.meta["options"])
+        return format_options(example.options or {})
 
     def zero_shot_prompt(self, example: Example) -> str:
         return f"Question: {example.question}\n{self.option_block(example)}\nAnswer:\n"
 
-    def extract_answer(self, completion: str, strict: bool = False,
-                       options: Mapping[str, str] | None = None) -> str | None:
-        return extract_choice(completion, strict=strict, options=options)
+    def extract_answer(self, completion: str, example: Example | None = None, strict: bool = False) -> str | None:
+        # With the example, an answer given by option text ("so it is 0.26") maps to its letter.
+        return extract_choice(completion, strict=strict, options=example.options if example is not None else None)
 
     def answers_match(self, predicted: str | None, gold: str) -> bool:
         p, g = normalize_letter(predicted), normalize_letter(gold)
         return p is not None and p == g
-
-    def is_correct(self, completion: str, example: Example) -> bool:
-        # Pass the options so that an answer given by option text can be graded.
-        got = self.extract_answer(completion, options=example.meta.get("options"))
-        return self.answers_match(got, example.answer)

@@ -96,4 +96,4 @@ class ECQATask(MultipleChoiceTask, DatasetTask):
         reference = f"{cot}\n{answer_line(key)}" if cot else answer_line(key)
         # ECQA's author split lists some ids in two splits, so ids are qualified by split.
         return Example(id=f"ecqa-{split}-{ex_id}", question=question, reference=reference, answer=key,
-                       meta={"options": options, "has_cot": bool(cot), "csqa_id": ex_id})
+                       options=options, meta={"has_cot": bool(cot), "csqa_id": ex_id})

@@ -55,7 +55,7 @@ class GSM8KTask(DatasetTask):
             raise InputError("expected exactly one final line '#### <number>'", source, line, "answer")
         return Example(id=ex_id, question=question, reference=solution, answer=gold)
 
-    def extract_answer(self, completion: str, strict: bool = False) -> str | None:
+    def extract_answer(self, completion: str, example: Example | None = None, strict: bool = False) -> str | None:
         return extract_number(completion, strict=strict, markers=DEFAULT_MARKERS)
 
     def answers_match(self, predicted: str | None, gold: str) -> bool:

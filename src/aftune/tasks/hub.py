@@ -81,10 +81,6 @@ class DatasetTask(Task):
         self.n_shot = n_shot
         self._fewshot: list[Example] | None = None
 
-    def check_split(self, split: str) -> None:
-        if split not in self.splits:
-            raise ValueError(f"{self.name}: unknown split '{split}'; known: {', '.join(self.splits)}")
-
     def local_path(self, relative: str) -> Path:
         assert self.data_dir is not None
         return self.data_dir / relative

@@ -1,33 +1,38 @@
-"""Tokenised training items: NLL examples (prompt + reference) and candidate groups.
+"""Training data: NLL examples (prompt + reference) and tokenised candidate groups, and the conversions
+from what users bring (a candidates file, `Group`s, a TRL-style dataset) into them.
 
 One alignment item = one question's group of candidates + one NLL example drawn from the WHOLE
-training set (a seeded permutation), so the VFT term never starves (trial-findings.md) and the
-control run (method `vft`) sees exactly the same NLL batches as every alignment run.
+training set (a seeded permutation), so the VFT term never starves for data and the control run
+(method `vft`) sees exactly the same NLL batches as every alignment run.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 from torch.utils.data import Dataset
 
-from aftune.records import Example, Group
+from aftune.io import InputError
+from aftune.records import Candidate, Group, read_groups
 from aftune.scoring import encode_pair
+from aftune.tasks.feedback import rft_select
+
+UNPAIRED_COLUMNS = ("prompt", "completion", "label")
 
 
 class NLLDataset(Dataset):
-    """Supervised (prompt, reference) pairs; loss on response tokens only."""
+    """Supervised (prompt ids, response ids) pairs; loss on response tokens only."""
 
     def __init__(self, pairs: list[tuple[list[int], list[int]]]):
         self.pairs = pairs
 
     @classmethod
-    def from_examples(cls, tokenizer, task, examples: list[Example], max_response_tokens: int | None = None,
-                      extra: list[tuple[str, str]] | None = None) -> "NLLDataset":
-        texts = [(task.prompt(e), e.reference) for e in examples] + list(extra or [])
-        return cls([encode_pair(tokenizer, p, r, max_response_tokens) for p, r in texts])
+    def from_texts(cls, tokenizer, pairs: Iterable[tuple[str, str]], max_response_tokens: int | None = None):
+        return cls([encode_pair(tokenizer, p, r, max_response_tokens) for p, r in pairs])
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -43,21 +48,20 @@ class GroupItem:
     positive: list[bool]
     ranks: list[int]
     is_reference: list[bool]
-    ref_logps: list[float] | None = None
+    ref_logps: list[float] | None = None  # summed log-probs under the frozen start model (DPO, beta_auto)
+    beta: float | None = None  # per-question boundary margin (beta_auto: gap); None = the config's beta
 
 
 def select_candidates(group: Group, max_candidates: int, include_reference: bool, rng: random.Random):
-    """Pick up to max_candidates: the reference (as a positive, rank 0) first, then positives and
-    negatives interleaved, so a capped group keeps both kinds when it has them."""
+    """Pick up to max_candidates: the reference (as a positive, rank 0; when the group has one) first, then
+    positives and negatives interleaved, so a capped group keeps both kinds when it has them."""
     cands = list(group.candidates)
     pos = [c for c in cands if c.correct and not c.is_reference]
     neg = [c for c in cands if not c.correct]
     rng.shuffle(pos)
     rng.shuffle(neg)
     chosen = []
-    if include_reference:
-        from aftune.records import Candidate
-
+    if include_reference and group.reference:
         chosen.append(Candidate(text=group.reference, answer=group.answer, correct=True, rank=0, wrong_steps=0,
                                 is_reference=True))
     while (pos or neg) and len(chosen) < max_candidates:
@@ -81,7 +85,7 @@ class AlignDataset(Dataset):
             prompt = tokenizer(g.prompt)["input_ids"]
             cands = [encode_pair(tokenizer, g.prompt, c.text, max_response_tokens)[1] for c in chosen]
             ranks = [c.rank if c.rank is not None else (0 if c.correct else 1) for c in chosen]
-            if include_reference and len(chosen) > 1:
+            if chosen and chosen[0].is_reference and len(chosen) > 1:
                 ranks[0] = min(ranks)  # the reference is as good as the best candidate
             self.items.append(GroupItem(prompt, cands, [c.correct for c in chosen], ranks,
                                         [c.is_reference for c in chosen]))
@@ -95,7 +99,7 @@ class AlignDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         n = len(self.perm)
-        nll = [self.nll.pairs[self.perm[(i * self.nll_per_item + j) % n]] for j in range(self.nll_per_item)]
+        nll = [self.nll.pairs[self.perm[(i * self.nll_per_item + j) % n]] for j in range(self.nll_per_item)] if n else []
         return {"nll": nll, "group": self.items[i]}
 
 
@@ -119,3 +123,62 @@ def collate(items: list[dict], pad_id: int) -> dict:
     if groups:
         batch["groups"] = groups
     return batch
+
+
+def rft_pairs(groups: list[Group]) -> list[tuple[str, str]]:
+    """RFT's extra NLL data: per question, distinct correct samples (one per equation list)."""
+    pairs = []
+    for g in groups:
+        correct = [c.text for c in g.candidates if c.correct and not c.is_reference]
+        pairs += [(g.prompt, t) for t in rft_select(correct, kept=[g.reference] if g.reference else [])]
+    return pairs
+
+
+def default_nll_pairs(groups: list[Group]) -> list[tuple[str, str]]:
+    """The NLL term's data when none is given: each group's reference, or its correct candidates when it
+    has none (data labelled elsewhere)."""
+    pairs = []
+    for g in groups:
+        if g.reference:
+            pairs.append((g.prompt, g.reference))
+        else:
+            pairs += [(g.prompt, c.text) for c in g.candidates if c.correct]
+    return pairs
+
+
+def groups_from_unpaired(rows: Iterable[dict[str, Any]], task: str = "custom", source: str = "dataset") -> list[Group]:
+    """TRL's unpaired-preference format (one row per completion: `prompt`, `completion`, `label`) grouped by
+    prompt into aftune's Groups: AFT's binary feedback. Groups keep the order of their first row."""
+    by_prompt: dict[str, Group] = {}
+    for i, row in enumerate(rows):
+        for col in UNPAIRED_COLUMNS:
+            if col not in row:
+                raise InputError("missing field", source, i + 1, col)
+        prompt, completion, label = row["prompt"], row["completion"], row["label"]
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise InputError("conversational rows (lists of messages) need a chat template; give prompt and "
+                             "completion as text", source, i + 1, "prompt" if not isinstance(prompt, str) else "completion")
+        if not isinstance(label, bool):
+            raise InputError(f"expected bool, got {type(label).__name__}", source, i + 1, "label")
+        g = by_prompt.get(prompt)
+        if g is None:
+            g = by_prompt[prompt] = Group(id=str(len(by_prompt)), task=task, prompt=prompt, reference="", answer="")
+        g.candidates.append(Candidate(text=completion, answer=None, correct=label))
+    return list(by_prompt.values())
+
+
+def to_groups(data: Any, source: str | None = None) -> list[Group]:
+    """Groups from what a user passes as training data: a candidates JSONL path, a list of `Group`s, or
+    rows (a `datasets.Dataset` or a list of dicts) either in TRL's unpaired format or as candidates records."""
+    if isinstance(data, (str, os.PathLike)):
+        return read_groups(data)
+    if isinstance(data, list) and all(isinstance(g, Group) for g in data):
+        return data
+    columns = set(getattr(data, "column_names", None) or (data[0].keys() if len(data) else ()))
+    where = source or type(data).__name__
+    if set(UNPAIRED_COLUMNS) <= columns:
+        return groups_from_unpaired(data, source=where)
+    if "candidates" in columns:
+        return [Group.from_dict(dict(row), where, i + 1) for i, row in enumerate(data)]
+    raise InputError(f"expected candidates records (id, task, prompt, reference, answer, candidates) or TRL's "
+                     f"unpaired format ({', '.join(UNPAIRED_COLUMNS)}); got columns {sorted(columns)}", where)

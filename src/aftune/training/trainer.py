@@ -1,48 +1,122 @@
-"""AFTTrainer: a thin `transformers.Trainer` subclass. The loss lives in aftune.losses; the trainer only
-tokenised-batch -> scores -> loss wiring. accelerate / DeepSpeed / FSDP, PEFT, logging and resume come
-from Trainer itself."""
+"""AFTTrainer: a thin `transformers.Trainer` subclass. The loss lives in aftune.losses; the trainer only wires
+tokenised batch -> scores -> loss. accelerate / DeepSpeed / FSDP, PEFT, logging and resume come from Trainer."""
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from torch.utils.data import Dataset
+from transformers import Trainer
 
 from aftune.io import RunError
+from aftune.modeling import load_model, load_tokenizer
 from aftune.scoring import score_groups, to_padded
-from aftune.training.methods import GroupBatch, get_method
+from aftune.training.config import AFTConfig
+from aftune.training.data import AlignDataset, NLLDataset, collate, default_nll_pairs, to_groups
+from aftune.training.methods import CandidateBatch, get_method
+from aftune.training.reference import question_betas, reference_logps
 
 
 class TrainingDiverged(RunError):
     """Raised when the loss or the scores stop being finite; the last saved checkpoint is kept."""
 
 
-@dataclass
-class AFTTrainingArguments(TrainingArguments):
-    method: str = field(default="bc", metadata={"help": "training method (see aftune.training.methods)"})
-    beta: float = field(default=0.5, metadata={"help": "boundary margin in nats per token"})
-    lambda_: float = field(default=1.0, metadata={"help": "weight of the alignment loss"})
-    dpo_beta: float = field(default=0.1, metadata={"help": "DPO inverse temperature"})
-    share_prefix: bool = field(default=True, metadata={"help": "score k candidates with the prompt computed once"})
-
-
-@dataclass
-class _Scores:
-    mean_padded: torch.Tensor
-    sum_padded: torch.Tensor
-
-
 class AFTTrainer(Trainer):
+    """Alignment Fine-Tuning (and every baseline aftune implements) as a `transformers.Trainer`.
+
+    Args:
+        model: a causal LM, or a local path / hub id to load one from (safetensors, no remote code).
+        args: an `AFTConfig` (method, beta, lambda_, ... plus every `TrainingArguments` field).
+        train_dataset: grouped candidates, as any of: a candidates JSONL path (`aftune sample`'s output), a
+            list of `aftune.Group`, a `datasets.Dataset` / list of dicts in TRL's unpaired-preference format
+            (`prompt`, `completion`, `label`: rows sharing a prompt form one question, `label` True = a
+            correct solution), or of candidates records. Already tokenised `AlignDataset` / `NLLDataset`
+            objects are used as they are.
+        processing_class: the tokenizer (loaded from `model` when that is a path).
+        peft_config: a `peft` config (e.g. `LoraConfig`); the model is wrapped after the DPO reference
+            log-probs are computed, so the reference is the base model.
+        nll_dataset: the L_VFT term's data, as (prompt, response) text pairs or a dataset with `prompt` and
+            `completion` columns. Default: each group's reference, or its correct candidates if it has none.
+        reference_cache: a JSON file for the reference log-probs (computed once, shared by processes).
+
+    The trainer tokenises the groups, builds its collator, keeps its columns whatever
+    `remove_unused_columns` says, and computes the reference log-probs (DPO) and the per-question beta
+    (`beta_auto="gap"`) with the start model before training.
+
+    Example:
+        >>> from datasets import Dataset
+        >>> from aftune import AFTConfig, AFTTrainer
+        >>> ds = Dataset.from_list([
+        ...     {"prompt": "Question: 2 + 3?\\nAnswer:\\n", "completion": "2 + 3 = 5\\n#### 5", "label": True},
+        ...     {"prompt": "Question: 2 + 3?\\nAnswer:\\n", "completion": "2 + 3 = 6\\n#### 6", "label": False}])
+        >>> trainer = AFTTrainer(model="path/to/vft-model", train_dataset=ds,
+        ...                      args=AFTConfig(output_dir="out", method="bc", beta=0.5, max_steps=10))
+        >>> trainer.train()  # doctest: +SKIP
+    """
+
     # compute_loss normalises by the whole optimiser step's counts (see _get_num_items_in_batch)
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.method = get_method(self.args.method)
+    def __init__(self, model, args: AFTConfig | None = None, train_dataset: Any = None, eval_dataset: Any = None,
+                 processing_class=None, peft_config=None, nll_dataset: Any = None,
+                 reference_cache: str | os.PathLike | None = None, data_collator=None, **kwargs):
+        if isinstance(model, (str, os.PathLike)):
+            processing_class = processing_class or load_tokenizer(str(model))
+            model = load_model(str(model))
+        if processing_class is None:
+            raise ValueError("AFTTrainer needs processing_class (the tokenizer) when model is an object")
+        if args is None:
+            args = AFTConfig(output_dir="aftune-output")
+        if not isinstance(args, AFTConfig):
+            raise TypeError(f"args must be an AFTConfig, got {type(args).__name__}")
+        self.method = get_method(args.method)
+        train_dataset = self._tokenised(train_dataset, processing_class, args, nll_dataset, "train_dataset")
+        eval_dataset = self._tokenised(eval_dataset, processing_class, args, nll_dataset, "eval_dataset")
+        if self.method.needs_reference_logps or args.beta_auto:
+            for ds in (train_dataset, eval_dataset):
+                if isinstance(ds, AlignDataset) and any(it.ref_logps is None for it in ds.items):
+                    cache = reference_cache if ds is train_dataset else None
+                    reference_logps(model, processing_class, ds, cache, device=args.device)
+                if isinstance(ds, AlignDataset) and args.beta_auto == "gap":
+                    question_betas(ds, args.beta, args.beta_floor)
+        if peft_config is not None:
+            from peft import get_peft_model  # optional dependency (the `lora` extra)
+
+            model = get_peft_model(model, peft_config)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class,
+                         data_collator=data_collator or partial(collate, pad_id=processing_class.pad_token_id),
+                         **kwargs)
         self.model_accepts_loss_kwargs = False  # the model is never given num_items_in_batch
         self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    @staticmethod
+    def _tokenised(data, tokenizer, args: AFTConfig, nll_data, name: str) -> Dataset | None:
+        if data is None or isinstance(data, Dataset):
+            return data  # None, or already tokenised (AlignDataset, NLLDataset, a user's torch Dataset)
+        groups = to_groups(data, source=name)
+        if isinstance(nll_data, NLLDataset):
+            nll = nll_data
+        else:
+            pairs = default_nll_pairs(groups) if nll_data is None else [
+                (r["prompt"], r["completion"]) if isinstance(r, dict) else tuple(r) for r in nll_data]
+            nll = NLLDataset.from_texts(tokenizer, pairs, args.max_response_tokens)
+        if len(nll) == 0 and get_method(args.method).loss is None:
+            raise ValueError(f"{name}: method '{args.method}' trains on NLL data only, and there is none (no "
+                             "references, no correct candidates); pass nll_dataset")
+        return AlignDataset(tokenizer, groups, nll, args.max_candidates, args.include_reference,
+                            args.max_response_tokens, seed=args.seed)
+
+    # Trainer would drop the `nll` / `groups` keys of our items (they are not model.forward arguments).
+    def _remove_unused_columns(self, dataset, description=None):
+        return dataset
+
+    def _get_collator_with_removed_columns(self, data_collator, description=None):
+        return data_collator
 
     def _get_num_items_in_batch(self, batch_samples: list, device) -> dict[str, torch.Tensor]:
         """NLL target tokens and questions in this optimiser step: summed over its micro-batches and over
@@ -56,33 +130,45 @@ class AFTTrainer(Trainer):
             counts = self.accelerator.reduce(counts, reduction="sum")
         return {"nll_tokens": counts[0], "questions": counts[1]}
 
-    def alignment_terms(self, model, groups) -> tuple[torch.Tensor, dict[str, float]]:
-        pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
+    def candidate_batch(self, model, groups) -> CandidateBatch:
+        """Score every candidate of `groups` under `model` and lay the scores and feedback out as [B, K]."""
+        pad = self.processing_class.pad_token_id
         # gradient checkpointing turns the KV cache off in training, so the shared prompt cannot be reused
-        checkpointing = getattr(self.args, "activation_checkpointing", None) or getattr(self.args, "gradient_checkpointing", False)
+        checkpointing = getattr(self.args, "activation_checkpointing", None) or getattr(
+            self.args, "gradient_checkpointing", False)
         share = self.args.share_prefix and not (model.training and checkpointing)
         scored = score_groups(model, [g.prompt for g in groups], [g.candidates for g in groups], pad, share_prefix=share)
-        b = len(groups)
-        mean_p, valid = to_padded(scored.mean, scored.group_index, b)
-        sum_p, _ = to_padded(scored.logp_sum, scored.group_index, b)
-        dev = mean_p.device
-        flat_pos = torch.tensor([p for g in groups for p in g.positive], device=dev)
-        flat_rank = torch.tensor([r for g in groups for r in g.ranks], device=dev)
-        positive, _ = to_padded(flat_pos.float(), scored.group_index, b)
-        ranks, _ = to_padded(flat_rank.float(), scored.group_index, b)
+        b, index = len(groups), scored.group_index
+        mean, valid = to_padded(scored.mean, index, b)
+        dev = mean.device
+
+        def padded(values: list) -> torch.Tensor:
+            return to_padded(torch.tensor(values, device=dev, dtype=torch.float), index, b)[0]
+
         ref = None
-        if self.method.needs_reference_logps:
+        if self.method.needs_reference_logps or self.args.beta_auto:
             if any(g.ref_logps is None for g in groups):
-                raise ValueError(f"method '{self.method.name}' needs reference log-probs (computed by `aftune align`)")
-            ref, _ = to_padded(torch.tensor([x for g in groups for x in g.ref_logps], device=dev), scored.group_index, b)
-        batch = GroupBatch(positive=positive.bool() & valid, ranks=ranks.long(), valid=valid, ref_logps=ref)
-        per_q = self.method.loss(_Scores(mean_p, sum_p), batch, self.args)
+                raise ValueError(f"method '{self.method.name}' needs reference log-probs (AFTTrainer computes "
+                                 "them for the datasets it is given)")
+            ref = padded([x for g in groups for x in g.ref_logps])
+        beta: float | torch.Tensor = self.args.beta
+        if self.args.beta_auto:
+            beta = torch.tensor([g.beta for g in groups], device=dev, dtype=mean.dtype)
+        return CandidateBatch(mean=mean, sum=to_padded(scored.logp_sum, index, b)[0],
+                              positive=padded([p for g in groups for p in g.positive]).bool() & valid,
+                              ranks=padded([r for g in groups for r in g.ranks]).long(), valid=valid, ref_logps=ref,
+                              beta=beta, dpo_beta=self.args.dpo_beta)
+
+    def alignment_terms(self, model, groups) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-question alignment loss [B] of the method, and the mean scores of positives / negatives."""
+        batch = self.candidate_batch(model, groups)
+        per_q = self.method.loss(batch)
         with torch.no_grad():
             pos = batch.positive
-            neg = valid & ~pos
+            neg = batch.valid & ~pos
             stats = {
-                "score_pos": mean_p[pos].mean().item() if pos.any() else float("nan"),
-                "score_neg": mean_p[neg].mean().item() if neg.any() else float("nan"),
+                "score_pos": batch.mean[pos].mean().item() if pos.any() else float("nan"),
+                "score_neg": batch.mean[neg].mean().item() if neg.any() else float("nan"),
             }
         return per_q, stats
 

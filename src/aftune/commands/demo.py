@@ -16,8 +16,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from aftune.commands.align import run_align
+from aftune.commands.assess import assess_models
+from aftune.commands.common import load_for_inference
+from aftune.commands.eval import run_eval
+from aftune.commands.resumable import Steps, run_and_mark
+from aftune.commands.sample import run_sample
+from aftune.commands.sft import run_sft
 from aftune.config import AlignConfig, DemoConfig, EvalConfig, SampleConfig, SFTConfig, save_config
-from aftune.io import atomic_write_json
+from aftune.evaluation.run_report import write_run_report
+from aftune.io import InputError
+from aftune.records import read_groups
+from aftune.training.methods import METHODS as ALL_METHODS
 
 
 @dataclass(frozen=True)
@@ -56,49 +66,17 @@ QUICK = DemoPlan(n_train=600, n_validation=40, n_test=60, n_sample=32, n_assess=
 METHODS = {"control": "vft", "AFT-BC": "bc", "RFT": "rft"}
 
 
-def _task_args(plan: DemoPlan, seed: int) -> str:
+def task_args_for(plan: DemoPlan, seed: int) -> str:
+    """The arith task's options for a plan: split sizes and difficulty, data drawn with `seed`."""
     return f"seed={seed},n_train={plan.n_train},n_validation={plan.n_validation},n_test={plan.n_test},{plan.task_args}"
 
 
-class Steps:
-    """Runs named pipeline steps once each: a step whose output exists is skipped (so a killed run
-    resumes where it stopped), and the wall time of each step that ran is kept in ROOT/timings.json."""
-
-    def __init__(self, root: Path, label: str, announce_skips: bool = True):
-        self.root, self.label, self.announce_skips = Path(root), label, announce_skips
-        self.timings: dict[str, float] = self._on_disk()
-        self.skipped: list[str] = []
-
-    def _on_disk(self) -> dict[str, float]:
-        path = self.root / "timings.json"
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    def __call__(self, name: str, done: Path, fn, *args) -> None:
-        if done.exists():
-            self.skipped.append(name)
-            if self.announce_skips:
-                print(f"[{self.label}] {name}: already done ({done})")
-            return
-        print(f"[{self.label}] {name} ...", flush=True)
-        t0 = time.time()
-        fn(*args)
-        self.record(name, time.time() - t0)
-
-    def record(self, name: str, seconds: float) -> None:
-        self.timings[name] = round(seconds, 1)
-        # merged with what is on disk: processes running other seeds of one experiment share the file
-        atomic_write_json(self.root / "timings.json", {**self._on_disk(), **self.timings})
-
-
 def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
-    from aftune.steps import run_eval, run_sample
-    from aftune.training.run import run_align, run_sft
-
     plan = plan or (QUICK if cfg.quick else FULL)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
-    common = dict(task="arith", task_args=_task_args(plan, cfg.seed), seed=cfg.seed, quiet=cfg.quiet, bf16=cfg.bf16)
+    common = dict(task="arith", task_args=task_args_for(plan, cfg.seed), seed=cfg.seed, quiet=cfg.quiet, bf16=cfg.bf16)
     step = Steps(out, "demo")
     timings = step.timings
 
@@ -109,9 +87,9 @@ def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
     sample_common = dict(**common, model=vft_model, k=plan.k, temperature=plan.temperature,
                          max_new_tokens=plan.max_new_tokens, batch_size=32)
     cands, assess = out / "candidates.jsonl", out / "assess_candidates.jsonl"
-    step("sample (train)", cands.with_suffix(".done"), _sample_and_mark, run_sample,
+    step("sample (train)", cands.with_suffix(".done"), run_and_mark, run_sample,
          SampleConfig(**sample_common, out=str(cands), split="train", n_questions=plan.n_sample))
-    step("sample (assess)", assess.with_suffix(".done"), _sample_and_mark, run_sample,
+    step("sample (assess)", assess.with_suffix(".done"), run_and_mark, run_sample,
          SampleConfig(**sample_common, out=str(assess), split="validation", n_questions=plan.n_assess))
 
     models = {"VFT": vft_model}
@@ -132,8 +110,6 @@ def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
         t0 = time.time()
         _assess(models, assess, out / "assess")
         step.record("assess", time.time() - t0)
-
-    from aftune.evaluation.run_report import write_run_report
 
     report = write_run_report(out, models, plan=plan, timings=timings)
     print(f"[demo] report: {report}")
@@ -162,25 +138,14 @@ def align_config(plan: DemoPlan, common: dict, vft_model: str, cands: Path, asse
 
 def extra_methods(spec: str) -> list[str]:
     """--methods: 'all' or a comma list of `aftune align` methods to add to the demo's table."""
-    from aftune.io import InputError
-    from aftune.training.methods import METHODS as ALL
-
-    names = list(ALL) if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    names = list(ALL_METHODS) if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
     for m in names:
-        if m not in ALL:
-            raise InputError(f"unknown method '{m}'; choose from: {', '.join(ALL)}", field="--methods")
+        if m not in ALL_METHODS:
+            raise InputError(f"unknown method '{m}'; choose from: {', '.join(ALL_METHODS)}", field="--methods")
     return names
 
 
-def _sample_and_mark(run_sample, cfg: SampleConfig) -> None:
-    run_sample(cfg)
-    (Path(cfg.out).with_suffix(".done")).write_text("ok\n")
-
-
 def _assess(models: dict[str, str], candidates: Path, out: Path) -> None:
-    from aftune.sampling.store import read_groups
-    from aftune.steps import assess_models, load_for_inference
-
     groups = read_groups(candidates)
     loaded = {n: load_for_inference(p) for n, p in models.items()}
     assess_models(loaded, groups, out)

@@ -1,0 +1,52 @@
+"""`aftune assess`: can each model tell right reasoning from wrong? Assessment metrics, report and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aftune.commands.common import load_examples, load_for_inference, read_candidate_files, single_task
+from aftune.config import AssessConfig, save_config
+from aftune.evaluation.assessment import assessment_metrics
+from aftune.evaluation.report import assessment_report
+from aftune.io import InputError
+from aftune.records import Group, read_groups
+from aftune.sampling.sampler import SamplingConfig
+from aftune.sampling.store import sample_candidates
+from aftune.scoring import score_texts
+
+
+def assess_models(models: dict[str, tuple], groups: list[Group], out_dir: Path, batch_size: int = 16,
+                  progress: bool = False) -> dict[str, dict]:
+    """Score the same candidates under each (model, tokenizer) and write assessment.{json,md} + plots."""
+    named_metrics, named_scores = {}, {}
+    for name, (model, tok) in models.items():
+        scores, refs = score_texts(model, tok, groups, batch_size, progress)
+        named_metrics[name] = assessment_metrics(groups, scores, refs)
+        pos = [s for g, ss in zip(groups, scores) for c, s in zip(g.candidates, ss) if c.correct]
+        neg = [s for g, ss in zip(groups, scores) for c, s in zip(g.candidates, ss) if not c.correct]
+        named_scores[name] = (pos, neg)
+    assessment_report(out_dir, named_metrics, named_scores)
+    return named_metrics
+
+
+def run_assess(cfg: AssessConfig) -> dict:
+    paths = [m.strip() for m in cfg.model.split(",") if m.strip()]
+    names = [n.strip() for n in cfg.names.split(",") if n.strip()] or [Path(p).parent.name or p for p in paths]
+    if len(names) != len(paths):
+        raise InputError(f"{len(names)} names for {len(paths)} models", field="--names")
+    out = Path(cfg.out)
+    models = {n: load_for_inference(p, trust_remote_code=cfg.trust_remote_code) for n, p in zip(names, paths)}
+    out.mkdir(parents=True, exist_ok=True)  # after the models load: a bad path leaves OUT untouched
+    save_config(cfg, out)
+    if cfg.candidates:
+        groups = read_candidate_files(cfg.candidates)
+    else:
+        task = single_task(cfg)
+        examples = load_examples(task, cfg.split)[:cfg.n_questions]
+        model, tok = models[names[0]]
+        path = out / "candidates.jsonl"
+        sample_candidates(model, tok, task, examples, path, SamplingConfig(
+            k=cfg.k, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+            batch_size=cfg.batch_size, stop=task.stop), model_name=paths[0], progress=not cfg.quiet)
+        groups = read_groups(path)
+    return assess_models(models, groups, out, cfg.batch_size, progress=not cfg.quiet)

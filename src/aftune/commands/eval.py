@@ -1,0 +1,33 @@
+"""`aftune eval`: greedy-decoding accuracy on a split (+ assessment accuracy on a candidates file)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from aftune.commands.common import load_for_inference, load_split, read_candidate_files, tasks_for
+from aftune.config import EvalConfig, save_config
+from aftune.evaluation.accuracy import greedy_accuracy
+from aftune.evaluation.assessment import assessment_metrics
+from aftune.io import atomic_write_json, write_jsonl
+from aftune.scoring import score_texts
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """OUT (metrics JSON) and OUT.predictions.jsonl (one graded prediction per question); returns the metrics."""
+    tasks = tasks_for(cfg)
+    items = load_split(tasks, cfg.split, cfg.n_questions)
+    model, tok = load_for_inference(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    t0 = time.time()
+    res = greedy_accuracy(model, tok, items, cfg.max_new_tokens, cfg.batch_size, progress=not cfg.quiet)
+    res["eval_seconds"] = round(time.time() - t0, 1)
+    out = Path(cfg.out)
+    write_jsonl(out.with_suffix(".predictions.jsonl"), res.pop("predictions"))
+    if cfg.candidates:
+        groups = read_candidate_files(cfg.candidates)
+        scores, refs = score_texts(model, tok, groups, progress=not cfg.quiet)
+        res["assessment"] = {k: v for k, v in assessment_metrics(groups, scores, refs).items() if k != "acc_vs_k"}
+    res.update({"model": cfg.model, "task": cfg.task, "split": cfg.split})
+    atomic_write_json(out, res)
+    save_config(cfg, out.parent, f"{out.stem}.config.yaml")
+    return res
