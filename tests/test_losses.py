@@ -694,3 +694,27 @@ def test_unknown_constraint_and_bad_shapes_raise():
         L.ranked_alignment_loss(torch.zeros(2), torch.tensor([0, 1]))
     with pytest.raises(ValueError):
         L.dpo_loss(s, torch.zeros(1, 3), r)
+
+
+def test_per_question_beta_tensor_equals_one_question_at_a_time():
+    """beta as a [B] tensor (one margin per question) gives each row exactly its own scalar-beta loss."""
+    scores = torch.tensor([[-0.1, -0.3, -0.2], [-0.2, -0.25, -0.9]], requires_grad=True)
+    positive = torch.tensor([[True, False, False], [True, True, False]])
+    betas = torch.tensor([0.4, 0.6])
+    got = L.boundary_constraint_loss(scores, positive, beta=betas)
+    rows = [L.boundary_constraint_loss(scores[i:i + 1], positive[i:i + 1], beta=float(betas[i])) for i in range(2)]
+    torch.testing.assert_close(got, torch.cat(rows))
+    # by hand, question 0: B = -0.1 - 0.4 = -0.5, T = 2B - s_p = -0.9; terms s_n - s_p and T - s_n
+    want0 = math.log(1 + math.exp(-0.2) + math.exp(-0.1) + math.exp(-0.6) + math.exp(-0.7))
+    assert got[0].item() == pytest.approx(want0, rel=1e-6)
+    g_tensor = torch.autograd.grad(got.sum(), scores)[0]
+    g_rows = torch.autograd.grad(sum(r.sum() for r in rows), scores)[0]
+    torch.testing.assert_close(g_tensor, g_rows)
+    # direction: question 1's negative (-0.9) sits below B = -0.25 - 0.6 = -0.85, so it is pulled up
+    assert g_tensor[1, 2] < 0  # descent raises it
+    # the ranked boundary loss takes the same per-question tensor
+    ranks = torch.where(positive, 0, 1)
+    torch.testing.assert_close(L.ranked_boundary_constraint_loss(scores, ranks, beta=betas), got)
+    for bad in (torch.tensor([0.4]), torch.tensor([0.4, 0.0]), torch.tensor([0.4, float("nan")])):
+        with pytest.raises(ValueError, match="beta"):
+            L.boundary_constraint_loss(scores, positive, beta=bad)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from aftune.io import atomic_write_json
+from aftune.modeling import load_model
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -151,9 +152,7 @@ def merge_adapter(base_path: str | os.PathLike, adapter_dir: str | os.PathLike, 
                   tokenizer=None, trust_remote_code: bool = False) -> Path:
     """Load the base model, apply the saved adapter, merge it into the weights and save a plain model that
     `aftune eval` / `sample` read. Reads from disk, so it works whatever sharded the training (FSDP, ZeRO-3)."""
-    from peft import PeftModel
-
-    from aftune.modeling import load_model
+    from peft import PeftModel  # optional dependency (the `lora` extra)
 
     base = load_model(str(base_path), trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

@@ -1,4 +1,4 @@
-"""Losses of AFT and of its baselines, as pure functions over tensors (spec sections 1, 3 and 4).
+"""Losses of AFT and of its baselines, as pure functions over tensors (docs/method.md, Eq. 4-13).
 
 Conventions
 -----------
@@ -203,8 +203,8 @@ def pair_terms(
 def sequence_scores(token_logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Summed and length-normalised scores of N responses from per-token log-probs.
 
-    ``sum_n = sum_t mask[n, t] * logp[n, t]`` and ``mean_n = sum_n / |{t: mask[n, t]}|`` (spec
-    section 1), both ``[N]``. ``mask`` (any dtype, nonzero = response token) selects response
+    ``sum_n = sum_t mask[n, t] * logp[n, t]`` and ``mean_n = sum_n / |{t: mask[n, t]}|``
+    (docs/method.md, Eq. 1), both ``[N]``. ``mask`` (any dtype, nonzero = response token) selects response
     tokens; unmasked entries may hold anything (NaN included). A response with zero tokens gets
     ``sum = mean = 0`` and zero gradient instead of a division by zero (no crash mid-training);
     0 is the *highest* possible score, so callers must mark such candidates invalid.
@@ -251,7 +251,7 @@ def _ranked(scores: Tensor, ranks: Tensor, valid: Tensor | None) -> tuple[Tensor
 
 
 def alignment_loss(scores: Tensor, positive: Tensor, valid: Tensor | None = None) -> Tensor:
-    """L_A, alignment without constraint (spec 3, paper Eq. 6):
+    """L_A, alignment without constraint (docs/method.md Eq. 5; the paper's Eq. 6):
     ``L_A = lse0({s_n - s_p : p in G_P, n in G_N})``. Pushes negatives down without limit."""
     pairs, v = _binary(scores, positive, valid)
     return _pairwise_lse0(scores, pairs, v, "none", 0.5)

@@ -1,4 +1,4 @@
-"""Assessment diagnostics over scored candidate sets (spec section 5).
+"""Assessment diagnostics over scored candidate sets (docs/method.md, Metrics and Eq. 14).
 
 Every function takes `groups` (one per question, each with its sampled candidates) and optionally
 `scores`, a list of per-candidate scores aligned with each group's `candidates` (scores under the
@@ -77,12 +77,14 @@ def _pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
 
 # --- selection rules (each on candidates in their original order) ---------------------------------
 
+def _top_index(cands: Sequence[_Cand]) -> int:
+    """Index of the top-scored candidate; the first one wins a tie."""
+    return max(range(len(cands)), key=lambda i: (cands[i][2], -i))
+
+
 def _self_select(cands: Sequence[_Cand]) -> tuple[str | None, bool]:
-    """Top-scored candidate; the first one wins a tie (strict > while scanning in order)."""
-    best = 0
-    for i in range(1, len(cands)):
-        if cands[i][2] > cands[best][2]:
-            best = i
+    """Top-scored candidate's (answer, correct)."""
+    best = _top_index(cands)
     return cands[best][0], cands[best][1]
 
 
@@ -169,7 +171,7 @@ def _question_row(g: Group, row_scores: list[float], include_reference: bool) ->
         "negative_outranks_all_positives": (max(neg) > max(pos)) if mixed else None,
     }
     if sel:
-        best = max(range(len(sel)), key=lambda i: (sel[i][2], -i))  # first index wins ties
+        best = _top_index(sel)
         wv, mv = _weighted_vote(sel), _majority_vote(sel)
         r.update({
             "best_of_k_self_answer": sel[best][0],

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from aftune.evaluation.plots import plot_acc_vs_k, plot_metric_bars, plot_score_histograms
 from aftune.io import atomic_write_json, atomic_write_text
 
 MISSING = "–"  # en dash: an empty cell reads as a bug, a dash as "not defined"
@@ -77,8 +78,6 @@ def assessment_report(out_dir: str | os.PathLike, named_metrics: dict[str, dict[
     scores, negative scores) on the same candidates; alarms: `displacement_alarm` results.
     The Markdown is written last, so its presence means every file it links exists.
     """
-    from aftune.evaluation.plots import plot_acc_vs_k, plot_metric_bars, plot_score_histograms
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     alarms = [a for a in (alarms or []) if a]

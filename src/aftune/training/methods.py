@@ -2,7 +2,7 @@
 
 Every method trains on the same candidates file and the same batches; `vft` is the control (the NLL
 term alone on the alignment run's NLL batches), `rft` is NLL over references + RFT-deduplicated
-correct samples. The objective of every other method is (docs/method.md, Eq. 1)
+correct samples. The objective of every other method is (docs/method.md, Eq. 2)
 
     L = L_VFT(NLL batch) + lambda * mean_over_questions(L_method(scores of the group's candidates))
 
