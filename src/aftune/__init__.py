@@ -38,7 +38,31 @@ _EXPORTS = {
     "assessment_metrics": "aftune.evaluation.assessment",
     "load_model_and_tokenizer": "aftune.modeling",
 }
-__all__ = ["__version__", "losses", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "losses",
+    "AFTConfig",
+    "AFTTrainer",
+    "AlignDataset",
+    "NLLDataset",
+    "groups_from_unpaired",
+    "Candidate",
+    "CandidatesMeta",
+    "Example",
+    "Group",
+    "read_groups",
+    "Task",
+    "get_task",
+    "get_tasks",
+    "register_task",
+    "SamplingConfig",
+    "generate_k",
+    "sample_candidates",
+    "score_groups",
+    "greedy_accuracy",
+    "assessment_metrics",
+    "load_model_and_tokenizer",
+]
 
 if TYPE_CHECKING:
     from aftune import losses

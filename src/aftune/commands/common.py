@@ -99,8 +99,3 @@ def check_positive(cfg, names: tuple[str, ...]) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise InputError(f"must be >= 1, got {value}", field="--" + name.replace("_", "-"))
-
-
-def flag(name: str) -> str:
-    """A config field as the user wrote it on the command line: lambda_ -> --lambda."""
-    return "--" + name.rstrip("_").replace("_", "-")
