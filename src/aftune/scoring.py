@@ -4,6 +4,20 @@
 of that question's candidates (rows selected with `batch_select_indices`, so a question with 3
 candidates costs 3 rows, not K_max). Gradients flow through the cache back into the prompt, so the
 result equals scoring every (prompt + candidate) sequence on its own (see tests/test_scoring.py).
+
+Memory: the log-probability of response token y_t is
+
+    log p(y_t) = z_{y_t} - logsumexp(z),    z = post(lm_head(h_{t-1}))
+
+(h the decoder's last hidden state, `post` the model's own logit transform: Gemma's tanh soft-cap, Cohere's
+scale, Granite's divisor). Materialising z for every position costs positions x vocab floats: k=8 x 256 tokens x
+262,144 (Gemma 3) is 2 GB in fp32, twice that for log-softmax, again for its gradient. So on known
+architectures (`_HEADS`) the model runs with its head skipped (`logits_to_keep` = no position), the hidden
+states are taken only where a response token is predicted, and the head is applied `chunk_size` positions at a
+time, each chunk under `torch.utils.checkpoint`: its logits are freed as soon as its log-probs are reduced and
+recomputed one chunk at a time in backward. Anything else (unknown class, FSDP / DeepSpeed wrappers, prompt-
+learning adapters, no `logits_to_keep`) takes the exact full-logits path, which is also the reference the
+tests compare against (`chunk_size=0`).
 """
 
 from __future__ import annotations
@@ -12,8 +26,29 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from aftune.modeling import forward_params, forward_with_cache
+
+# Logits per LM-head chunk when chunk_size is None: 2**26 = 256 MiB per fp32 [chunk, vocab] tensor; a chunk's
+# backward holds about three of them (tests/test_scoring.py measures ~2.6 rows per position). That is 256 positions
+# at Gemma 3's 262,144 tokens, 2048 at Llama 2's 32,000. Smaller is not cheaper: every chunk's backward also makes
+# a [vocab, hidden] weight-gradient contribution that autograd adds into the head's gradient, a fixed cost per
+# chunk. Measured (bench/bench_memory.py, vocab 262,144, hidden 640, 1 layer, k=8 responses of 1,165 tokens in all,
+# fp32, 2 CPU threads on a shared host):
+# 64 positions 88 s / 2058 MiB allocator peak, 256: 53 s / 2059 MiB, 1024: 73 s / 4874 MiB (one run each).
+CHUNK_LOGITS = 2 ** 26
+
+# CausalLM class -> what its forward does to lm_head's output before returning logits (read from the
+# transformers 5.x modeling files). Only these take the chunked path: for any other class we cannot know
+# the transform, and a silently different z would be a wrong score.
+_HEADS = {
+    "LlamaForCausalLM": None, "MistralForCausalLM": None, "Qwen2ForCausalLM": None, "Qwen3ForCausalLM": None,
+    "Phi3ForCausalLM": None, "Olmo2ForCausalLM": None, "SmolLM3ForCausalLM": None, "GemmaForCausalLM": None,
+    "Gemma2ForCausalLM": "softcap", "Gemma3ForCausalLM": "softcap",  # cap * tanh(z / cap), cap from config
+    "CohereForCausalLM": "scale", "Cohere2ForCausalLM": "scale",  # z * logit_scale
+    "GraniteForCausalLM": "divide",  # z / config.logits_scaling
+}
 
 
 @dataclass
@@ -54,12 +89,134 @@ def _keeps_logits(model) -> bool:
     return "logits_to_keep" in forward_params(model)
 
 
+@dataclass
+class _Head:
+    """What the chunked path needs from a model: where its final hidden states come out, and its head."""
+    decoder: torch.nn.Module  # the module whose output.last_hidden_state feeds lm_head
+    head: torch.nn.Module  # lm_head (nn.Linear, possibly peft-wrapped; for tied embeddings its weight is shared)
+    kind: str | None  # entry of _HEADS
+    value: float | None  # the cap / scale / divisor
+    vocab: int  # for the default chunk size
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """z for hidden states h [n, H] -> [n, V] float32: the matmul in the ambient (autocast) dtype, the
+        transform in fp32 (the model's own forward would soft-cap in bf16 under autocast; fp32 is closer to
+        the fp32 model and equal to it without autocast)."""
+        z = self.head(h).float()
+        if self.kind == "softcap":
+            z = torch.tanh(z / self.value) * self.value
+        elif self.kind == "scale":
+            z = z * self.value
+        elif self.kind == "divide":
+            z = z / self.value
+        return z
+
+
+def _find_head(model) -> _Head | None:
+    """The chunked-head plan for `model`, or None where only the exact full-logits path is safe.
+
+    Looks through DistributedDataParallel (its forward is still the one called, so gradient sync is intact)
+    and peft adapters that leave positions alone (LoRA & co., not prompt learning, which prepends virtual
+    tokens). Other wrappers (FSDP, DeepSpeed) gather sharded weights only inside their forward, so calling
+    the head outside it would be wrong: no plan for them.
+    """
+    inner = model
+    for _ in range(4):
+        if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+            inner = inner.module
+        elif hasattr(inner, "get_base_model") and hasattr(inner, "peft_config"):
+            cfg = getattr(inner, "active_peft_config", None)
+            if cfg is None or getattr(cfg, "is_prompt_learning", True):
+                return None
+            inner = inner.get_base_model()
+        else:
+            break
+    name = type(inner).__name__
+    if name not in _HEADS or not _keeps_logits(model):
+        return None
+    decoder, head = getattr(inner, "model", None), inner.get_output_embeddings()
+    if not isinstance(decoder, torch.nn.Module) or not isinstance(head, torch.nn.Module):
+        return None
+    if any(hasattr(p, "ds_id") for p in head.parameters()):  # DeepSpeed ZeRO-3 partitioned weight
+        return None
+    kind, value = _HEADS[name], None
+    if kind == "softcap":
+        value = getattr(inner.config, "final_logit_softcapping", None)
+        kind = kind if value else None
+    elif kind == "scale":
+        value = float(inner.logit_scale)
+    elif kind == "divide":
+        value = float(inner.config.logits_scaling)
+    return _Head(decoder, head, kind, value, int(inner.config.vocab_size))
+
+
+def _forward_hidden(model, plan: _Head, cache=None, **inputs):
+    """model(...) with the LM head applied to no position; returns (last hidden states, cache, autocast state).
+
+    The call goes through the top-level model (and its wrappers' forward: DDP's reducer, accelerate's
+    autocast) and a forward hook on the decoder picks up its output. The autocast state seen inside is
+    returned so the head chunks, which run outside that forward, use the same one.
+    """
+    got = {}
+
+    def hook(module, args, output):
+        h = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        dev = h.device.type
+        got["h"] = h
+        got["autocast"] = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+
+    handle = plan.decoder.register_forward_hook(hook)
+    try:
+        none = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
+        _, cache = forward_with_cache(model, cache, logits_to_keep=none, **inputs)
+    finally:
+        handle.remove()
+    return got["h"], cache, got["autocast"]
+
+
+def _chunk_logps(plan: _Head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    z = plan.logits(h)
+    return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+
+def _head_logps(plan: _Head, h: torch.Tensor, targets: torch.Tensor, chunk_size: int | None,
+               autocast: tuple[str, bool, torch.dtype]) -> torch.Tensor:
+    """log p(targets[i]) = z_i[targets[i]] - logsumexp(z_i), z_i = post(lm_head(h[i])), for h [n, H] -> [n] fp32.
+
+    chunk_size positions at a time; with grad enabled each chunk is checkpointed, so neither forward nor
+    backward ever holds more than one chunk's [chunk_size, V] logits (and their gradient).
+    """
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_LOGITS // max(1, plan.vocab))
+    dev, enabled, dtype = autocast
+    out = []
+    with torch.autocast(dev, dtype=dtype, enabled=enabled):
+        for s in range(0, h.shape[0], chunk_size):
+            hc, tc = h[s:s + chunk_size], targets[s:s + chunk_size]
+            if torch.is_grad_enabled():
+                out.append(checkpoint(_chunk_logps, plan, hc, tc, use_reentrant=False))
+            else:
+                out.append(_chunk_logps(plan, hc, tc))
+    return torch.cat(out)
+
+
+def _masked_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """values [mask.sum()] (row-major order of the True entries of mask [N, L]) -> per-row sums [N]."""
+    full = values.new_zeros(mask.shape).masked_scatter(mask, values)
+    return full.sum(-1)
+
+
 def score_groups(model, prompts: list[list[int]], candidates: list[list[list[int]]], pad_id: int,
-                 share_prefix: bool = True) -> Scored:
+                 share_prefix: bool = True, chunk_size: int | None = None) -> Scored:
     """Score every candidate (token ids) of every question (prompt token ids).
 
-    Returns flattened per-candidate results in question order. With share_prefix=False every
-    (prompt + candidate) sequence is run separately (the reference implementation).
+    Returns flattened per-candidate results in question order; logp_sum[c] = sum_t log p(y_t | prompt, y_<t)
+    with log p(y_t) = z_{y_t} - logsumexp(z) in float32. With share_prefix=False every (prompt + candidate)
+    sequence is run separately (the reference implementation).
+
+    chunk_size: LM-head positions per chunk on the chunked path (see the module docstring); None picks
+    CHUNK_LOGITS // vocab; 0 turns chunking off (full logits at every position: the exact reference path,
+    also used for models `_find_head` does not know).
     """
     counts = [len(c) for c in candidates]
     flat = [c for cs in candidates for c in cs]
@@ -69,27 +226,32 @@ def score_groups(model, prompts: list[list[int]], candidates: list[list[list[int
     if not flat:
         z = torch.zeros(0, device=device)
         return Scored(z, n_tokens, group_index)
+    # all-empty responses: nothing to put through the head; the exact path keeps the result in the graph
+    plan = _find_head(model) if chunk_size != 0 and any(flat) else None
     if not share_prefix:
-        return Scored(_score_naive(model, [prompts[g] for g in group_index.tolist()], flat, pad_id, device),
-                      n_tokens, group_index)
+        return Scored(_score_naive(model, [prompts[g] for g in group_index.tolist()], flat, pad_id, device,
+                                   plan, chunk_size), n_tokens, group_index)
 
     keep = [i for i, c in enumerate(counts) if c > 0]  # questions without candidates cost nothing
     p_ids, p_mask = _pad([prompts[i] for i in keep], pad_id, left=True)
     p_ids, p_mask = p_ids.to(device), p_mask.to(device)
     p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+    rows = torch.repeat_interleave(torch.arange(len(keep), device=device),
+                                   torch.tensor([counts[i] for i in keep], device=device))
+    c_ids, c_mask = _pad(flat, pad_id, left=False)
+    c_ids, c_mask = c_ids.to(device), c_mask.to(device)
+    attn = torch.cat([p_mask[rows], c_mask], dim=1)
+    pos = p_mask.sum(-1)[rows].unsqueeze(1) + torch.arange(c_ids.shape[1], device=device)
+    if plan is not None:
+        return Scored(_score_shared_chunked(model, plan, chunk_size, p_ids, p_mask, p_pos, rows, c_ids, c_mask,
+                                            attn, pos), n_tokens, group_index)
+
     # only the last prompt position's logits are needed (they predict each candidate's first token)
     kw = {"logits_to_keep": 1} if _keeps_logits(model) else {}
     out, cache = forward_with_cache(model, input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos,
                                     use_cache=True, **kw)
-    rows = torch.repeat_interleave(torch.arange(len(keep), device=device),
-                                   torch.tensor([counts[i] for i in keep], device=device))
     cache.batch_select_indices(rows)  # each question's prompt state, once per candidate; differentiable
-
-    c_ids, c_mask = _pad(flat, pad_id, left=False)
-    c_ids, c_mask = c_ids.to(device), c_mask.to(device)
     first = _token_logps(out.logits[:, -1][rows], c_ids[:, 0]) * c_mask[:, 0]
-    attn = torch.cat([p_mask[rows], c_mask], dim=1)
-    pos = p_mask.sum(-1)[rows].unsqueeze(1) + torch.arange(c_ids.shape[1], device=device)
     if c_ids.shape[1] > 1:
         # the last position predicts nothing: no LM head there
         kw = {"logits_to_keep": slice(0, -1)} if kw else {}
@@ -102,15 +264,38 @@ def score_groups(model, prompts: list[list[int]], candidates: list[list[list[int
     return Scored(first + rest, n_tokens, group_index)
 
 
-def _score_naive(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, device) -> torch.Tensor:
+def _score_shared_chunked(model, plan: _Head, chunk_size, p_ids, p_mask, p_pos, rows, c_ids, c_mask, attn, pos):
+    """The shared-prompt path with the head chunked: same two forwards, the head skipped in both."""
+    hp, cache, ac = _forward_hidden(model, plan, input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos,
+                                    use_cache=True)
+    # hidden state predicting candidate token j: the prompt's last position (left-padded: column -1) for
+    # j = 0, candidate position j-1 after it
+    pred = [hp[:, -1][rows].unsqueeze(1)]
+    if c_ids.shape[1] > 1:
+        cache.batch_select_indices(rows)
+        # the last candidate position predicts nothing, so it is not fed at all (causal: nothing before it changes)
+        hc, _, _ = _forward_hidden(model, plan, cache, input_ids=c_ids[:, :-1], attention_mask=attn[:, :-1],
+                                   position_ids=pos[:, :-1], use_cache=False)
+        pred.append(hc)
+    sel = c_mask.bool()
+    h = torch.cat(pred, dim=1)[sel]  # [response tokens, H]: the head runs on these positions only
+    return _masked_sums(_head_logps(plan, h, c_ids[sel], chunk_size, ac), sel)
+
+
+def _score_naive(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, device,
+                 plan: _Head | None = None, chunk_size: int | None = None) -> torch.Tensor:
     seqs = [p + r for p, r in zip(prompts, responses)]
     ids, mask = _pad(seqs, pad_id, left=False)
     ids, mask = ids.to(device), mask.to(device)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    logps = _token_logps(logits, ids[:, 1:])
     resp = torch.zeros_like(mask)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         resp[i, len(p):len(p) + len(r)] = 1
+    if plan is not None:
+        hidden, _, ac = _forward_hidden(model, plan, input_ids=ids, attention_mask=mask)
+        sel = resp[:, 1:].bool()  # position j predicts token j+1
+        return _masked_sums(_head_logps(plan, hidden[:, :-1][sel], ids[:, 1:][sel], chunk_size, ac), sel)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    logps = _token_logps(logits, ids[:, 1:])
     return (logps * resp[:, 1:]).sum(-1)
 
 
