@@ -91,6 +91,14 @@ def _merge(cfg: C.MergeConfig) -> None:
     click.echo(_summary(_command("merge")(cfg)))
 
 
+def _export(cfg: C.ExportConfig) -> None:
+    click.echo(_summary(_command("export")(cfg)))
+
+
+def _import(cfg: C.ImportConfig) -> None:
+    click.echo(_summary(_command("import_")(cfg)))  # `import` is a keyword: the module is commands/import_.py
+
+
 @click.command("experiment")
 @click.argument("config_file", type=click.Path())
 @click.option("--out", default=None, help="output folder (default: the config's `out`)")
@@ -110,6 +118,22 @@ def experiment(config_file: str, out: str | None, seeds: str | None, quiet: bool
         click.echo(f"results: {res['results']}")
 
 
+@click.command("tasks")
+@click.argument("paths", nargs=-1, type=click.Path())
+def tasks_command(paths: tuple[str, ...]) -> None:
+    """List built-in tasks and task files, with descriptions.
+
+    One line per task: the value to pass as --task, then its description. PATHS are task files or folders of
+    them; a task file that does not parse is listed as INVALID and makes the exit status 1."""
+    from aftune.tasks import describe_tasks, format_task_list
+
+    infos = describe_tasks(paths)
+    for line in format_task_list(infos):
+        click.echo(line)
+    if any(t.error for t in infos):  # a broken task file should fail a CI check that lists them
+        sys.exit(1)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="aftune")
 def app() -> None:
@@ -126,7 +150,13 @@ app.add_command(make_command("align", C.AlignConfig, _align, "AFT (or a baseline
 app.add_command(make_command("eval", C.EvalConfig, _eval, "Greedy-decoding accuracy on a split (+ assessment accuracy on candidates)."))
 app.add_command(make_command("assess", C.AssessConfig, _assess, "Assessment diagnostics: can the model tell right reasoning from wrong?"))
 app.add_command(make_command("merge", C.MergeConfig, _merge, "Merge `aftune sample --shard i/n` files into one candidates file (every question once)."))
+app.add_command(make_command("export", C.ExportConfig, _export,
+                             "Candidates as a TRL dataset in Parquet: unpaired (KTOTrainer), pairwise (DPOTrainer), "
+                             "grouped."))
+app.add_command(make_command("import", C.ImportConfig, _import,
+                             "A TRL unpaired or preference dataset as a candidates file for `aftune align`."))
 app.add_command(experiment)
+app.add_command(tasks_command)
 app.add_command(make_command("demo", C.DemoConfig, _demo, "The whole pipeline on the built-in arith task, with a report (CPU, < 20 min)."))
 
 

@@ -23,7 +23,7 @@ def opt(default: Any, help: str) -> Any:
 
 @dataclass
 class Common:
-    task: str = opt("arith", "task name, or several joined by commas (gsm8k,aqua,ecqa) to mix them")
+    task: str = opt("arith", "task name or task file (.yaml), or several joined by commas (gsm8k,aqua,my.yaml)")
     task_args: str = opt("", "task options as key=value,key=value (e.g. arith: n_train=4000,max_steps=3)")
     data_dir: str | None = opt(None, "folder laid out like shared/data (default: $AFTUNE_DATA, else the hub)")
     seed: int = opt(0, "random seed")
@@ -243,3 +243,22 @@ def parse_task_args(spec: str) -> dict[str, Any]:
         k, v = part.split("=", 1)
         out[k.strip()] = yaml.safe_load(v.strip())
     return out
+
+
+@dataclass
+class ExportConfig:
+    candidates: str = opt("runs/candidates.jsonl", "candidates file(s) to export, comma separated")
+    format: str = opt("unpaired", "unpaired (TRL KTOTrainer) | pairwise (TRL DPOTrainer) | grouped (aftune's records)")
+    out: str = opt("runs/trl", "output folder: OUT/train.parquet, OUT/meta.json, OUT/README.md")
+    max_pairs_per_question: int | None = opt(None, "pairwise: a seeded sample of at most N pairs per question "
+                                                   "(default: every (correct, wrong) pair)")
+    seed: int = opt(0, "random seed of the pair sample")
+    include_reference: bool = opt(True, "the reference solution counts as one more correct completion")
+
+
+@dataclass
+class ImportConfig:
+    dataset: str = opt("", "TRL-style dataset: a .parquet / .jsonl file or a folder of them (unpaired: prompt, "
+                           "completion, label; or preference: prompt, chosen, rejected)")
+    out: str = opt("runs/imported.jsonl", "candidates file to write (and OUT.meta.json)")
+    task: str | None = opt(None, "task name of the groups (`aftune align --task` must name it; default: custom)")

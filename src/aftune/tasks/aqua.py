@@ -87,6 +87,7 @@ def build_reference(rationale: str, correct: str, options: Mapping[str, str]) ->
 
 class AquaTask(MultipleChoiceTask, DatasetTask):
     name = "aqua"
+    description = "AQuA-RAT algebra word problems, five options A-E, rationales as chains of thought"
     splits = ("train", "validation", "test")
 
     def __init__(self, data_dir: str | os.PathLike | None = None, n_shot: int = 0):

@@ -229,6 +229,7 @@ class ArithTask(Task):
     """Synthetic GSM8K-shaped arithmetic; splits are deterministic in `seed` and disjoint."""
 
     name = "arith"
+    description = "seeded multi-step arithmetic word problems in GSM8K's format (built in, no data needed)"
 
     def __init__(self, seed: int = 0, n_train: int = 8000, n_validation: int = 300, n_test: int = 500,
                  min_steps: int = 2, max_steps: int = 4, max_number: int = 30, ops: str = "+-*"):

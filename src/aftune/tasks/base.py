@@ -34,6 +34,7 @@ class Task(ABC):
     """
 
     name: str = "task"
+    description: str = ""  # one line for `aftune tasks`
     splits: tuple[str, ...] = ("train", "validation", "test")
     # A model that keeps writing after its answer would start a new question: sampling and eval cut there.
     stop: tuple[str, ...] = ("\nQuestion:",)

@@ -49,6 +49,7 @@ def _parse_choices(raw: object, source: str, line: int) -> dict[str, str]:
 
 class ECQATask(MultipleChoiceTask, DatasetTask):
     name = "ecqa"
+    description = "ECQA: CommonsenseQA with explanation chains of thought, five options A-E (local data)"
     splits = ("train", "validation", "test")
 
     def __init__(self, data_dir: str | os.PathLike | None = None, n_shot: int = 0):

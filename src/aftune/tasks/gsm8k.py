@@ -29,6 +29,7 @@ def parse_gold(solution: str) -> str | None:
 
 class GSM8KTask(DatasetTask):
     name = "gsm8k"
+    description = "GSM8K grade-school math word problems, integer answers after '#### ' (local data or hub)"
     splits = ("train", "validation", "test")
 
     def load(self, split: str) -> list[Example]:

@@ -43,7 +43,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     return root
 
 
-def _import_datasets() -> Any:
+def import_datasets() -> Any:
     try:
         import datasets  # noqa: PLC0415 - optional dependency, only needed without local data
     except ImportError:
@@ -57,7 +57,7 @@ def _import_datasets() -> Any:
 def hub_rows(task: str, split: str) -> tuple[str, Rows]:
     """(source label for error messages, (row number, row) pairs) of one hub split."""
     dataset_id, config = HUB_IDS[task]
-    datasets = _import_datasets()
+    datasets = import_datasets()
     ds = datasets.load_dataset(dataset_id, config, split=split)
     label = f"hf://{dataset_id}" + (f"/{config}" if config else "") + f"[{split}]"
     return label, ((i + 1, dict(row)) for i, row in enumerate(ds))
