@@ -63,7 +63,9 @@ class Scored:
         return torch.where(self.n_tokens > 0, self.logp_sum / self.n_tokens.clamp(min=1), torch.zeros_like(self.logp_sum))
 
 
-def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both [N, max len] long: right padding for training rows, left padding for
+    prompts (every row's last token then sits at the same position)."""
     width = max((len(s) for s in seqs), default=0)
     ids = torch.full((len(seqs), max(width, 1)), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), max(width, 1)), dtype=torch.long)
@@ -233,12 +235,12 @@ def score_groups(model, prompts: list[list[int]], candidates: list[list[list[int
                                    plan, chunk_size), n_tokens, group_index)
 
     keep = [i for i, c in enumerate(counts) if c > 0]  # questions without candidates cost nothing
-    p_ids, p_mask = _pad([prompts[i] for i in keep], pad_id, left=True)
+    p_ids, p_mask = pad_sequences([prompts[i] for i in keep], pad_id, left=True)
     p_ids, p_mask = p_ids.to(device), p_mask.to(device)
     p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
     rows = torch.repeat_interleave(torch.arange(len(keep), device=device),
                                    torch.tensor([counts[i] for i in keep], device=device))
-    c_ids, c_mask = _pad(flat, pad_id, left=False)
+    c_ids, c_mask = pad_sequences(flat, pad_id, left=False)
     c_ids, c_mask = c_ids.to(device), c_mask.to(device)
     attn = torch.cat([p_mask[rows], c_mask], dim=1)
     pos = p_mask.sum(-1)[rows].unsqueeze(1) + torch.arange(c_ids.shape[1], device=device)
@@ -285,7 +287,7 @@ def _score_shared_chunked(model, plan: _Head, chunk_size, p_ids, p_mask, p_pos, 
 def _score_naive(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, device,
                  plan: _Head | None = None, chunk_size: int | None = None) -> torch.Tensor:
     seqs = [p + r for p, r in zip(prompts, responses)]
-    ids, mask = _pad(seqs, pad_id, left=False)
+    ids, mask = pad_sequences(seqs, pad_id, left=False)
     ids, mask = ids.to(device), mask.to(device)
     resp = torch.zeros_like(mask)
     for i, (p, r) in enumerate(zip(prompts, responses)):

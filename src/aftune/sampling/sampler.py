@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from aftune.modeling import cache_kwarg, forward_params, returned_cache
+from aftune.scoring import pad_sequences
 
 
 @dataclass
@@ -183,11 +184,7 @@ def _generate_batch(model, prompt_ids: list[list[int]], cfg: SamplingConfig, eos
     B, k, T = len(prompt_ids), cfg.k, cfg.max_new_tokens
     lens = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
     L = int(lens.max())
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):  # left padding keeps every row's last prompt token at position L-1
-        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, L - len(p):] = 1
+    ids, mask = pad_sequences(prompt_ids, pad_id, left=True)  # every row's last prompt token at position L-1
     padded = bool((lens < L).any())
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)

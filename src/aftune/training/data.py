@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from aftune.io import InputError
 from aftune.records import Candidate, Group, read_groups
-from aftune.scoring import encode_pair
+from aftune.scoring import encode_pair, pad_sequences
 from aftune.tasks.feedback import rft_select
 
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")
@@ -109,15 +109,8 @@ def collate(items: list[dict], pad_id: int) -> dict:
     pairs = [p for it in items for p in it["nll"]]
     batch: dict = {}
     if pairs:
-        width = max(len(p) + len(r) for p, r in pairs)
-        ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(pairs), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(pairs), width), dtype=torch.long)
-        for i, (p, r) in enumerate(pairs):
-            seq = p + r
-            ids[i, :len(seq)] = torch.tensor(seq)
-            labels[i, len(p):len(seq)] = torch.tensor(r)
-            mask[i, :len(seq)] = 1
+        ids, mask = pad_sequences([p + r for p, r in pairs], pad_id, left=False)
+        labels, _ = pad_sequences([[-100] * len(p) + r for p, r in pairs], -100, left=False)
         batch["nll"] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     groups = [it["group"] for it in items if "group" in it]
     if groups:
