@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
 import sys
 from typing import Any, Callable
 
@@ -87,6 +88,15 @@ def _demo(cfg: C.DemoConfig) -> None:
     _command("demo")(cfg)
 
 
+def _iterate(cfg: C.IterateConfig) -> None:
+    res = _command("iterate")(cfg)
+    click.echo(json.dumps({"final_accuracy": res["final_accuracy"], "total": res["total"]}, default=str))
+
+
+def _grpo(cfg: C.GRPORunConfig) -> None:
+    click.echo(_summary(_command("grpo")(cfg)))
+
+
 def _merge(cfg: C.MergeConfig) -> None:
     click.echo(_summary(_command("merge")(cfg)))
 
@@ -155,6 +165,10 @@ app.add_command(make_command("export", C.ExportConfig, _export,
                              "grouped."))
 app.add_command(make_command("import", C.ImportConfig, _import,
                              "A TRL unpaired or preference dataset as a candidates file for `aftune align`."))
+app.add_command(make_command("iterate", C.IterateConfig, _iterate,
+                             "Rounds of sample -> align -> eval, each from the last round's model (iterative AFT / RPO)."))
+app.add_command(make_command("grpo", C.GRPORunConfig, _grpo,
+                             "GRPO through trl.GRPOTrainer with the task's grader as reward, then greedy eval."))
 app.add_command(experiment)
 app.add_command(tasks_command)
 app.add_command(make_command("demo", C.DemoConfig, _demo, "The whole pipeline on the built-in arith task, with a report (CPU, < 20 min)."))
@@ -164,7 +178,31 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record arrives (main() runs many times in one process under
+    the tests, each with its own captured stderr)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _log_to_stderr() -> None:
+    """The library logs (logger "aftune"); the CLI shows its warnings as `aftune: ...` lines on stderr."""
+    log = logging.getLogger("aftune")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("aftune: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        log.addHandler(handler)
+
+
 def main() -> None:
+    _log_to_stderr()
     try:
         app(standalone_mode=False)
     except InputError as e:

@@ -28,6 +28,8 @@ class Common:
     data_dir: str | None = opt(None, "folder laid out like shared/data (default: $AFTUNE_DATA, else the hub)")
     seed: int = opt(0, "random seed")
     trust_remote_code: bool = opt(False, "allow model repos to run their own code (off unless you trust it)")
+    chat_template: str = opt("auto", "prompt format: auto (the tokenizer's chat template if it has one) | none "
+                             "(plain Question:/Answer: text) | a chat template file")
     bf16: bool = opt(False, "bf16 autocast")
     quiet: bool = opt(False, "no progress bars")
 
@@ -101,6 +103,14 @@ class AlignConfig(TrainCommon, AlignmentArguments):
     warmup_ratio: float = opt(0.0, "fraction of steps for warm-up")
     lr_schedule: str = opt("constant", "cosine | linear | constant")
     batch_size: int = opt(16, "questions per optimiser step")
+    # semi-online AFT (aftune.training.online): re-sample the candidates from the current model mid-run
+    resample_every: int = opt(0, "re-sample every question's candidates from the current model every S optimiser "
+                                 "steps (0 = off: offline AFT; 1 = on-policy)")
+    resample_k: int = opt(8, "semi-online: samples per question")
+    resample_temperature: float = opt(0.7, "semi-online: sampling temperature")
+    resample_top_p: float = opt(1.0, "semi-online: nucleus sampling")
+    resample_max_new_tokens: int = opt(256, "semi-online: max tokens per sample")
+    resample_batch_size: int = opt(32, "semi-online: questions per sampling batch")
 
     def __post_init__(self) -> None:
         self.check_alignment(name=lambda f: "--" + flag_name_of(f).replace("_", "-"))
@@ -262,3 +272,49 @@ class ImportConfig:
                            "completion, label; or preference: prompt, chosen, rejected)")
     out: str = opt("runs/imported.jsonl", "candidates file to write (and OUT.meta.json)")
     task: str | None = opt(None, "task name of the groups (`aftune align --task` must name it; default: custom)")
+
+
+@dataclass
+class IterateConfig(AlignConfig):
+    """`aftune iterate`: every `aftune align` field (the method and its training), plus the rounds' sampling and
+    evaluation. Each round samples from, and aligns, the previous round's model."""
+
+    model: str = opt("runs/sft/model", "the start model M_0 (round 1 samples from it and continues it)")
+    candidates: str = opt("", "round 1's candidates file (sampled from --model) instead of sampling it ('' = sample)")
+    out: str = opt("runs/iterate", "output folder: OUT/round{r}/, OUT/metrics.json, OUT/report.md")
+    rounds: int = opt(3, "rounds of sample -> align -> eval")
+    fresh_questions: bool = opt(False, "each round samples a disjoint slice of the train split (needs --n-questions)")
+    n_questions: int | None = opt(None, "train questions sampled per round (default: all)")
+    k: int = opt(8, "samples per question per round")
+    temperature: float = opt(0.7, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling")
+    max_new_tokens: int = opt(256, "max tokens per sample and per greedy eval answer")
+    sample_batch_size: int = opt(32, "questions per sampling batch")
+    eval_split: str = opt("test", "split for each round's greedy accuracy")
+    eval_questions: int | None = opt(None, "first N questions of --eval-split (default: all)")
+    eval_batch_size: int = opt(64, "questions per batched greedy pass")
+
+
+@dataclass
+class GRPORunConfig(TrainCommon):
+    """`aftune grpo`: GRPO through trl.GRPOTrainer, rewarded by the task's own grader."""
+
+    model: str = opt("runs/sft/model", "the model to train (a saved model folder: with --beta > 0 TRL reloads the "
+                                       "reference from it)")
+    out: str = opt("runs/grpo", "output folder (model in OUT/model, metrics in OUT/metrics.json)")
+    n_questions: int | None = opt(None, "first N train questions as prompts (default: all)")
+    num_generations: int = opt(8, "completions per prompt (GRPO's group size G)")
+    temperature: float = opt(0.7, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling")
+    max_new_tokens: int = opt(256, "max tokens per completion (TRL max_completion_length; dr_grpo's constant)")
+    loss_type: str = opt("dr_grpo", "grpo | dr_grpo | dapo (TRL's loss_type)")
+    beta: float = opt(0.0, "KL coefficient to the start model (0 = no reference model)")
+    epsilon: float = opt(0.2, "PPO-style clipping range")
+    num_iterations: int = opt(1, "optimisation passes per generation batch (TRL's mu)")
+    scale_rewards: str = opt("group", "group | batch | none (Dr. GRPO: none)")
+    lr: float = opt(1e-5, "peak learning rate")
+    max_steps: int = opt(100, "optimiser steps")
+    batch_size: int = opt(4, "prompts per optimiser step and device (each with --num-generations completions)")
+    eval_split: str = opt("test", "split for the greedy accuracy after training")
+    eval_questions: int | None = opt(None, "first N questions of --eval-split (default: all)")
+    eval_batch_size: int = opt(64, "questions per batched greedy pass")

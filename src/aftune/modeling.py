@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from aftune import gguf
 from aftune.io import InputError
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -20,14 +21,18 @@ PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 
 def _check_local(name_or_path: str) -> None:
     # A path-looking argument that does not exist is a typo, not a hub id: say so instead of a 404.
+    if gguf.is_gguf(name_or_path):  # always a local file (the hub's GGUF repos need gguf_file=, not this)
+        gguf.check_file(name_or_path)
+        return
     looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
     if looks_local and not Path(name_or_path).expanduser().exists():
         raise InputError("model path does not exist", name_or_path, field="--model")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Tokenizer from a local folder, a hub id, or a .gguf file (via its cached conversion, see aftune.gguf)."""
     _check_local(name_or_path)
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(gguf.resolve(name_or_path), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:  # many hub LMs ship without one; EOS is the usual stand-in
         tok.pad_token = tok.eos_token
     return tok
@@ -35,26 +40,29 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
                device: str | None = None):
-    """Load a causal LM from a local folder or hub id (safetensors weights; no remote code by default)."""
+    """Load a causal LM from a local folder, hub id or .gguf file (safetensors weights; no remote code by
+    default). A .gguf file is converted once to a cached safetensors folder (aftune.gguf) and read from there."""
     _check_local(name_or_path)
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                  "auto": "auto"}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.resolve(name_or_path), dtype=dtype,
+                                                 trust_remote_code=trust_remote_code, use_safetensors=True)
     if device:
         model.to(device)
     return model
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
-    return load_model(name_or_path, dtype, trust_remote_code), load_tokenizer(name_or_path, trust_remote_code)
+    _check_local(name_or_path)
+    path = gguf.resolve(name_or_path)  # convert (or find the conversion) once for both
+    return load_model(path, dtype, trust_remote_code), load_tokenizer(path, trust_remote_code)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer over the task's text, digits split one by one (as Llama does).
 
-    Why: a subword vocabulary keeps sequences short (the trial's character-level one made them ~156
+    Why: a subword vocabulary keeps sequences short (a character-level one made arith solutions ~156
     tokens), while single digits keep arithmetic learnable.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -98,10 +106,6 @@ def create_tiny(out_dir: str | os.PathLike, texts: list[str], vocab_size: int = 
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def forward_params(model) -> frozenset[str]:

@@ -186,12 +186,15 @@ class CandidatesMeta:
     merged_from: list[str] | None = None  # `aftune merge`: the shard files
     n_shards: int | None = None
     derived_from: str | None = None  # a subsample of another candidates file
+    prompt_format: dict[str, Any] | None = None  # aftune.prompting: {"kind": "plain"} or chat + template hash
     format_version: int = META_FORMAT_VERSION
 
     def signature(self) -> dict[str, Any]:
         """The settings two files must share to hold candidates of one sampling configuration."""
         sig = {"task": self.task, "model": self.model, "tokenizer.name": self.tokenizer.get("name"),
-               "tokenizer.vocab_size": self.tokenizer.get("vocab_size")}
+               "tokenizer.vocab_size": self.tokenizer.get("vocab_size"),
+               # files written before prompt formats existed hold plain prompts
+               "prompt_format": self.prompt_format or {"kind": "plain"}}
         for key in CHECKED_SAMPLING:
             value = self.sampling.get(key)
             sig[f"sampling.{key}"] = list(value) if isinstance(value, (list, tuple)) else value

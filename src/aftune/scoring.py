@@ -25,9 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from aftune.prompting import encode_prompt
 from aftune.modeling import forward_params, forward_with_cache
 
 # Logits per LM-head chunk when chunk_size is None: 2**26 = 256 MiB per fp32 [chunk, vocab] tensor; a chunk's
@@ -313,22 +315,25 @@ def to_padded(values: torch.Tensor, group_index: torch.Tensor, n_groups: int) ->
     return out, valid
 
 
-def encode_pair(tokenizer, prompt: str, response: str, max_response_tokens: int | None = None) -> tuple[list[int], list[int]]:
-    """Prompt ids and response ids (+ EOS). Tokenised separately so the prompt/response boundary is exact;
-    the prompt gets the tokenizer's special tokens (e.g. BOS) exactly as the sampler encodes it."""
-    p = tokenizer(prompt)["input_ids"]
+def encode_pair(tokenizer, prompt: str, response: str, max_response_tokens: int | None = None,
+                end: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """Prompt ids and response ids + `end` (default EOS; a chat format's turn end, see aftune.prompting).
+    Tokenised separately so the prompt/response boundary is exact; the prompt gets the tokenizer's special
+    tokens (e.g. BOS) exactly as the sampler encodes it."""
+    end = [tokenizer.eos_token_id] if end is None else list(end)
+    p = encode_prompt(tokenizer, prompt)
     r = tokenizer(response, add_special_tokens=False)["input_ids"]
     if max_response_tokens is not None:
-        r = r[:max_response_tokens - 1]
-    return p, r + [tokenizer.eos_token_id]
+        r = r[:max(max_response_tokens - len(end), 0)]
+    return p, r + end
 
 
 @torch.no_grad()
 def score_texts(model, tokenizer, groups, batch_size: int = 16, progress: bool = False,
-                max_response_tokens: int | None = None) -> tuple[list[list[float]], list[float]]:
-    """Length-normalised scores of every candidate of every Group, and of each group's reference."""
-    from tqdm.auto import tqdm
-
+                max_response_tokens: int | None = None, end: list[int] | None = None
+                ) -> tuple[list[list[float]], list[float]]:
+    """Length-normalised scores of every candidate of every Group, and of each group's reference (`end`: the
+    ids closing a response, as in encode_pair)."""
     was_training = model.training
     model.eval()
     cand_scores: list[list[float]] = []
@@ -338,7 +343,7 @@ def score_texts(model, tokenizer, groups, batch_size: int = 16, progress: bool =
         prompts, cands = [], []
         for g in chunk:
             texts = [c.text for c in g.candidates] + [g.reference]
-            enc = [encode_pair(tokenizer, g.prompt, t, max_response_tokens) for t in texts]
+            enc = [encode_pair(tokenizer, g.prompt, t, max_response_tokens, end) for t in texts]
             prompts.append(enc[0][0])
             cands.append([r for _, r in enc])
         s = score_groups(model, prompts, cands, tokenizer.pad_token_id).mean.tolist()

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
 from transformers import set_seed
 
-from aftune.commands.common import load_model_and_tokenizer, load_split, read_candidate_files, tasks_for
+from aftune.commands.common import (check_positive, load_examples, load_model_and_tokenizer, load_split,
+                                    read_candidate_files, tasks_for)
 from aftune.commands.training import (check_train_args, peft_config, save_model, shared_resume_point,
                                       train_or_restore, training_args)
 from aftune.config import AlignConfig, save_config
 from aftune.evaluation.diagnostics import DiagnosticsCallback
 from aftune.io import InputError, atomic_write_json, file_sha256
-from aftune.records import Group, read_groups
+from aftune.prompting import PromptFormat, resolve_prompt_format, stop_strings
+from aftune.records import CandidatesMeta, Group, meta_path_for, read_groups
+from aftune.sampling.sampler import SamplingConfig
+from aftune.training.compute import training_compute
 from aftune.training.data import AlignDataset, NLLDataset, rft_pairs
 from aftune.training.methods import get_method
+from aftune.training.online import ResampleCallback, check_semi_online, resample_history
 from aftune.training.trainer import AFTTrainer
 
 
@@ -29,10 +35,28 @@ def reference_cache(cfg: AlignConfig) -> Path:
     return Path(cfg.candidates).parent / f"reflogps-{key[:16]}.json"
 
 
+def check_prompt_format(candidates: str, fmt: PromptFormat, tokenizer) -> None:
+    """Candidates sampled with one prompt format cannot be trained with another: their prompts are stored
+    rendered, and the NLL data and the response ends would not match them."""
+    path = meta_path_for(candidates)
+    if not path.exists():
+        return  # labelled elsewhere (e.g. `aftune import` writes one; a hand-made file may not)
+    was = CandidatesMeta.read(path).prompt_format or {"kind": "plain"}
+    now = fmt.to_meta(tokenizer)
+    if was != now:
+        raise InputError(f"these candidates were sampled with prompt format {was} but this run uses {now}; "
+                         "pass the same --chat-template as `aftune sample`", path, field="prompt_format")
+
+
 def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
     """Train, save OUT/model and OUT/metrics.json; `callbacks` are extra TrainerCallbacks."""
     method = get_method(cfg.method)  # AlignConfig checked the method fields when it was made
     check_train_args(cfg)
+    check_semi_online(method, cfg.beta_auto, int(os.environ.get("WORLD_SIZE", "1")), cfg.resample_every)
+    if cfg.resample_every:
+        if cfg.resample_k < 2:
+            raise InputError(f"must be >= 2 to have anything to compare, got {cfg.resample_k}", field="--resample-k")
+        check_positive(cfg, ("resample_max_new_tokens", "resample_batch_size"))
     out = Path(cfg.out)
     set_seed(cfg.seed)
     tasks = tasks_for(cfg)
@@ -45,6 +69,9 @@ def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
             raise InputError(f"candidates are for task '{g.task}', but --task is '{cfg.task}'", cfg.candidates, i + 1,
                              "task")
     model, tok = load_model_and_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    fmt = resolve_prompt_format(cfg.chat_template, tok)
+    check_prompt_format(cfg.candidates, fmt, tok)
+    end = fmt.response_end(tok)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)  # only now: bad candidates or --model leave an existing OUT untouched
     held_out: list[Group] = []
@@ -53,31 +80,46 @@ def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
     elif cfg.diag_every > 0:
         held_out, groups = groups[-cfg.diag_questions:], groups[:-cfg.diag_questions]
     # the NLL term draws from the whole training set, not just the sampled questions
-    pairs = [(t.prompt(e), e.reference) for t, e in load_split(tasks, "train", cfg.n_train)]
+    pairs = [(fmt.render(tok, t.prompt(e)), e.reference) for t, e in load_split(tasks, "train", cfg.n_train)]
     if method.nll_data == "rft":
-        pairs += rft_pairs(groups)
-    nll = NLLDataset.from_texts(tok, pairs, cfg.max_response_tokens)
+        pairs += rft_pairs(groups)  # the groups' prompts are already in the candidates' format
+    nll = NLLDataset.from_texts(tok, pairs, cfg.max_response_tokens, end)
     ds = AlignDataset(tok, groups, nll, max_candidates=cfg.max_candidates, include_reference=cfg.include_reference,
-                      max_response_tokens=cfg.max_response_tokens, seed=cfg.seed)
+                      max_response_tokens=cfg.max_response_tokens, seed=cfg.seed, end=end)
     ckpt = out / "checkpoints"
     args = training_args(cfg, ckpt)
     diag = None
     extra = list(callbacks)
     if held_out:
         diag = DiagnosticsCallback(tok, held_out, every=cfg.diag_every, threshold=cfg.alarm_threshold,
-                                   max_response_tokens=cfg.max_response_tokens)
+                                   max_response_tokens=cfg.max_response_tokens, end=end)
         extra.append(diag)
+    resampler = None
+    if cfg.resample_every:
+        examples = {(t.name, e.id): (t, e) for t in tasks for e in load_examples(t, "train")}
+        scfg = SamplingConfig(k=cfg.resample_k, max_new_tokens=cfg.resample_max_new_tokens,
+                              temperature=cfg.resample_temperature, top_p=cfg.resample_top_p, seed=cfg.seed,
+                              batch_size=cfg.resample_batch_size,
+                              stop=tuple(dict.fromkeys(x for t in tasks for x in stop_strings(t, fmt, tok))))
+        resampler = ResampleCallback(tok, ds, examples, cfg.resample_every, scfg, out / "resample",
+                                     cfg.max_candidates, cfg.include_reference, cfg.max_response_tokens, cfg.seed, end)
+        extra.append(resampler)
     trainer = AFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config(cfg),
                          reference_cache=reference_cache(cfg), callbacks=extra)
     if diag is not None:
         diag.trainer = trainer
+    if resampler is not None:
+        resampler.trainer = trainer
     t0 = time.time()
     train_or_restore(trainer, shared_resume_point(cfg, ckpt))
     wall = time.time() - t0
     path = save_model(trainer, tok, out, cfg, cfg.model)
     metrics = {"model": str(path), "method": cfg.method, "train_seconds": round(wall, 1),
                "steps": trainer.state.global_step, "n_groups": len(groups), "n_nll_examples": len(nll),
-               "log_history": trainer.state.log_history}
+               "log_history": trainer.state.log_history, "compute": training_compute(trainer)}
+    if cfg.resample_every:
+        metrics["resample_every"] = cfg.resample_every
+        metrics["resamples"] = resample_history(out / "resample", cfg.resample_every, cfg.max_steps)
     if diag is not None:
         metrics["diagnostics"] = diag.history
         metrics["alarms"] = diag.alarms

@@ -9,6 +9,7 @@ from aftune.config import AssessConfig, save_config
 from aftune.evaluation.assessment import assessment_metrics
 from aftune.evaluation.report import assessment_report
 from aftune.io import InputError
+from aftune.prompting import resolve_prompt_format, stop_strings
 from aftune.records import Group, read_groups
 from aftune.sampling.sampler import SamplingConfig
 from aftune.sampling.store import sample_candidates
@@ -16,11 +17,12 @@ from aftune.scoring import score_texts
 
 
 def assess_models(models: dict[str, tuple], groups: list[Group], out_dir: Path, batch_size: int = 16,
-                  progress: bool = False) -> dict[str, dict]:
+                  progress: bool = False, chat_template: str = "auto") -> dict[str, dict]:
     """Score the same candidates under each (model, tokenizer) and write assessment.{json,md} + plots."""
     named_metrics, named_scores = {}, {}
     for name, (model, tok) in models.items():
-        scores, refs = score_texts(model, tok, groups, batch_size, progress)
+        end = resolve_prompt_format(chat_template, tok).response_end(tok)
+        scores, refs = score_texts(model, tok, groups, batch_size, progress, end=end)
         named_metrics[name] = assessment_metrics(groups, scores, refs)
         pos = [s for g, ss in zip(groups, scores) for c, s in zip(g.candidates, ss) if c.correct]
         neg = [s for g, ss in zip(groups, scores) for c, s in zip(g.candidates, ss) if not c.correct]
@@ -44,9 +46,11 @@ def run_assess(cfg: AssessConfig) -> dict:
         task = single_task(cfg)
         examples = load_examples(task, cfg.split)[:cfg.n_questions]
         model, tok = models[names[0]]
+        fmt = resolve_prompt_format(cfg.chat_template, tok)
         path = out / "candidates.jsonl"
         sample_candidates(model, tok, task, examples, path, SamplingConfig(
             k=cfg.k, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-            batch_size=cfg.batch_size, stop=task.stop), model_name=paths[0], progress=not cfg.quiet)
+            batch_size=cfg.batch_size, stop=stop_strings(task, fmt, tok)), model_name=paths[0], progress=not cfg.quiet,
+            prompt_format=fmt)
         groups = read_groups(path)
-    return assess_models(models, groups, out, cfg.batch_size, progress=not cfg.quiet)
+    return assess_models(models, groups, out, cfg.batch_size, progress=not cfg.quiet, chat_template=cfg.chat_template)

@@ -10,6 +10,7 @@ from aftune.config import EvalConfig, save_config
 from aftune.evaluation.accuracy import greedy_accuracy
 from aftune.evaluation.assessment import assessment_metrics
 from aftune.io import atomic_write_json, write_jsonl
+from aftune.prompting import resolve_prompt_format
 from aftune.scoring import score_texts
 
 
@@ -18,14 +19,16 @@ def run_eval(cfg: EvalConfig) -> dict:
     tasks = tasks_for(cfg)
     items = load_split(tasks, cfg.split, cfg.n_questions)
     model, tok = load_for_inference(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    fmt = resolve_prompt_format(cfg.chat_template, tok)
     t0 = time.time()
-    res = greedy_accuracy(model, tok, items, cfg.max_new_tokens, cfg.batch_size, progress=not cfg.quiet)
+    res = greedy_accuracy(model, tok, items, cfg.max_new_tokens, cfg.batch_size, progress=not cfg.quiet,
+                          prompt_format=fmt)
     res["eval_seconds"] = round(time.time() - t0, 1)
     out = Path(cfg.out)
     write_jsonl(out.with_suffix(".predictions.jsonl"), res.pop("predictions"))
     if cfg.candidates:
         groups = read_candidate_files(cfg.candidates)
-        scores, refs = score_texts(model, tok, groups, progress=not cfg.quiet)
+        scores, refs = score_texts(model, tok, groups, progress=not cfg.quiet, end=fmt.response_end(tok))
         res["assessment"] = {k: v for k, v in assessment_metrics(groups, scores, refs).items() if k != "acc_vs_k"}
     res.update({"model": cfg.model, "task": cfg.task, "split": cfg.split})
     atomic_write_json(out, res)

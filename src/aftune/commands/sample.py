@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from aftune.commands.common import check_positive, load_examples, load_for_inference, parse_shard, single_task
+from aftune import gguf
 from aftune.config import SampleConfig, save_config
 from aftune.distributed import env_shard
 from aftune.io import InputError
 from aftune.modeling import load_tokenizer
+from aftune.prompting import resolve_prompt_format, stop_strings
 from aftune.sampling.sampler import SamplingConfig
 from aftune.sampling.shards import shard_file
 from aftune.sampling.store import sample_candidates
@@ -32,18 +34,21 @@ def run_sample(cfg: SampleConfig) -> dict:
         examples = examples[shard[0]::shard[1]]
     out = Path(cfg.out) if shard is None else shard_file(cfg.out, *shard)
     out.parent.mkdir(parents=True, exist_ok=True)
-    scfg = SamplingConfig(k=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                          seed=cfg.seed, batch_size=cfg.batch_size, stop=task.stop)
     if cfg.backend == "vllm":
         from aftune.sampling.vllm_backend import generate_k_vllm  # optional dependency (GPU machines)
 
-        tok = load_tokenizer(cfg.model, cfg.trust_remote_code)  # for the meta check; vLLM loads its own
-        stats = sample_candidates(None, tok, task, examples, out, scfg, model_name=cfg.model, progress=not cfg.quiet,
-                                  generate=lambda prompts, c: generate_k_vllm(cfg.model, prompts, c))
+        model, tok = None, load_tokenizer(cfg.model, cfg.trust_remote_code)  # for the meta check; vLLM loads its own
     else:
         model, tok = load_for_inference(cfg.model, dtype="bfloat16" if cfg.bf16 else "float32",
                                         trust_remote_code=cfg.trust_remote_code)
-        stats = sample_candidates(model, tok, task, examples, out, scfg, model_name=cfg.model, progress=not cfg.quiet)
+    fmt = resolve_prompt_format(cfg.chat_template, tok)
+    scfg = SamplingConfig(k=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                          seed=cfg.seed, batch_size=cfg.batch_size, stop=stop_strings(task, fmt, tok))
+    # vLLM reads a model folder: a .gguf file goes through its cached safetensors conversion
+    generate = (lambda prompts, c: generate_k_vllm(gguf.resolve(cfg.model), prompts, c)) if cfg.backend == "vllm" \
+        else None
+    stats = sample_candidates(model, tok, task, examples, out, scfg, model_name=cfg.model, progress=not cfg.quiet,
+                              generate=generate, prompt_format=fmt)
     # Saved once the file is complete: a run refused by the meta check must not overwrite the config
     # that produced the existing candidates.
     save_config(cfg, out.parent, f"{out.stem}.config.yaml")

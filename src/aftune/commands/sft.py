@@ -16,6 +16,8 @@ from aftune.distributed import main_process_first
 from aftune.evaluation.accuracy import greedy_accuracy
 from aftune.io import atomic_write_json
 from aftune.modeling import create_tiny
+from aftune.prompting import resolve_prompt_format
+from aftune.training.compute import training_compute
 from aftune.training.data import NLLDataset
 from aftune.training.trainer import AFTTrainer
 
@@ -52,8 +54,12 @@ def run_sft(cfg: SFTConfig) -> dict:
         model_path = str(build_tiny(out, cfg, [t.prompt(e) + e.reference for t, e in train]))
     model, tok = load_model_and_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     save_config(cfg, out)  # only now: a bad --model or task leaves an existing OUT untouched
-    train_ds = NLLDataset.from_texts(tok, [(t.prompt(e), e.reference) for t, e in train], cfg.max_response_tokens)
-    val_ds = NLLDataset.from_texts(tok, [(t.prompt(e), e.reference) for t, e in val], cfg.max_response_tokens)
+    fmt = resolve_prompt_format(cfg.chat_template, tok)
+    end = fmt.response_end(tok)
+    train_ds = NLLDataset.from_texts(tok, [(fmt.render(tok, t.prompt(e)), e.reference) for t, e in train],
+                                     cfg.max_response_tokens, end)
+    val_ds = NLLDataset.from_texts(tok, [(fmt.render(tok, t.prompt(e)), e.reference) for t, e in val],
+                                   cfg.max_response_tokens, end)
     callbacks = [EarlyStoppingCallback(cfg.patience)] if cfg.patience > 0 else []
     trainer = AFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tok,
                          peft_config=peft_config(cfg), callbacks=callbacks)
@@ -63,14 +69,15 @@ def run_sft(cfg: SFTConfig) -> dict:
     path = save_model(trainer, tok, out, cfg, model_path)
     metrics = {"model": str(path), "train_seconds": round(wall, 1), "steps": trainer.state.global_step,
                "best_eval_loss": trainer.state.best_metric, "best_checkpoint": trainer.state.best_model_checkpoint,
-               "n_train": len(train), "log_history": trainer.state.log_history}
+               "n_train": len(train), "log_history": trainer.state.log_history,
+               "compute": training_compute(trainer)}
     if not trainer.is_world_process_zero():
         return metrics
     if cfg.eval_accuracy:
         # several processes: the weights may be sharded (FSDP / ZeRO-3), so read the saved model
         eval_model = trainer.model if args.world_size == 1 else load_model_and_tokenizer(str(path))[0].to(args.device)
         acc = greedy_accuracy(eval_model, tok, val, max_new_tokens=cfg.max_response_tokens,
-                              batch_size=max(cfg.batch_size, 32), progress=not cfg.quiet)
+                              batch_size=max(cfg.batch_size, 32), progress=not cfg.quiet, prompt_format=fmt)
         metrics["validation_accuracy"] = acc["accuracy"]
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

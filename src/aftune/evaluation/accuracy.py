@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from aftune.prompting import PLAIN, PromptFormat, stop_strings
 from aftune.records import Example
 from aftune.sampling.sampler import Sample, SamplingConfig, generate_k
 from aftune.tasks import Task
@@ -17,7 +18,7 @@ def prediction_row(task: Task, example: Example, sample: Sample) -> dict:
 
 
 def greedy_predictions(model, tokenizer, items: list[tuple[Task, Example]], max_new_tokens: int = 256,
-                       batch_size: int = 64, progress: bool = False) -> list[dict]:
+                       batch_size: int = 64, progress: bool = False, prompt_format: PromptFormat = PLAIN) -> list[dict]:
     """Greedy completion of every (task, example), graded; rows in the order of `items`."""
     rows: list[dict | None] = [None] * len(items)
     by_task: dict[str, list[int]] = defaultdict(list)
@@ -25,9 +26,10 @@ def greedy_predictions(model, tokenizer, items: list[tuple[Task, Example]], max_
         by_task[t.name].append(i)
     for idx in by_task.values():  # each task with its own stop strings
         task = items[idx[0]][0]
-        cfg = SamplingConfig(k=1, temperature=0.0, max_new_tokens=max_new_tokens, stop=task.stop,
-                             batch_size=batch_size)
-        outs = generate_k(model, tokenizer, [task.prompt(items[i][1]) for i in idx], cfg, progress=progress)
+        cfg = SamplingConfig(k=1, temperature=0.0, max_new_tokens=max_new_tokens,
+                             stop=stop_strings(task, prompt_format, tokenizer), batch_size=batch_size)
+        prompts = [prompt_format.render(tokenizer, task.prompt(items[i][1])) for i in idx]
+        outs = generate_k(model, tokenizer, prompts, cfg, progress=progress)
         for i, (s,) in zip(idx, outs):
             rows[i] = prediction_row(task, items[i][1], s)
     return rows  # type: ignore[return-value]
@@ -43,7 +45,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def greedy_accuracy(model, tokenizer, items: list[tuple[Task, Example]], max_new_tokens: int = 256,
-                    batch_size: int = 64, progress: bool = False) -> dict:
+                    batch_size: int = 64, progress: bool = False, prompt_format: PromptFormat = PLAIN) -> dict:
     """{"accuracy", "n", "per_task", "predictions"}: greedy accuracy of `model` on `items`.
 
     Example:
@@ -52,5 +54,5 @@ def greedy_accuracy(model, tokenizer, items: list[tuple[Task, Example]], max_new
         >>> task = get_task("arith", n_train=10, n_validation=2, n_test=4)
         >>> res = greedy_accuracy(model, tok, [(task, e) for e in task.load("test")])  # doctest: +SKIP
     """
-    rows = greedy_predictions(model, tokenizer, items, max_new_tokens, batch_size, progress)
+    rows = greedy_predictions(model, tokenizer, items, max_new_tokens, batch_size, progress, prompt_format)
     return {**summarize(rows), "predictions": rows}

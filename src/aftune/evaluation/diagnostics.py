@@ -18,15 +18,16 @@ WATCHED = ("mean_score_positive", "mean_score_reference")
 
 class DiagnosticsCallback(TrainerCallback):
     def __init__(self, tokenizer, groups: list[Group], every: int, threshold: float = 0.05,
-                 max_response_tokens: int | None = None):
+                 max_response_tokens: int | None = None, end: list[int] | None = None):
         self.tokenizer, self.groups, self.every, self.threshold = tokenizer, groups, every, threshold
-        self.max_response_tokens = max_response_tokens
+        self.max_response_tokens, self.end = max_response_tokens, end
         self.history: list[dict] = []
         self.alarms: list[dict] = []
         self.trainer = None  # set by the runner so diagnostics go through Trainer.log -> report_to
 
     def measure(self, model, step: int) -> dict:
-        scores, refs = score_texts(model, self.tokenizer, self.groups, max_response_tokens=self.max_response_tokens)
+        scores, refs = score_texts(model, self.tokenizer, self.groups, max_response_tokens=self.max_response_tokens,
+                                   end=self.end)
         m = assessment_metrics(self.groups, scores, refs)
         row = {"step": step, **{k: m[k] for k in ("assessment_acc_macro", "assessment_acc_micro", "mean_score_positive",
                                                   "mean_score_negative", "mean_score_reference")}}

@@ -23,7 +23,7 @@ _LINESTYLES = ["-", "--", ":", "-."]
 _MARKERS = ["o", "s", "^", "D", "v", "P"]  # rules often coincide (e.g. at k=1); markers keep them apart
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a window
@@ -32,8 +32,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, path: str | os.PathLike) -> Path:
-    plt = _pyplot()
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # write to a temporary name then rename, so a report never links a half-written image
@@ -88,7 +88,7 @@ def plot_score_histograms(path: str | os.PathLike,
     """
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     names = list(named_scores) or ["(no models)"]
     edges = shared_bin_edges(named_scores, bins)
     fig, axes = plt.subplots(len(names), 1, sharex=True, squeeze=False,
@@ -110,7 +110,7 @@ def plot_score_histograms(path: str | os.PathLike,
             ax.legend(loc="upper left", fontsize=8)
     axes[-1, 0].set_xlabel(f"{SCORE_LABEL}; higher = model prefers it")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_acc_vs_k(path: str | os.PathLike, named_curves: dict[str, dict[str, Sequence[Any]]],
@@ -119,7 +119,7 @@ def plot_acc_vs_k(path: str | os.PathLike, named_curves: dict[str, dict[str, Seq
 
     Each curve dict is `assessment_metrics(...)["acc_vs_k"]`: {"k": [...], rule: [acc, ...]}.
     """
-    plt = _pyplot()
+    plt = pyplot()
     if len(named_curves) > MANY_MODELS and rules is None:
         return _plot_self_select_many(plt, path, named_curves)
     rules = list(rules or RULE_LABELS)
@@ -156,7 +156,7 @@ def plot_acc_vs_k(path: str | os.PathLike, named_curves: dict[str, dict[str, Seq
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_metric_bars(path: str | os.PathLike, table: dict[str, dict[str, float | None]],
@@ -168,7 +168,7 @@ def plot_metric_bars(path: str | os.PathLike, table: dict[str, dict[str, float |
     """
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     models = list(table)
     metrics = list(metrics)
     if len(models) > MANY_MODELS:
@@ -220,7 +220,7 @@ def plot_metric_bars(path: str | os.PathLike, table: dict[str, dict[str, float |
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.94), ncol=len(handles),
                    fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.88 if handles else 1))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 MANY_MODELS = 6  # beyond this, one colour per model stops being readable: switch layouts
@@ -250,7 +250,7 @@ def _plot_self_select_many(plt, path, named_curves) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _metric_barh_many(plt, path, table, metrics, title) -> Path:
@@ -275,13 +275,13 @@ def _metric_barh_many(plt, path, table, metrics, title) -> Path:
     axes[0, 0].invert_yaxis()
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_curves(path: str | os.PathLike, history: Sequence[dict[str, Any]],
                          keys: Sequence[str], title: str = "Training diagnostics") -> Path:
     """Each diagnostic vs step in its own panel (shared step axis): scales differ across keys."""
-    plt = _pyplot()
+    plt = pyplot()
     keys = list(keys) or ["(no keys)"]
     fig, axes = plt.subplots(len(keys), 1, sharex=True, squeeze=False, figsize=(7.5, 2.2 * len(keys) + 0.8))
     for ax, key in zip(axes[:, 0], keys):
@@ -298,13 +298,13 @@ def plot_training_curves(path: str | os.PathLike, history: Sequence[dict[str, An
     axes[0, 0].set_title(title)
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_experiment(root: Path, cells: list[dict], name: str, control_cell: str) -> list[tuple[Path, str]]:
     """An experiment's plots under root/plots: accuracy per cell, the paired difference to the control, and
     the difference vs k and vs beta. Returns (path, caption) pairs for the report."""
-    plt = _pyplot()
+    plt = pyplot()
     CONTROL = control_cell
     out: list[tuple[Path, str]] = []
     acc = {c["cell"]: c["metrics"]["test_acc"] for c in cells}
@@ -327,7 +327,7 @@ def plot_experiment(root: Path, cells: list[dict], name: str, control_cell: str)
     ax.set_title(f"{name}: accuracy per run configuration")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    out.append((_save(fig, root / "plots" / "accuracy.png"), "test accuracy per configuration (error bars: std over seeds)"))
+    out.append((save_figure(fig, root / "plots" / "accuracy.png"), "test accuracy per configuration (error bars: std over seeds)"))
 
     # The paired view: seeds differ far more from each other than methods from their seed's control, so
     # the std bars above hide what the study measures. Per cell: pooled difference to the control with a
@@ -353,7 +353,7 @@ def plot_experiment(root: Path, cells: list[dict], name: str, control_cell: str)
         ax.set_title(f"{name}: paired difference to the control (bars: pooled ± 95% CI; dots: seeds)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        out.append((_save(fig, root / "plots" / "delta_vs_control.png"),
+        out.append((save_figure(fig, root / "plots" / "delta_vs_control.png"),
                     "difference to the same seed's control (pooled over seeds, 95% interval; dots: single seeds)"))
 
     def lines(axis: str, path: str, title: str, xlabel: str, log: bool) -> None:
@@ -395,7 +395,7 @@ def plot_experiment(root: Path, cells: list[dict], name: str, control_cell: str)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        out.append((_save(fig, root / "plots" / path), title))
+        out.append((save_figure(fig, root / "plots" / path), title))
 
     lines("k", "accuracy_vs_k.png", "Accuracy vs k: difference to the control", "k", True)
     lines("beta", "accuracy_vs_beta.png", "Accuracy vs beta: difference to the control", "beta (nats per token, log scale)", True)

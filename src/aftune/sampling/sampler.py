@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from aftune.modeling import cache_kwarg, forward_params, returned_cache
+from aftune.prompting import encode_prompt
 from aftune.scoring import pad_sequences
 
 
@@ -276,7 +277,8 @@ def generate_k(model, tokenizer, prompts: list[str], cfg: SamplingConfig, progre
                preallocate_cache: bool = True) -> list[list[Sample]]:
     """For each prompt, cfg.k samples (in prompt order).
 
-    Prompts are tokenized with the tokenizer's defaults (special tokens added as in `tokenizer(prompt)`),
+    Prompts are tokenized as aftune.prompting.encode_prompt does (special tokens added, unless a rendered chat
+    prompt already starts with BOS),
     sorted by length and batched `cfg.batch_size` at a time so padding is small. Finished rows are dropped
     from the cache once they are at least `compact_at` of the rows still in it (1.0+ = never before all
     finish). Deterministic for the same seed, inputs and batch size. `stats`, if given, receives counters
@@ -292,7 +294,7 @@ def generate_k(model, tokenizer, prompts: list[str], cfg: SamplingConfig, progre
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = eos[0] if eos else 0  # any id works: padded positions are masked out
-    enc = tokenizer(list(prompts))["input_ids"]
+    enc = [encode_prompt(tokenizer, p) for p in prompts]
     if any(len(e) == 0 for e in enc):
         raise ValueError("generate_k: a prompt tokenized to zero tokens (empty prompt without a BOS token)")
     order = sorted(range(len(prompts)), key=lambda i: len(enc[i]), reverse=True)  # longest first: OOM shows early

@@ -18,6 +18,7 @@ from typing import Callable, Any
 from tqdm.auto import tqdm
 
 from aftune.io import InputError, append_jsonl, iter_jsonl, require, truncate_torn_tail, write_jsonl
+from aftune.prompting import PLAIN, PromptFormat, encode_prompt
 from aftune.records import Candidate, CandidatesMeta, Example, Group, meta_path_for, read_groups
 from aftune.sampling.sampler import Sample, SamplingConfig, generate_k
 from aftune.tasks.feedback import assign_ranks
@@ -92,7 +93,8 @@ def group_stats(groups: list[Group]) -> dict[str, Any]:
 
 def sample_candidates(model, tokenizer, task, examples: list[Example], out_path: str | os.PathLike,
                       cfg: SamplingConfig, model_name: str = "", progress: bool = True,
-                      generate: Callable[[list[str], SamplingConfig], list[list[Sample]]] | None = None) -> dict[str, Any]:
+                      generate: Callable[[list[str], SamplingConfig], list[list[Sample]]] | None = None,
+                      prompt_format: PromptFormat = PLAIN) -> dict[str, Any]:
     """Sample, label and append one Group per example to `out_path` (JSONL), resuming a partial file.
 
     Questions are processed in order of prompt length (less padding), so the file's line order is not the
@@ -107,7 +109,7 @@ def sample_candidates(model, tokenizer, task, examples: list[Example], out_path:
         seen_ids.add(ex.id)
 
     meta = CandidatesMeta(task=task.name, model=model_name, tokenizer=tokenizer_info(tokenizer),
-                          sampling=cfg.to_dict())
+                          sampling=cfg.to_dict(), prompt_format=prompt_format.to_meta(tokenizer))
     has_data = out_path.exists() and out_path.stat().st_size > 0
     if has_data and meta_path.exists():
         _check_meta(meta_path, CandidatesMeta.read(meta_path), meta)  # before touching the data file: a mismatch leaves it as it was
@@ -121,12 +123,11 @@ def sample_candidates(model, tokenizer, task, examples: list[Example], out_path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     replace(meta, status="running").write(meta_path)
 
-    prompts = {ex.id: task.prompt(ex) for ex in todo}
-    lengths = {ex.id: len(ids) for ex, ids in zip(todo, tokenizer([prompts[ex.id] for ex in todo])["input_ids"])} \
-        if todo else {}
+    prompts = {ex.id: prompt_format.render(tokenizer, task.prompt(ex)) for ex in todo}
+    lengths = {ex.id: len(encode_prompt(tokenizer, prompts[ex.id])) for ex in todo}
     todo.sort(key=lambda ex: -lengths[ex.id])  # stable: equal lengths keep input order
     t0 = time.perf_counter()
-    n_samples = 0
+    n_samples = n_tokens = 0
     with tqdm(total=len(todo), desc=f"sampling {task.name}", unit="q", disable=not progress) as bar:
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start:start + cfg.batch_size]
@@ -137,14 +138,21 @@ def sample_candidates(model, tokenizer, task, examples: list[Example], out_path:
             samples = (generate(batch_prompts, batch_cfg) if generate is not None
                        else generate_k(model, tokenizer, batch_prompts, batch_cfg))
             groups = [build_group(task, ex, prompts[ex.id], s, cfg.k) for ex, s in zip(batch, samples)]
+            for g, s in zip(groups, samples):  # compute accounting: every sampled token, duplicates included
+                g.meta["generated_tokens"] = sum(x.n_tokens for x in s)
             append_jsonl(out_path, [g.to_dict() for g in groups])
             n_samples += sum(len(s) for s in samples)
+            n_tokens += sum(x.n_tokens for s in samples for x in s)
             bar.update(len(batch))
     wall = time.perf_counter() - t0
 
-    stats = group_stats(read_groups(out_path)) if out_path.exists() else group_stats([])
+    groups = read_groups(out_path) if out_path.exists() else []
+    stats = group_stats(groups)
     stats.update({"new_questions": len(todo), "resumed_questions": len(done), "new_samples": n_samples,
-                  "wall_s": round(wall, 3), "samples_per_s": n_samples / wall if wall > 0 else 0.0})
+                  "wall_s": round(wall, 3), "samples_per_s": n_samples / wall if wall > 0 else 0.0,
+                  # the whole file's (exact under resume: each group records its own), and this run's
+                  "generated_tokens": sum(int(g.meta.get("generated_tokens", 0)) for g in groups),
+                  "new_generated_tokens": n_tokens})
     replace(meta, status="complete", stats=stats).write(meta_path)
     return stats
 

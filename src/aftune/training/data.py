@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from aftune.io import InputError
 from aftune.records import Candidate, Group, read_groups
+from aftune.prompting import encode_prompt
 from aftune.scoring import encode_pair, pad_sequences
 from aftune.tasks.feedback import rft_select
 
@@ -31,8 +32,10 @@ class NLLDataset(Dataset):
         self.pairs = pairs
 
     @classmethod
-    def from_texts(cls, tokenizer, pairs: Iterable[tuple[str, str]], max_response_tokens: int | None = None):
-        return cls([encode_pair(tokenizer, p, r, max_response_tokens) for p, r in pairs])
+    def from_texts(cls, tokenizer, pairs: Iterable[tuple[str, str]], max_response_tokens: int | None = None,
+                   end: list[int] | None = None):
+        """Tokenise (prompt, response) texts; `end` closes each response (default EOS, see encode_pair)."""
+        return cls([encode_pair(tokenizer, p, r, max_response_tokens, end) for p, r in pairs])
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -76,17 +79,21 @@ class AlignDataset(Dataset):
 
     def __init__(self, tokenizer, groups: list[Group], nll: NLLDataset, max_candidates: int = 8,
                  include_reference: bool = True, max_response_tokens: int | None = None, seed: int = 0,
-                 nll_per_item: int = 1):
+                 nll_per_item: int = 1, end: list[int] | None = None):
         rng = random.Random(seed)
         self.items: list[GroupItem] = []
         self.groups = groups
         for g in groups:
             chosen = select_candidates(g, max_candidates, include_reference, rng)
-            prompt = tokenizer(g.prompt)["input_ids"]
-            cands = [encode_pair(tokenizer, g.prompt, c.text, max_response_tokens)[1] for c in chosen]
+            prompt = encode_prompt(tokenizer, g.prompt)
+            cands = [encode_pair(tokenizer, g.prompt, c.text, max_response_tokens, end)[1] for c in chosen]
             ranks = [c.rank if c.rank is not None else (0 if c.correct else 1) for c in chosen]
             if chosen and chosen[0].is_reference and len(chosen) > 1:
-                ranks[0] = min(ranks)  # the reference is as good as the best candidate
+                # The reference is as good as the best candidate when some sample is correct (samples rank
+                # correct above wrong), and strictly better than every one when all are wrong: the ranks
+                # of the samples are dense among themselves, so all-wrong groups start at 0 as well.
+                any_correct = any(c.correct for c in chosen[1:])
+                ranks[0] = min(ranks[1:]) - (0 if any_correct else 1)
             self.items.append(GroupItem(prompt, cands, [c.correct for c in chosen], ranks,
                                         [c.is_reference for c in chosen]))
         self.nll = nll

@@ -14,7 +14,9 @@ from transformers import Trainer
 
 from aftune.io import RunError
 from aftune.modeling import load_model, load_tokenizer
+from aftune.prompting import PLAIN, PromptFormat
 from aftune.scoring import score_groups, to_padded
+from aftune.training.compute import ComputeCounter, candidate_tokens, find_counter
 from aftune.training.config import AFTConfig
 from aftune.training.data import AlignDataset, NLLDataset, collate, default_nll_pairs, to_groups
 from aftune.training.methods import CandidateBatch, get_method
@@ -42,6 +44,8 @@ class AFTTrainer(Trainer):
         nll_dataset: the L_VFT term's data, as (prompt, response) text pairs or a dataset with `prompt` and
             `completion` columns. Default: each group's reference, or its correct candidates if it has none.
         reference_cache: a JSON file for the reference log-probs (computed once, shared by processes).
+        prompt_format: an `aftune.prompting.PromptFormat` when the prompts are chat-rendered: responses then
+            end with the template's turn end instead of EOS (the prompts themselves are used as given).
 
     The trainer tokenises the groups, builds its collator, keeps its columns whatever
     `remove_unused_columns` says, and computes the reference log-probs (DPO) and the per-question beta
@@ -63,7 +67,8 @@ class AFTTrainer(Trainer):
 
     def __init__(self, model, args: AFTConfig | None = None, train_dataset: Any = None, eval_dataset: Any = None,
                  processing_class=None, peft_config=None, nll_dataset: Any = None,
-                 reference_cache: str | os.PathLike | None = None, data_collator=None, **kwargs):
+                 reference_cache: str | os.PathLike | None = None, prompt_format: PromptFormat | None = None,
+                 data_collator=None, **kwargs):
         if isinstance(model, (str, os.PathLike)):
             processing_class = processing_class or load_tokenizer(str(model))
             model = load_model(str(model))
@@ -74,8 +79,9 @@ class AFTTrainer(Trainer):
         if not isinstance(args, AFTConfig):
             raise TypeError(f"args must be an AFTConfig, got {type(args).__name__}")
         self.method = get_method(args.method)
-        train_dataset = self._tokenised(train_dataset, processing_class, args, nll_dataset, "train_dataset")
-        eval_dataset = self._tokenised(eval_dataset, processing_class, args, nll_dataset, "eval_dataset")
+        end = (prompt_format or PLAIN).response_end(processing_class)
+        train_dataset = self._tokenised(train_dataset, processing_class, args, nll_dataset, end, "train_dataset")
+        eval_dataset = self._tokenised(eval_dataset, processing_class, args, nll_dataset, end, "eval_dataset")
         if self.method.needs_reference_logps or args.beta_auto:
             for ds in (train_dataset, eval_dataset):
                 if isinstance(ds, AlignDataset) and any(it.ref_logps is None for it in ds.items):
@@ -92,10 +98,12 @@ class AFTTrainer(Trainer):
                          data_collator=data_collator or partial(collate, pad_id=processing_class.pad_token_id),
                          **kwargs)
         self.model_accepts_loss_kwargs = False  # the model is never given num_items_in_batch
+        if find_counter(self) is None:  # tokens scored, saved in checkpoints (aftune.training.compute)
+            self.add_callback(ComputeCounter())
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
     @staticmethod
-    def _tokenised(data, tokenizer, args: AFTConfig, nll_data, name: str) -> Dataset | None:
+    def _tokenised(data, tokenizer, args: AFTConfig, nll_data, end: list[int], name: str) -> Dataset | None:
         if data is None or isinstance(data, Dataset):
             return data  # None, or already tokenised (AlignDataset, NLLDataset, a user's torch Dataset)
         groups = to_groups(data, source=name)
@@ -104,12 +112,12 @@ class AFTTrainer(Trainer):
         else:
             pairs = default_nll_pairs(groups) if nll_data is None else [
                 (r["prompt"], r["completion"]) if isinstance(r, dict) else tuple(r) for r in nll_data]
-            nll = NLLDataset.from_texts(tokenizer, pairs, args.max_response_tokens)
+            nll = NLLDataset.from_texts(tokenizer, pairs, args.max_response_tokens, end)
         if len(nll) == 0 and get_method(args.method).loss is None:
             raise ValueError(f"{name}: method '{args.method}' trains on NLL data only, and there is none (no "
                              "references, no correct candidates); pass nll_dataset")
         return AlignDataset(tokenizer, groups, nll, args.max_candidates, args.include_reference,
-                            args.max_response_tokens, seed=args.seed)
+                            args.max_response_tokens, seed=args.seed, end=end)
 
     # Trainer would drop the `nll` / `groups` keys of our items (they are not model.forward arguments).
     def _remove_unused_columns(self, dataset, description=None):
@@ -138,6 +146,9 @@ class AFTTrainer(Trainer):
             self.args, "gradient_checkpointing", False)
         share = self.args.share_prefix and not (model.training and checkpointing)
         scored = score_groups(model, [g.prompt for g in groups], [g.candidates for g in groups], pad, share_prefix=share)
+        if model.training:
+            self._count("candidate_tokens_scored",
+                        sum(candidate_tokens(len(g.prompt), [len(c) for c in g.candidates], share) for g in groups))
         b, index = len(groups), scored.group_index
         mean, valid = to_padded(scored.mean, index, b)
         dev = mean.device
@@ -180,6 +191,8 @@ class AFTTrainer(Trainer):
         prefix = "" if model.training else "eval_"
         if "nll" in inputs:
             nll = model(**inputs["nll"]).loss  # token mean over this micro-batch
+            if model.training:
+                self._count("nll_tokens_scored", int(inputs["nll"]["attention_mask"].sum()))
             self._metrics[prefix + "nll"].append(nll.item())
             if counts is not None:
                 n = (inputs["nll"]["labels"][:, 1:] != -100).sum()
@@ -198,6 +211,11 @@ class AFTTrainer(Trainer):
                 f"loss became {loss.item()} at step {self.state.global_step}; stopping. The last saved checkpoint "
                 f"in {self.args.output_dir} is intact. Try a lower learning rate, bf16 off, or a smaller lambda.")
         return (loss, None) if return_outputs else loss
+
+    def _count(self, key: str, n: int) -> None:
+        counter = find_counter(self)
+        if counter is not None:
+            counter.add(key, n)
 
     def _save_checkpoint(self, model, trial):
         # Non-finite weights (an optimiser step on an inf/NaN gradient) must not become the newest

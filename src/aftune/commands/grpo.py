@@ -1,0 +1,171 @@
+"""`aftune grpo`: GRPO (Shao et al., 2024) through `trl.GRPOTrainer`, rewarded by the task's own grader.
+
+For a prompt q, G completions o_1..o_G ~ pi_old(. | q) get rewards R_i = 1 if task.grade(o_i, q).correct else 0,
+and group-relative advantages A_i = (R_i - mean_j R_j) / s, with s = std_j R_j (scale_rewards=group), the
+batch's std (batch) or 1 (none). TRL maximises the clipped surrogate per token t of o_i,
+
+    min(rho_{i,t} A_i, clip(rho_{i,t}, 1 - eps, 1 + eps) A_i) - beta KL(pi_theta || pi_ref),
+    rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t}),
+
+averaged per sequence then over sequences (loss_type=grpo), summed and divided by G x max_completion_length
+(dr_grpo), or averaged over all active tokens of the batch (dapo). The prompts are `task.prompt(example)` in
+the run's prompt format, exactly as `aftune sample` and `aftune eval` give them, and the trained model is
+saved as a plain OUT/model and evaluated by `aftune eval` (greedy accuracy) like every other run.
+
+Compute: `generated_tokens` counts every completion token TRL generated (completion_ids, EOS included), from
+the reward function, which TRL calls once per generated batch; it is kept in checkpoints (ComputeCounter), so a
+resumed run counts like a straight one. `trl_num_input_tokens_seen` is TRL's own prompt + completion count
+(state.num_input_tokens_seen), and `tokens_scored` = that x the forward passes per batch (grpo_forward_passes).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import set_seed
+
+from aftune.commands.common import load_model_and_tokenizer, load_split, tasks_for
+from aftune.commands.eval import run_eval
+from aftune.commands.training import check_train_args, peft_config, save_model, shared_resume_point, train_or_restore
+from aftune.config import EvalConfig, GRPORunConfig, save_config
+from aftune.io import InputError, atomic_write_json
+from aftune.prompting import resolve_prompt_format, stop_strings
+from aftune.records import Example
+from aftune.tasks import Task
+from aftune.training.compute import ComputeCounter, find_counter, training_compute
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """The completion up to the first stop string (as the sampler and greedy eval cut it)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+class TaskReward:
+    """TRL reward function: 1.0 for a completion the task grades correct, else 0.0.
+
+    TRL calls it as f(prompts=..., completions=..., completion_ids=..., example_id=[...], trainer_state=..., ...):
+    every dataset column is passed by name, so `example_id` names each completion's question. Completions
+    are cut at the task's stop strings first. `trainer` (set after the trainer is built) receives the count of
+    generated tokens (sum of len(completion_ids)).
+    """
+
+    __name__ = "task_reward"  # TRL logs rewards under the callable's name
+
+    def __init__(self, examples: dict[str, tuple[Task, Example]], stop: tuple[str, ...] = ()):
+        self.examples, self.stop, self.trainer = examples, tuple(stop), None
+
+    def __call__(self, prompts: list, completions: list, completion_ids: list | None = None,
+                 example_id: list | None = None, **kwargs: Any) -> list[float]:
+        if example_id is None:
+            raise ValueError("task_reward needs the dataset's example_id column")
+        rewards = []
+        for completion, eid in zip(completions, example_id):
+            task, ex = self.examples[eid]
+            text = completion if isinstance(completion, str) else completion[-1]["content"]  # conversational rows
+            rewards.append(1.0 if task.grade(cut_at_stop(text, self.stop), ex).correct else 0.0)
+        counter = find_counter(self.trainer) if self.trainer is not None else None
+        if counter is not None and completion_ids is not None:
+            counter.add("generated_tokens", sum(len(c) for c in completion_ids))
+        return rewards
+
+
+def check_grpo(cfg: GRPORunConfig) -> None:
+    check_train_args(cfg)
+    if cfg.loss_type not in LOSS_TYPES:
+        raise InputError(f"expected one of {', '.join(LOSS_TYPES)}, got {cfg.loss_type!r}", field="--loss-type")
+    if cfg.scale_rewards not in SCALE_REWARDS:
+        raise InputError(f"expected one of {', '.join(SCALE_REWARDS)}, got {cfg.scale_rewards!r}",
+                         field="--scale-rewards")
+    if cfg.num_generations < 2:
+        raise InputError(f"GRPO needs >= 2 completions per prompt, got {cfg.num_generations}",
+                         field="--num-generations")
+    for name in ("max_new_tokens", "num_iterations", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"must be >= 1, got {getattr(cfg, name)}", field="--" + name.replace("_", "-"))
+    if not cfg.beta >= 0:
+        raise InputError(f"must be >= 0, got {cfg.beta}", field="--beta")
+    if cfg.beta > 0 and not Path(cfg.model).is_dir():
+        raise InputError("with --beta > 0 TRL reloads the reference model from the policy's path; give a saved "
+                         "model folder", cfg.model, field="--model")
+
+
+def grpo_forward_passes(cfg: GRPORunConfig) -> int:
+    """Forward passes TRL makes over each generated (prompt + completion) batch, with its default
+    steps_per_generation = grad_accum: num_iterations with gradients, + 1 for the frozen reference when
+    beta > 0, + 1 for the old policy's log-probs when num_iterations > 1 (trl/trainer/grpo_trainer.py,
+    `_generate_and_score_completions`: old_per_token_logps is computed iff grad_accum % (steps_per_generation
+    x num_iterations) != 0)."""
+    return cfg.num_iterations + (cfg.beta > 0) + (cfg.num_iterations > 1)
+
+
+def grpo_args(cfg: GRPORunConfig, out_dir: Path):
+    """trl.GRPOConfig of a run. batch_size counts prompts: TRL's per_device_train_batch_size counts completions."""
+    import torch
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(out_dir), max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size * cfg.num_generations,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_schedule,
+        warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), weight_decay=cfg.weight_decay, optim=cfg.optim,
+        max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        save_strategy="steps", save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16,
+        use_cpu=not torch.cuda.is_available(), report_to=[r for r in cfg.report_to.split(",") if r and r != "none"]
+        or "none", disable_tqdm=cfg.quiet, dataloader_num_workers=0,
+        **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
+        num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
+        top_p=cfg.top_p, loss_type=cfg.loss_type, beta=cfg.beta, epsilon=cfg.epsilon,
+        num_iterations=cfg.num_iterations, scale_rewards=cfg.scale_rewards, remove_unused_columns=False,
+        log_completions=False)
+
+
+def run_grpo(cfg: GRPORunConfig) -> dict:
+    """Train with GRPO, save OUT/model, evaluate it (OUT/eval.json); OUT/metrics.json has the run's compute."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    check_grpo(cfg)
+    out = Path(cfg.out)
+    set_seed(cfg.seed)
+    tasks = tasks_for(cfg)
+    train = load_split(tasks, "train", cfg.n_questions)
+    model, tok = load_model_and_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    fmt = resolve_prompt_format(cfg.chat_template, tok)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    examples = {f"{t.name}/{e.id}": (t, e) for t, e in train}
+    ds = Dataset.from_list([{"prompt": fmt.render(tok, t.prompt(e)), "example_id": f"{t.name}/{e.id}"}
+                            for t, e in train])
+    reward = TaskReward(examples, tuple(dict.fromkeys(s for t in tasks for s in stop_strings(t, fmt, tok))))
+    ckpt = out / "checkpoints"
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=grpo_args(cfg, ckpt), train_dataset=ds,
+                          processing_class=tok, peft_config=peft_config(cfg), callbacks=[ComputeCounter()])
+    reward.trainer = trainer
+    t0 = time.time()
+    train_or_restore(trainer, shared_resume_point(cfg, ckpt))
+    wall = time.time() - t0
+    path = save_model(trainer, tok, out, cfg, cfg.model)
+    compute = training_compute(trainer)
+    seen = int(trainer.state.num_input_tokens_seen)
+    compute["trl_num_input_tokens_seen"] = seen
+    compute["tokens_scored"] = seen * grpo_forward_passes(cfg)
+    metrics: dict[str, Any] = {"model": str(path), "method": f"grpo:{cfg.loss_type}", "train_seconds": round(wall, 1),
+                               "steps": trainer.state.global_step, "n_prompts": len(train), "compute": compute,
+                               "log_history": trainer.state.log_history}
+    if not trainer.is_world_process_zero():
+        return metrics
+    t0 = time.time()
+    res = run_eval(EvalConfig(task=cfg.task, task_args=cfg.task_args, data_dir=cfg.data_dir, seed=cfg.seed,
+                              trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template, bf16=cfg.bf16,
+                              quiet=cfg.quiet, model=str(path), split=cfg.eval_split, n_questions=cfg.eval_questions,
+                              batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                              out=str(out / "eval.json")))
+    metrics.update(accuracy=res["accuracy"], eval_seconds=round(time.time() - t0, 1))
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
