@@ -34,8 +34,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (build_model, interleaved, make_tokenizer, matmul_ceiling, median,  # noqa: E402
-                    n_params, run_child, top_ops)
+from common import build_model, interleaved, make_tokenizer, matmul_ceiling, median, n_params, run_child, top_ops  # noqa: E402
 
 from aftune.losses import dpo_loss  # noqa: E402
 from aftune.scoring import score_groups, to_padded  # noqa: E402
@@ -54,19 +53,33 @@ class TRLSide:
         from datasets import Dataset
         from trl import DPOConfig, DPOTrainer
 
-        rows = [{"prompt": p, "chosen": cs[i], "rejected": cs[i + k // 2]}
-                for p, cs in questions for i in range(k // 2)]
-        args = DPOConfig(output_dir=out_dir, per_device_train_batch_size=len(rows), precompute_ref_log_probs=True,
-                         bf16=bf16, use_cpu=True, report_to=[], max_length=None, learning_rate=1e-5, beta=0.1,
-                         save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0)
+        rows = [
+            {"prompt": p, "chosen": cs[i], "rejected": cs[i + k // 2]} for p, cs in questions for i in range(k // 2)
+        ]
+        args = DPOConfig(
+            output_dir=out_dir,
+            per_device_train_batch_size=len(rows),
+            precompute_ref_log_probs=True,
+            bf16=bf16,
+            use_cpu=True,
+            report_to=[],
+            max_length=None,
+            learning_rate=1e-5,
+            beta=0.1,
+            save_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=0,
+        )
         os.environ["TQDM_DISABLE"] = "1"
         import datasets
 
         datasets.disable_progress_bars()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                      processing_class=tok)
+            self.trainer = DPOTrainer(
+                model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok
+            )
         self.trainer.create_optimizer()
         self.trainer.current_gradient_accumulation_steps = 1  # set by train()'s loop otherwise
         self.batch = next(iter(self.trainer.get_train_dataloader()))
@@ -144,7 +157,7 @@ def child_memory(args, spec: str) -> dict:
 
         def rss():
             with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
         fn()  # first step allocates optimizer state; measure the steady-state steps
         gc.collect()
@@ -189,9 +202,11 @@ def main():
     ceil = {"fp32": matmul_ceiling(torch.float32)}
     if "bf16" in dtypes:
         ceil["bf16"] = matmul_ceiling(torch.bfloat16)
-    print(f"threads={args.threads} B={args.questions} questions/step prompt={args.prompt_len} "
-          f"response={args.response_len}; matmul ceiling " +
-          ", ".join(f"{d} {c / 1e9:.1f} GFLOP/s" for d, c in ceil.items()))
+    print(
+        f"threads={args.threads} B={args.questions} questions/step prompt={args.prompt_len} "
+        f"response={args.response_len}; matmul ceiling "
+        + ", ".join(f"{d} {c / 1e9:.1f} GFLOP/s" for d, c in ceil.items())
+    )
     res = {}
     for m in models:
         for k in ks:
@@ -205,16 +220,23 @@ def main():
                     row = {}
                     for side, obj in (("aftune", aft), ("trl", trl)):
                         t = median(times[side])
-                        row[side] = {"s": t, "cand_tok_s": cand / t, "tokens": obj.tokens,
-                                     "mfu": 6 * n * obj.tokens / t / ceil[d]}
+                        row[side] = {
+                            "s": t,
+                            "cand_tok_s": cand / t,
+                            "tokens": obj.tokens,
+                            "mfu": 6 * n * obj.tokens / t / ceil[d],
+                        }
                     res[(m, k, d)] = row
                     a, b = row["aftune"], row["trl"]
-                    print(f"{m} ({n / 1e6:.2f}M) k={k} {d}: aftune {a['s'] * 1e3:.0f} ms "
-                          f"({a['cand_tok_s']:.0f} cand tok/s, {a['tokens']} tok, {a['mfu']:.0%} of {d} ceiling) | "
-                          f"TRL {b['s'] * 1e3:.0f} ms ({b['cand_tok_s']:.0f} cand tok/s, {b['tokens']} tok, "
-                          f"{b['mfu']:.0%}) | ratio {a['cand_tok_s'] / b['cand_tok_s']:.2f}x "
-                          f"[ref-logp check {diff:.1e}; runs aftune {['%.3f' % x for x in times['aftune']]} "
-                          f"trl {['%.3f' % x for x in times['trl']]}]", flush=True)
+                    print(
+                        f"{m} ({n / 1e6:.2f}M) k={k} {d}: aftune {a['s'] * 1e3:.0f} ms "
+                        f"({a['cand_tok_s']:.0f} cand tok/s, {a['tokens']} tok, {a['mfu']:.0%} of {d} ceiling) | "
+                        f"TRL {b['s'] * 1e3:.0f} ms ({b['cand_tok_s']:.0f} cand tok/s, {b['tokens']} tok, "
+                        f"{b['mfu']:.0%}) | ratio {a['cand_tok_s'] / b['cand_tok_s']:.2f}x "
+                        f"[ref-logp check {diff:.1e}; runs aftune {[f'{x:.3f}' for x in times['aftune']]} "
+                        f"trl {[f'{x:.3f}' for x in times['trl']]}]",
+                        flush=True,
+                    )
                     if args.profile and k == max(ks) and d == "fp32":
                         print(f"--- profile aftune {m} k={k} fp32\n{top_ops(aft.step)}")
                         print(f"--- profile TRL {m} k={k} fp32\n{top_ops(trl.step)}", flush=True)
@@ -225,28 +247,52 @@ def main():
         for m in models:
             for d in dtypes:
                 for side in ("aftune", "trl"):
-                    r = run_child([__file__, "--_child", f"{m},{side},{d},{k}", "--questions", str(args.questions),
-                                   "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len),
-                                   "--threads", str(args.threads)])
+                    r = run_child(
+                        [
+                            __file__,
+                            "--_child",
+                            f"{m},{side},{d},{k}",
+                            "--questions",
+                            str(args.questions),
+                            "--prompt-len",
+                            str(args.prompt_len),
+                            "--response-len",
+                            str(args.response_len),
+                            "--threads",
+                            str(args.threads),
+                        ]
+                    )
                     mem[(m, d, side)] = r
                 a, b = mem[(m, d, "aftune")], mem[(m, d, "trl")]
-                print(f"memory {m} k={k} {d}: step peak RSS growth aftune {a['peak_mb']:.0f} MB, "
-                      f"TRL {b['peak_mb']:.0f} MB (sampled RSS above the pre-step level)")
+                print(
+                    f"memory {m} k={k} {d}: step peak RSS growth aftune {a['peak_mb']:.0f} MB, "
+                    f"TRL {b['peak_mb']:.0f} MB (sampled RSS above the pre-step level)"
+                )
     parts = []
     for m in models:
-        p = [f"k{k} {res[(m, k, 'fp32')]['aftune']['cand_tok_s'] / res[(m, k, 'fp32')]['trl']['cand_tok_s']:.2f}x"
-             for k in ks if (m, k, "fp32") in res]
+        p = [
+            f"k{k} {res[(m, k, 'fp32')]['aftune']['cand_tok_s'] / res[(m, k, 'fp32')]['trl']['cand_tok_s']:.2f}x"
+            for k in ks
+            if (m, k, "fp32") in res
+        ]
         if "bf16" in dtypes:
-            p += [f"bf16/TRLfp32 k{k} {res[(m, k, 'bf16')]['aftune']['cand_tok_s'] / res[(m, k, 'fp32')]['trl']['cand_tok_s']:.2f}x"
-                  for k in ks if (m, k, "fp32") in res]
+            p += [
+                f"bf16/TRLfp32 k{k} {res[(m, k, 'bf16')]['aftune']['cand_tok_s'] / res[(m, k, 'fp32')]['trl']['cand_tok_s']:.2f}x"
+                for k in ks
+                if (m, k, "fp32") in res
+            ]
         kk = max(ks)
         if (m, kk, "fp32") in res:
-            p.append(f"mfu fp32 k{kk} aftune {res[(m, kk, 'fp32')]['aftune']['mfu']:.0%} "
-                     f"TRL {res[(m, kk, 'fp32')]['trl']['mfu']:.0%}")
+            p.append(
+                f"mfu fp32 k{kk} aftune {res[(m, kk, 'fp32')]['aftune']['mfu']:.0%} "
+                f"TRL {res[(m, kk, 'fp32')]['trl']['mfu']:.0%}"
+            )
         if (m, kk, "bf16") in res:
             p.append(f"bf16 aftune {res[(m, kk, 'bf16')]['aftune']['mfu']:.0%} of bf16 ceiling")
         if (m, "fp32", "aftune") in mem:
-            p.append(f"mem k{kk} fp32 {mem[(m, 'fp32', 'aftune')]['peak_mb'] / max(mem[(m, 'fp32', 'trl')]['peak_mb'], 1):.2f}x TRL")
+            p.append(
+                f"mem k{kk} fp32 {mem[(m, 'fp32', 'aftune')]['peak_mb'] / max(mem[(m, 'fp32', 'trl')]['peak_mb'], 1):.2f}x TRL"
+            )
         parts.append(f"{m}: " + ", ".join(p))
     print("SUMMARY bench_align aftune/TRL-DPO candidate tok/s (fp32 unless noted): " + " | ".join(parts))
 

@@ -48,7 +48,7 @@ VOCAB = 262_144
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _maxrss_mb() -> float:
@@ -73,9 +73,21 @@ def _model(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=640, intermediate_size=2048, num_hidden_layers=args.layers,
-                      num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=1024,
-                      tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None, use_cache=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        use_cache=False,
+    )
     return LlamaForCausalLM(cfg).train()
 
 
@@ -115,17 +127,31 @@ class TRL:
 
         k = args.k
         better, worse = range(k // 2), range(k // 2, k)
-        rows = [{"prompt": p, "chosen": cs[i], "rejected": cs[j]} for p, cs in questions for i in better for j in worse]
+        rows = [
+            {"prompt": p, "chosen": cs[i], "rejected": cs[j]} for p, cs in questions for i in better for j in worse
+        ]
         os.environ["TQDM_DISABLE"] = "1"
         datasets.disable_progress_bars()
-        cfg = DPOConfig(output_dir=out_dir, per_device_train_batch_size=len(rows), precompute_ref_log_probs=True,
-                        precompute_ref_batch_size=k // 2, bf16=args.bf16, use_cpu=True, report_to=[],
-                        max_length=None, beta=0.1, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-                        seed=0)
+        cfg = DPOConfig(
+            output_dir=out_dir,
+            per_device_train_batch_size=len(rows),
+            precompute_ref_log_probs=True,
+            precompute_ref_batch_size=k // 2,
+            bf16=args.bf16,
+            use_cpu=True,
+            report_to=[],
+            max_length=None,
+            beta=0.1,
+            save_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=0,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.trainer = DPOTrainer(model=_model(args), args=cfg, train_dataset=Dataset.from_list(rows),
-                                      processing_class=tok)
+            self.trainer = DPOTrainer(
+                model=_model(args), args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok
+            )
         self.trainer.current_gradient_accumulation_steps = 1  # set by train()'s loop otherwise
         self.batch = next(iter(self.trainer.get_train_dataloader()))
         # the ids TRL trains on must be the ones aftune scores
@@ -147,13 +173,14 @@ def _peak_alloc(fn) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     cur = peak = 0
     for e in events:
         cur += e.nbytes()
         peak = max(peak, cur)
-    return peak / 2 ** 20
+    return peak / 2**20
 
 
 def child(args) -> dict:
@@ -167,8 +194,11 @@ def child(args) -> dict:
     questions = _questions(args, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         tool = args._child
-        side = TRL(args, tok, questions, tmp) if tool == "trl-dpo" else \
-            Aftune(args, tok, questions, (args.chunk_size or None) if tool == "aftune-chunked" else 0)
+        side = (
+            TRL(args, tok, questions, tmp)
+            if tool == "trl-dpo"
+            else Aftune(args, tok, questions, (args.chunk_size or None) if tool == "aftune-chunked" else 0)
+        )
         if args.cap_gib:  # feasibility probe: one step under the cap (set before anything was built)
             side.step()
             return {"ok": True}
@@ -189,15 +219,44 @@ def child(args) -> dict:
         done.append(1)
         th.join()
         maxrss1 = _maxrss_mb()
-    return {"s": dt, "alloc_mb": alloc, "rss_mb": peak[0] - rss0, "maxrss_mb": maxrss1 - rss0,
-            "maxrss_valid": maxrss1 > maxrss0, "tokens": side.tokens, "base_rss_mb": rss0}
+    return {
+        "s": dt,
+        "alloc_mb": alloc,
+        "rss_mb": peak[0] - rss0,
+        "maxrss_mb": maxrss1 - rss0,
+        "maxrss_valid": maxrss1 > maxrss0,
+        "tokens": side.tokens,
+        "base_rss_mb": rss0,
+    }
 
 
 def _argv(args, tool, batch, cap=0.0):
-    return [sys.executable, os.path.abspath(__file__), "--_child", tool, "--batch", str(batch), "--k", str(args.k),
-            "--prompt-len", str(args.prompt_len), "--min-len", str(args.min_len), "--max-len", str(args.max_len),
-            "--layers", str(args.layers), "--threads", str(args.threads), "--seed", str(args.seed),
-            "--cap-gib", str(cap), "--chunk-size", str(args.chunk_size)] + (["--bf16"] if args.bf16 else [])
+    return [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_child",
+        tool,
+        "--batch",
+        str(batch),
+        "--k",
+        str(args.k),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--min-len",
+        str(args.min_len),
+        "--max-len",
+        str(args.max_len),
+        "--layers",
+        str(args.layers),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+        "--cap-gib",
+        str(cap),
+        "--chunk-size",
+        str(args.chunk_size),
+    ] + (["--bf16"] if args.bf16 else [])
 
 
 def run_child(args, tool, batch, cap=0.0):
@@ -250,7 +309,7 @@ def main():
     args = ap.parse_args()
     if args._child:
         if args.cap_gib:
-            cap = int(args.cap_gib * 2 ** 30)
+            cap = int(args.cap_gib * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         print(json.dumps(child(args)))
         return
@@ -260,11 +319,16 @@ def main():
     info = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in lscpu.splitlines() if ":" in ln)}
     import torch
 
-    print(f"host: {info.get('Model name')} ({info.get('CPU(s)')} CPUs, {info.get('Vendor ID')}); "
-          f"torch {torch.__version__} threads={args.threads}; flags: {info.get('Flags')}")
-    print(f"model: Llama-shaped, hidden 640, {args.layers} layers, vocab {VOCAB}, tied; "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}; B={args.batch} question(s)/step, k={args.k}, "
-          f"prompt {args.prompt_len}, responses {args.min_len}..{args.max_len} tokens", flush=True)
+    print(
+        f"host: {info.get('Model name')} ({info.get('CPU(s)')} CPUs, {info.get('Vendor ID')}); "
+        f"torch {torch.__version__} threads={args.threads}; flags: {info.get('Flags')}"
+    )
+    print(
+        f"model: Llama-shaped, hidden 640, {args.layers} layers, vocab {VOCAB}, tied; "
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}; B={args.batch} question(s)/step, k={args.k}, "
+        f"prompt {args.prompt_len}, responses {args.min_len}..{args.max_len} tokens",
+        flush=True,
+    )
     res: dict[str, list[dict]] = {t: [] for t in tools}
     for r in range(args.rounds):
         for t in tools:
@@ -280,8 +344,10 @@ def main():
         return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
     base = res.get("aftune-chunked") or []
-    print(f"\n{'tool':<16}{'tokens fed':>11}{'step s':>9}{'alloc MiB':>11}{'rss MiB':>10}{'maxrss MiB':>12}"
-          f"{'x time':>8}{'x alloc':>9}{'x rss':>8}  (medians of {args.rounds}; x = / aftune-chunked)")
+    print(
+        f"\n{'tool':<16}{'tokens fed':>11}{'step s':>9}{'alloc MiB':>11}{'rss MiB':>10}{'maxrss MiB':>12}"
+        f"{'x time':>8}{'x alloc':>9}{'x rss':>8}  (medians of {args.rounds}; x = / aftune-chunked)"
+    )
     for t in tools:
         if not res[t]:
             print(f"{t:<16}  failed")
@@ -289,9 +355,11 @@ def main():
         m = {k: med([o[k] for o in res[t]]) for k in ("s", "alloc_mb", "rss_mb", "maxrss_mb")}
         valid = all(o["maxrss_valid"] for o in res[t])
         ratio = {k: (m[k] / med([o[k] for o in base])) if base else float("nan") for k in ("s", "alloc_mb", "rss_mb")}
-        print(f"{t:<16}{res[t][0]['tokens']:>11}{m['s']:>9.2f}{m['alloc_mb']:>11.0f}{m['rss_mb']:>10.0f}"
-              f"{m['maxrss_mb']:>11.0f}{'' if valid else '*':<1}{ratio['s']:>8.2f}{ratio['alloc_mb']:>9.2f}"
-              f"{ratio['rss_mb']:>8.2f}")
+        print(
+            f"{t:<16}{res[t][0]['tokens']:>11}{m['s']:>9.2f}{m['alloc_mb']:>11.0f}{m['rss_mb']:>10.0f}"
+            f"{m['maxrss_mb']:>11.0f}{'' if valid else '*':<1}{ratio['s']:>8.2f}{ratio['alloc_mb']:>9.2f}"
+            f"{ratio['rss_mb']:>8.2f}"
+        )
     print("(* maxrss: the lifetime peak was set before the step, so that column is a lower bound there)")
 
     if args.cap_gib:

@@ -42,8 +42,15 @@ def build(args):
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    model = build_tiny_model(tok, hidden_size=args.hidden, n_layers=args.layers, n_heads=args.heads,
-                             intermediate_size=2 * args.hidden, max_positions=1024, seed=0)
+    model = build_tiny_model(
+        tok,
+        hidden_size=args.hidden,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        intermediate_size=2 * args.hidden,
+        max_positions=1024,
+        seed=0,
+    )
     return model, tok
 
 
@@ -62,6 +69,7 @@ def add_eos_bias(model, tok, bias: float):
         out = out.clone()
         out[..., ids] += bias
         return out
+
     return model.get_output_embeddings().register_forward_hook(hook)
 
 
@@ -89,11 +97,17 @@ def run_generate(model, tok, prompts, cfg) -> int:
     tok.padding_side = "left"
     with torch.inference_mode():
         for s in range(0, len(order), cfg.batch_size):
-            batch = [prompts[i] for i in order[s:s + cfg.batch_size]]
+            batch = [prompts[i] for i in order[s : s + cfg.batch_size]]
             inp = tok(batch, return_tensors="pt", padding=True).to(model.device)
-            out = model.generate(**inp, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 num_return_sequences=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                                 pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                **inp,
+                do_sample=True,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                num_return_sequences=cfg.k,
+                max_new_tokens=cfg.max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+            )
             n_new += (out.shape[1] - inp["input_ids"].shape[1]) * out.shape[0]
     return n_new
 
@@ -113,8 +127,13 @@ def child(args) -> None:
     model.eval()
     add_eos_bias(model, tok, float("-inf"))
     prompts = make_prompts(tok, args.n_prompts, args.prompt_len, args.seed)
-    cfg = SamplingConfig(k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         batch_size=args.batch_size, seed=args.seed)
+    cfg = SamplingConfig(
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     cuda = next(model.parameters()).is_cuda
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -127,6 +146,7 @@ def child(args) -> None:
         while running[0]:
             peak[0] = max(peak[0], rss_kb())
             time.sleep(0.001)
+
     th = threading.Thread(target=poll, daemon=True)
     th.start()
     (run_aftune if args._child == "aftune" else run_generate)(model, tok, prompts, cfg)
@@ -175,12 +195,19 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     prompts = make_prompts(tok, args.n_prompts, args.prompt_len, args.seed)
     plens = [len(x) for x in tok(prompts)["input_ids"]]
-    cfg = SamplingConfig(k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         batch_size=args.batch_size, seed=args.seed)
+    cfg = SamplingConfig(
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     expected = len(prompts) * args.k * args.max_new_tokens
-    print(f"model: {n_params / 1e6:.2f}M params, {len(prompts)} prompts of {min(plens)}-{max(plens)} tokens, "
-          f"k={args.k}, max_new_tokens={args.max_new_tokens}, batch={args.batch_size} questions, "
-          f"threads={args.threads}, device={next(model.parameters()).device}")
+    print(
+        f"model: {n_params / 1e6:.2f}M params, {len(prompts)} prompts of {min(plens)}-{max(plens)} tokens, "
+        f"k={args.k}, max_new_tokens={args.max_new_tokens}, batch={args.batch_size} questions, "
+        f"threads={args.threads}, device={next(model.parameters()).device}"
+    )
 
     handle = add_eos_bias(model, tok, float("-inf"))  # EOS suppressed on both sides: equal token counts
     small = [prompts[0]]
@@ -188,8 +215,11 @@ def main() -> None:
     run_generate(model, tok, small, SamplingConfig(k=2, max_new_tokens=4))
     t_a, t_g, c_a, c_g = [], [], [], []
     for r in range(args.runs):
-        sides = [("a", lambda: run_aftune(model, tok, prompts, cfg)), ("g", lambda: run_generate(model, tok, prompts, cfg))]
-        for name, fn in (sides if r % 2 == 0 else sides[::-1]):  # interleaved, alternating order
+        sides = [
+            ("a", lambda: run_aftune(model, tok, prompts, cfg)),
+            ("g", lambda: run_generate(model, tok, prompts, cfg)),
+        ]
+        for name, fn in sides if r % 2 == 0 else sides[::-1]:  # interleaved, alternating order
             dt, dc, n = timed(fn)
             assert n == expected, f"{name}: {n} new tokens, expected {expected}"
             (t_a if name == "a" else t_g).append(dt)
@@ -199,8 +229,10 @@ def main() -> None:
     x, y = expected / ma, expected / mg
     print(f"wall s per run: aftune {[round(t, 2) for t in t_a]}  generate {[round(t, 2) for t in t_g]}")
     ca, cg = statistics.median(c_a), statistics.median(c_g)
-    print(f"CPU s per run:  aftune {[round(t, 2) for t in c_a]}  generate {[round(t, 2) for t in c_g]}  "
-          f"(median CPU-time ratio {cg / ca:.2f})")
+    print(
+        f"CPU s per run:  aftune {[round(t, 2) for t in c_a]}  generate {[round(t, 2) for t in c_g]}  "
+        f"(median CPU-time ratio {cg / ca:.2f})"
+    )
 
     if not args.no_memory:
         base = [sys.executable, __file__] + [a for a in sys.argv[1:]]
@@ -212,8 +244,9 @@ def main() -> None:
         # EOS made likely (about half the rows end within ~1/3 of the budget): does dropping finished
         # rows from the cache pay for its index_select copies?
         handle = add_eos_bias(model, tok, 4.0)
-        ccfg = SamplingConfig(k=args.k, max_new_tokens=args.max_new_tokens, temperature=1.0,
-                              batch_size=args.batch_size, seed=args.seed)
+        ccfg = SamplingConfig(
+            k=args.k, max_new_tokens=args.max_new_tokens, temperature=1.0, batch_size=args.batch_size, seed=args.seed
+        )
         res = {}
         for name, at in (("drop at 50%", 0.5), ("drop at 25%", 0.25), ("never drop", 2.0)):
             times, st = [], {}
@@ -224,11 +257,15 @@ def main() -> None:
             res[name] = (statistics.median(times), n, st)
         handle.remove()
         for name, (t, n, st) in res.items():
-            print(f"finished rows, {name}: {t:.2f} CPU s median, {n} tokens ({t / n * 1e3:.2f} CPU ms/token), "
-                  f"{st['row_steps']} row-steps computed, {st['compactions']} compactions")
+            print(
+                f"finished rows, {name}: {t:.2f} CPU s median, {n} tokens ({t / n * 1e3:.2f} CPU ms/token), "
+                f"{st['row_steps']} row-steps computed, {st['compactions']} compactions"
+            )
 
-    print(f"sample: aftune {x:.0f} tok/s, generate {y:.0f} tok/s, ratio {x / y:.2f}  "
-          f"(wall-clock medians; {expected} new tokens per run)")
+    print(
+        f"sample: aftune {x:.0f} tok/s, generate {y:.0f} tok/s, ratio {x / y:.2f}  "
+        f"(wall-clock medians; {expected} new tokens per run)"
+    )
 
 
 if __name__ == "__main__":

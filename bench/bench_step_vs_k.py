@@ -59,20 +59,26 @@ def main():
                 s.mean.sum().backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+
             return f
 
         t = interleaved({"shared": step(True), "naive": step(False)}, args.runs)
         for side in med:
             med[side].append(median(t[side]))
-        print(f"k={k}: shared {med['shared'][-1] * 1e3:.0f} ms ({B * (P + k * R)} tok), naive "
-              f"{med['naive'][-1] * 1e3:.0f} ms ({B * k * (P + R)} tok), naive/shared "
-              f"{med['naive'][-1] / med['shared'][-1]:.2f}x", flush=True)
+        print(
+            f"k={k}: shared {med['shared'][-1] * 1e3:.0f} ms ({B * (P + k * R)} tok), naive "
+            f"{med['naive'][-1] * 1e3:.0f} ms ({B * k * (P + R)} tok), naive/shared "
+            f"{med['naive'][-1] / med['shared'][-1]:.2f}x",
+            flush=True,
+        )
     ss, sn = slope(ks, med["shared"]), slope(ks, med["naive"])
-    print(f"SUMMARY bench_step_vs_k {args.model} P={P} R={R} B={B} threads={args.threads}"
-          f"{' bf16' if args.bf16 else ''}: seconds per added candidate shared {ss:.3f}, naive {sn:.3f}, "
-          f"ratio {sn / ss:.2f} (token model (P+R)/R = {(P + R) / R:.2f}); step(k={ks[-1]})/step(k={ks[0]}) "
-          f"shared {med['shared'][-1] / med['shared'][0]:.2f}x, naive {med['naive'][-1] / med['naive'][0]:.2f}x; "
-          f"naive/shared at k={ks[-1]} {med['naive'][-1] / med['shared'][-1]:.2f}x")
+    print(
+        f"SUMMARY bench_step_vs_k {args.model} P={P} R={R} B={B} threads={args.threads}"
+        f"{' bf16' if args.bf16 else ''}: seconds per added candidate shared {ss:.3f}, naive {sn:.3f}, "
+        f"ratio {sn / ss:.2f} (token model (P+R)/R = {(P + R) / R:.2f}); step(k={ks[-1]})/step(k={ks[0]}) "
+        f"shared {med['shared'][-1] / med['shared'][0]:.2f}x, naive {med['naive'][-1] / med['naive'][0]:.2f}x; "
+        f"naive/shared at k={ks[-1]} {med['naive'][-1] / med['shared'][-1]:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -42,8 +42,15 @@ def build_model(name: str, tokenizer, seed: int = 0):
     from aftune.modeling import build_tiny_model
 
     hidden, layers, heads, inter = MODELS[name]
-    model = build_tiny_model(tokenizer, hidden_size=hidden, n_layers=layers, n_heads=heads,
-                             intermediate_size=inter, max_positions=2048, seed=seed)
+    model = build_tiny_model(
+        tokenizer,
+        hidden_size=hidden,
+        n_layers=layers,
+        n_heads=heads,
+        intermediate_size=inter,
+        max_positions=2048,
+        seed=seed,
+    )
     model.config.use_cache = False
     return model
 
@@ -62,7 +69,7 @@ def matmul_ceiling(dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
         t = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def timed(fn: Callable[[], object]) -> float:

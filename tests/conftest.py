@@ -23,12 +23,42 @@ AFTUNE = Path(sys.executable).with_name("aftune")
 
 # Small enough that a step is milliseconds of compute; the task-args keep the arith splits small too.
 TASK_ARGS = "n_train=200,n_validation=20,n_test=20"
-TINY = ["--model", "tiny", "--task", "arith", "--task-args", TASK_ARGS, "--batch-size", "8",
-        "--n-validation", "8", "--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2",
-        "--vocab-size", "300", "--no-eval-accuracy", "--quiet"]
+TINY = [
+    "--model",
+    "tiny",
+    "--task",
+    "arith",
+    "--task-args",
+    TASK_ARGS,
+    "--batch-size",
+    "8",
+    "--n-validation",
+    "8",
+    "--tiny-hidden",
+    "32",
+    "--tiny-layers",
+    "1",
+    "--tiny-heads",
+    "2",
+    "--vocab-size",
+    "300",
+    "--no-eval-accuracy",
+    "--quiet",
+]
 # batch size 1: one append per question, so a kill can land between any two
-SAMPLE = ["--task-args", TASK_ARGS, "--k", "4", "--max-new-tokens", "32", "--n-questions", "12", "--batch-size", "1",
-          "--quiet"]
+SAMPLE = [
+    "--task-args",
+    TASK_ARGS,
+    "--k",
+    "4",
+    "--max-new-tokens",
+    "32",
+    "--n-questions",
+    "12",
+    "--batch-size",
+    "1",
+    "--quiet",
+]
 
 
 @dataclass
@@ -68,16 +98,23 @@ def cli(*args: str) -> CliResult:
 
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
 def start_cli(*args: str, **kw) -> subprocess.Popen:
     """`aftune ARGS` as a real process (for SIGKILL tests and traceback checks)."""
     exe = [str(AFTUNE)] if AFTUNE.exists() else [sys.executable, "-m", "aftune.cli"]  # same main()
-    return subprocess.Popen([*exe, *map(str, args)], env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [*exe, *map(str, args)], env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
 
 
 def snapshot(path: Path) -> dict[str, str]:

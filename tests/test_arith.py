@@ -82,11 +82,21 @@ def test_many_distinct_valid_solutions(task):
 
 def test_solution_paths_vary_order_and_grouping():
     # Two products and three signed terms: independent-step order and operand order both vary.
-    problem = {"name": "Ann", "pron": "she", "obj": "her", "friend": "Ben", "item": "apples", "final": None,
-               "steps": 4, "answer": 12 + 21 + 10,
-               "terms": [{"kind": "lit", "a": 12, "sign": 1, "act": "Ann has"},
-                         {"kind": "mul", "a": 3, "b": 7, "container": "bags", "sign": 1, "act": "She buys"},
-                         {"kind": "mul", "a": 2, "b": 5, "container": "boxes", "sign": 1, "act": "Ben gives her"}]}
+    problem = {
+        "name": "Ann",
+        "pron": "she",
+        "obj": "her",
+        "friend": "Ben",
+        "item": "apples",
+        "final": None,
+        "steps": 4,
+        "answer": 12 + 21 + 10,
+        "terms": [
+            {"kind": "lit", "a": 12, "sign": 1, "act": "Ann has"},
+            {"kind": "mul", "a": 3, "b": 7, "container": "bags", "sign": 1, "act": "She buys"},
+            {"kind": "mul", "a": 2, "b": 5, "container": "boxes", "sign": 1, "act": "Ben gives her"},
+        ],
+    }
     rng = random.Random(0)
     eqs = {equation_list(sample_solution(problem, rng)) for _ in range(200)}
     firsts = {e[0] for e in eqs}
@@ -113,8 +123,9 @@ def test_knobs_respected():
     assert steps == {2, 3, 4}
 
 
-@pytest.mark.parametrize("kwargs", [dict(ops="-*"), dict(ops="+%"), dict(min_steps=3, max_steps=2),
-                                    dict(min_steps=0), dict(max_number=1)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(ops="-*"), dict(ops="+%"), dict(min_steps=3, max_steps=2), dict(min_steps=0), dict(max_number=1)]
+)
 def test_bad_knobs_rejected(kwargs):
     with pytest.raises(ValueError):
         ArithTask(**kwargs)

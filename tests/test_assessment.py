@@ -12,8 +12,9 @@ from aftune.records import Candidate, Group
 
 
 def cand(answer: str | None, correct: bool, score: float | None, is_reference: bool = False) -> Candidate:
-    return Candidate(text=f"... the answer is {answer}", answer=answer, correct=correct, score=score,
-                     is_reference=is_reference)
+    return Candidate(
+        text=f"... the answer is {answer}", answer=answer, correct=correct, score=score, is_reference=is_reference
+    )
 
 
 def group(gid: str, gold: str, cands: list[Candidate]) -> Group:
@@ -25,8 +26,17 @@ def toy_groups() -> list[Group]:
         # A: mixed. pairs (p, n): -0.5 beats -0.9, ties -0.5, loses to -0.2 -> 1.5; -0.8 beats -0.9 -> 1.
         #    2.5 / 6. Top pick is the negative at -0.2. Majority: "5" and "3" tie 2-2, summed score
         #    -1.1 ("3") > -1.3 ("5") -> "3" (wrong). Weighted: e^-.2+e^-.9=1.225 > e^-.5+e^-.8=1.056 -> "3".
-        group("A", "5", [cand("5", True, -0.5), cand("3", False, -0.2), cand("5", True, -0.8),
-                         cand("3", False, -0.9), cand(None, False, -0.5)]),
+        group(
+            "A",
+            "5",
+            [
+                cand("5", True, -0.5),
+                cand("3", False, -0.2),
+                cand("5", True, -0.8),
+                cand("3", False, -0.9),
+                cand(None, False, -0.5),
+            ],
+        ),
         # B: mixed, 2/2 pairs won; self-select and weighted vote right ("7": e^-.1=.905 > "8": .669),
         #    majority wrong ("8" has two votes).
         group("B", "7", [cand("7", True, -0.1), cand("8", False, -1.0), cand("8", False, -1.2)]),
@@ -126,8 +136,13 @@ def test_ties_count_half_and_break_by_order():
 
 def test_none_answers_never_win_votes():
     # three unanswered candidates outnumber and outscore the single answered one, yet cannot win
-    g = [group("n", "4", [cand(None, False, -0.1), cand(None, False, -0.1), cand(None, False, -0.1),
-                          cand("4", True, -2.0)])]
+    g = [
+        group(
+            "n",
+            "4",
+            [cand(None, False, -0.1), cand(None, False, -0.1), cand(None, False, -0.1), cand("4", True, -2.0)],
+        )
+    ]
     m = assessment_metrics(g)
     assert m["majority_vote"] == 1.0
     assert m["weighted_vote"] == 1.0
@@ -145,23 +160,44 @@ def test_single_candidate():
     assert m["score_correct_corr"] is None  # one point: undefined
     assert m["ppl_positive"] == pytest.approx(math.exp(0.7))
     assert m["ppl_negative"] is None
-    assert m["acc_vs_k"] == {"k": [1], "best_of_k_self": [1.0], "weighted_vote": [1.0],
-                             "majority_vote": [1.0], "pass_at_k": [1.0]}
+    assert m["acc_vs_k"] == {
+        "k": [1],
+        "best_of_k_self": [1.0],
+        "weighted_vote": [1.0],
+        "majority_vote": [1.0],
+        "pass_at_k": [1.0],
+    }
 
 
 def test_empty_input_gives_none_without_crashing():
     for groups in ([], [group("e", "1", [])]):
         m = assessment_metrics(groups)
         json.dumps(m)  # still serialisable
-        for key in ("assessment_acc_macro", "assessment_acc_micro", "frac_negative_outranks_all_positives",
-                    "ppl_positive", "ppl_negative", "ppl_reference", "mean_score_positive",
-                    "score_correct_corr", "best_of_k_self", "weighted_vote", "majority_vote",
-                    "pass_at_k", "mean_candidate_acc"):
+        for key in (
+            "assessment_acc_macro",
+            "assessment_acc_micro",
+            "frac_negative_outranks_all_positives",
+            "ppl_positive",
+            "ppl_negative",
+            "ppl_reference",
+            "mean_score_positive",
+            "score_correct_corr",
+            "best_of_k_self",
+            "weighted_vote",
+            "majority_vote",
+            "pass_at_k",
+            "mean_candidate_acc",
+        ):
             assert m[key] is None, key
         assert m["n_pairs"] == 0 and m["n_questions_mixed"] == 0
         assert m["acc_vs_k"]["k"] == []
-    assert acc_vs_k([], ks=[1, 2]) == {"k": [1, 2], "best_of_k_self": [None, None], "weighted_vote": [None, None],
-                                       "majority_vote": [None, None], "pass_at_k": [None, None]}
+    assert acc_vs_k([], ks=[1, 2]) == {
+        "k": [1, 2],
+        "best_of_k_self": [None, None],
+        "weighted_vote": [None, None],
+        "majority_vote": [None, None],
+        "pass_at_k": [None, None],
+    }
 
 
 def test_missing_scores_name_the_group():
@@ -198,10 +234,12 @@ def test_per_question_rows():
 
 def test_acc_vs_k_exact_values():
     # n = 4, one correct candidate. It is the top-scored one in "top", the bottom one in "bottom".
-    top = group("top", "1", [cand("2", False, -0.5), cand("1", True, -0.1), cand("3", False, -0.6),
-                             cand("4", False, -0.7)])
-    bottom = group("bottom", "1", [cand("2", False, -0.5), cand("1", True, -0.9), cand("3", False, -0.6),
-                                   cand("4", False, -0.7)])
+    top = group(
+        "top", "1", [cand("2", False, -0.5), cand("1", True, -0.1), cand("3", False, -0.6), cand("4", False, -0.7)]
+    )
+    bottom = group(
+        "bottom", "1", [cand("2", False, -0.5), cand("1", True, -0.9), cand("3", False, -0.6), cand("4", False, -0.7)]
+    )
     cur = acc_vs_k([top, bottom])
     assert cur["k"] == [1, 2, 4]
     # pass@k = 1 - C(3,k)/C(4,k): 1/4, 1/2, 1 (same for both questions)
@@ -219,8 +257,10 @@ def test_acc_vs_k_exact_values():
 
 
 def test_acc_vs_k_default_ks_and_small_groups():
-    g = [group("big", "1", [cand("1", True, -0.1 * i) for i in range(1, 6)]),
-         group("small", "1", [cand("2", False, -0.1)])]
+    g = [
+        group("big", "1", [cand("1", True, -0.1 * i) for i in range(1, 6)]),
+        group("small", "1", [cand("2", False, -0.1)]),
+    ]
     cur = acc_vs_k(g)
     assert cur["k"] == [1, 2, 4, 5]  # powers of two, then the largest group size
     assert cur["pass_at_k"] == pytest.approx([0.5] * 4)  # "small" keeps its one (wrong) candidate
@@ -252,8 +292,12 @@ def test_metrics_are_json_serialisable_plain_types():
 
 
 def test_displacement_alarm():
-    hist = [{"step": 0, "loss": 2.0}, {"step": 5, "mean_score_positive": -0.5},
-            {"step": 10, "mean_score_positive": -0.6}, {"step": 20, "mean_score_positive": -0.75}]
+    hist = [
+        {"step": 0, "loss": 2.0},
+        {"step": 5, "mean_score_positive": -0.5},
+        {"step": 10, "mean_score_positive": -0.6},
+        {"step": 20, "mean_score_positive": -0.75},
+    ]
     alarm = displacement_alarm(hist, "mean_score_positive", 0.2)
     assert alarm is not None
     assert alarm["step"] == 20 and alarm["start_step"] == 5

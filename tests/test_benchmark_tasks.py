@@ -27,8 +27,9 @@ from aftune.tasks.gsm8k import GSM8KTask
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("AFTUNE_DATA") or REPO.parent / "shared" / "data")
-needs_data = pytest.mark.skipif(not (DATA / "gsm8k" / "train.jsonl").exists(),
-                                reason=f"benchmark data not found at {DATA} (set AFTUNE_DATA)")
+needs_data = pytest.mark.skipif(
+    not (DATA / "gsm8k" / "train.jsonl").exists(), reason=f"benchmark data not found at {DATA} (set AFTUNE_DATA)"
+)
 
 EXPECTED_SIZES = {
     "gsm8k": {"train": 6973, "validation": 500, "test": 1319},
@@ -41,11 +42,14 @@ EXPECTED_SIZES = {
 def loaded() -> dict[str, dict[str, list[Example]]]:
     if not (DATA / "gsm8k" / "train.jsonl").exists():
         pytest.skip(f"benchmark data not found at {DATA} (set AFTUNE_DATA)")
-    return {name: {split: get_task(name, data_dir=str(DATA)).load(split) for split in splits}
-            for name, splits in EXPECTED_SIZES.items()}
+    return {
+        name: {split: get_task(name, data_dir=str(DATA)).load(split) for split in splits}
+        for name, splits in EXPECTED_SIZES.items()
+    }
 
 
 # ---------------------------------------------------------------- real data
+
 
 @needs_data
 @pytest.mark.parametrize("name", list(EXPECTED_SIZES))
@@ -123,8 +127,10 @@ def test_aqua_references_and_options(loaded):
 def test_ecqa_references(loaded, caplog):
     e = loaded["ecqa"]
     assert all(x.meta["has_cot"] for x in e["train"])
-    assert e["train"][0].reference == ("Bloody mess is covered or stained with blood. A person might see a bloody "
-                                       "mess at the scene of a brutal killing.\nThe answer is A.")
+    assert e["train"][0].reference == (
+        "Bloody mess is covered or stained with blood. A person might see a bloody "
+        "mess at the scene of a brutal killing.\nThe answer is A."
+    )
     for split, with_cot in (("validation", 7), ("test", 32)):
         assert sum(x.meta["has_cot"] for x in e[split]) == with_cot
         assert all(x.reference == f"The answer is {x.answer}." for x in e[split] if not x.meta["has_cot"])
@@ -142,8 +148,7 @@ def test_prompts_zero_and_few_shot(loaded):
     assert g.prompt(ex) == f"Question: {ex.question}\nAnswer:\n"
     a = AquaTask(data_dir=str(DATA))
     dev0 = loaded["aqua"]["validation"][0]
-    assert a.prompt(dev0) == (f"Question: {dev0.question}\n"
-                              "Options: A) 32400 B) 6000 C) 600 D) 60000 E) 10\nAnswer:\n")
+    assert a.prompt(dev0) == (f"Question: {dev0.question}\nOptions: A) 32400 B) 6000 C) 600 D) 60000 E) 10\nAnswer:\n")
     g2 = GSM8KTask(data_dir=str(DATA), n_shot=2)
     t0, t1, t2 = loaded["gsm8k"]["train"][:3]
     shots = f"Question: {t0.question}\nAnswer:\n{t0.reference}\n\nQuestion: {t1.question}\nAnswer:\n{t1.reference}\n\n"
@@ -167,6 +172,7 @@ def test_unknown_split():
 
 # ---------------------------------------------------------------- grading details
 
+
 def test_numeric_answers_match_numerically(tmp_path):
     g = GSM8KTask(data_dir=str(tmp_path))
     assert g.answers_match("29.00", "29") and g.answers_match("1,600", "1600") and g.answers_match("$29", "29")
@@ -180,16 +186,27 @@ def test_letter_answers_match(tmp_path):
     assert not a.answers_match("CD", "C") and not a.answers_match(None, "C")
     # Without options only letters are recognised; with them, option text too.
     assert extract_choice("The answer is 600.") is None
-    assert extract_choice("The answer is 600.", options={"A": "6", "B": "60", "C": "600", "D": "6000", "E": "0"}) == "C"
+    assert (
+        extract_choice("The answer is 600.", options={"A": "6", "B": "60", "C": "600", "D": "6000", "E": "0"}) == "C"
+    )
 
 
 def test_closing_line_detection():
     opts = {"A": "21", "B": "20%", "C": "0.4", "D": "8000", "E": "10"}
-    for line, want in [("ANSWER:B", "B"), ("Answer is A.", "A"), ("Correct answer - A", "A"),
-                       ("The answer is option B) 20%.", "B"), ("Hence (C) is the correct answer", "C"),
-                       ("Answer: C) 0.4", "C"), ("E", "E"), ("CORRECT OPTION:OPTION E", "E"),
-                       ("Total time = 2 + 2 = 4 Answer D", None), ("Answer: D) 109 rolls", None),
-                       ("x= 20.0", None), ("A car travels 10 km", None)]:
+    for line, want in [
+        ("ANSWER:B", "B"),
+        ("Answer is A.", "A"),
+        ("Correct answer - A", "A"),
+        ("The answer is option B) 20%.", "B"),
+        ("Hence (C) is the correct answer", "C"),
+        ("Answer: C) 0.4", "C"),
+        ("E", "E"),
+        ("CORRECT OPTION:OPTION E", "E"),
+        ("Total time = 2 + 2 = 4 Answer D", None),
+        ("Answer: D) 109 rolls", None),
+        ("x= 20.0", None),
+        ("A car travels 10 km", None),
+    ]:
         assert closing_letter(line, opts) == want, line
     ref, dropped = build_reference("x = 20\nAnswer: E", "E", opts)
     assert (ref, dropped) == ("x = 20\nThe answer is E.", True)
@@ -201,6 +218,7 @@ def test_closing_line_detection():
 
 # ---------------------------------------------------------------- malformed input
 
+
 def _write(root: Path, rel: str, records: list) -> Path:
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,25 +228,45 @@ def _write(root: Path, rel: str, records: list) -> Path:
 
 GOOD_GSM = {"question": "q", "answer": "1 + 1 = 2\n#### 2"}
 GOOD_AQUA = {"question": "q", "options": ["A)1", "B)2", "C)3", "D)4", "E)5"], "rationale": "1+1=2", "correct": "B"}
-GOOD_ECQA = {"id": "x1", "question": "q", "choices": [{"label": L, "text": t} for L, t in zip("ABCDE", "vwxyz")],
-             "answerKey": "A", "cot_positives_flan": None}
+GOOD_ECQA = {
+    "id": "x1",
+    "question": "q",
+    "choices": [{"label": L, "text": t} for L, t in zip("ABCDE", "vwxyz")],
+    "answerKey": "A",
+    "cot_positives_flan": None,
+}
 
 
-@pytest.mark.parametrize("task_cls, rel, split, bad, field", [
-    (GSM8KTask, "gsm8k/test.jsonl", "test", {"question": "q"}, "answer"),
-    (GSM8KTask, "gsm8k/test.jsonl", "test", {"question": 3, "answer": "#### 2"}, "question"),
-    (GSM8KTask, "gsm8k/test.jsonl", "test", {"question": "q", "answer": "it is 2"}, "answer"),
-    (GSM8KTask, "gsm8k/test.jsonl", "test", {"question": "q", "answer": "x\n#### two"}, "answer"),
-    (AquaTask, "aqua/test.jsonl", "test", {**GOOD_AQUA, "correct": "F"}, "correct"),
-    (AquaTask, "aqua/test.jsonl", "test", {**GOOD_AQUA, "options": ["A)1", "B)2"]}, "options"),
-    (AquaTask, "aqua/test.jsonl", "test", {**GOOD_AQUA, "options": ["A)1", "C)2", "B)3", "D)4", "E)5"]}, "options"),
-    (AquaTask, "aqua/dev.jsonl", "validation", {k: v for k, v in GOOD_AQUA.items() if k != "rationale"}, "rationale"),
-    (AquaTask, "aqua/flan_cot/aqua_train_flan.jsonl", "train", {**GOOD_AQUA, "options": "A)1"}, "options"),
-    (ECQATask, "ecqa/ecqa_val.jsonl", "validation", {**GOOD_ECQA, "answerKey": "Z"}, "answerKey"),
-    (ECQATask, "ecqa/ecqa_val.jsonl", "validation", {**GOOD_ECQA, "choices": GOOD_ECQA["choices"][:4]}, "choices"),
-    (ECQATask, "ecqa/ecqa_test.jsonl", "test", {**GOOD_ECQA, "cot_positives_flan": 5}, "cot_positives_flan"),
-    (ECQATask, "ecqa/ecqa_train.jsonl", "train", {k: v for k, v in GOOD_ECQA.items() if k != "id"}, "id"),
-])
+@pytest.mark.parametrize(
+    "task_cls, rel, split, bad, field",
+    [
+        (GSM8KTask, "gsm8k/test.jsonl", "test", {"question": "q"}, "answer"),
+        (GSM8KTask, "gsm8k/test.jsonl", "test", {"question": 3, "answer": "#### 2"}, "question"),
+        (GSM8KTask, "gsm8k/test.jsonl", "test", {"question": "q", "answer": "it is 2"}, "answer"),
+        (GSM8KTask, "gsm8k/test.jsonl", "test", {"question": "q", "answer": "x\n#### two"}, "answer"),
+        (AquaTask, "aqua/test.jsonl", "test", {**GOOD_AQUA, "correct": "F"}, "correct"),
+        (AquaTask, "aqua/test.jsonl", "test", {**GOOD_AQUA, "options": ["A)1", "B)2"]}, "options"),
+        (
+            AquaTask,
+            "aqua/test.jsonl",
+            "test",
+            {**GOOD_AQUA, "options": ["A)1", "C)2", "B)3", "D)4", "E)5"]},
+            "options",
+        ),
+        (
+            AquaTask,
+            "aqua/dev.jsonl",
+            "validation",
+            {k: v for k, v in GOOD_AQUA.items() if k != "rationale"},
+            "rationale",
+        ),
+        (AquaTask, "aqua/flan_cot/aqua_train_flan.jsonl", "train", {**GOOD_AQUA, "options": "A)1"}, "options"),
+        (ECQATask, "ecqa/ecqa_val.jsonl", "validation", {**GOOD_ECQA, "answerKey": "Z"}, "answerKey"),
+        (ECQATask, "ecqa/ecqa_val.jsonl", "validation", {**GOOD_ECQA, "choices": GOOD_ECQA["choices"][:4]}, "choices"),
+        (ECQATask, "ecqa/ecqa_test.jsonl", "test", {**GOOD_ECQA, "cot_positives_flan": 5}, "cot_positives_flan"),
+        (ECQATask, "ecqa/ecqa_train.jsonl", "train", {k: v for k, v in GOOD_ECQA.items() if k != "id"}, "id"),
+    ],
+)
 def test_malformed_records_name_file_line_and_field(tmp_path, task_cls, rel, split, bad, field):
     good = {GSM8KTask: GOOD_GSM, AquaTask: GOOD_AQUA, ECQATask: GOOD_ECQA}[task_cls]
     path = _write(tmp_path, rel, [good, bad])
@@ -262,14 +300,22 @@ def test_small_local_tree(tmp_path):
 
 # ---------------------------------------------------------------- hub path
 
+
 @pytest.fixture
 def fake_hub(monkeypatch):
     calls: list[tuple] = []
     rows = {
         "openai/gsm8k": [{"question": f"q{i}", "answer": f"step\n#### {i}"} for i in range(600)],
         "deepmind/aqua_rat": [{**GOOD_AQUA, "rationale": "1+1=2\nAnswer: B"}],
-        "tau/commonsense_qa": [{"id": "c1", "question": "q", "question_concept": "x",
-                                "choices": {"label": list("ABCDE"), "text": list("vwxyz")}, "answerKey": "C"}],
+        "tau/commonsense_qa": [
+            {
+                "id": "c1",
+                "question": "q",
+                "question_concept": "x",
+                "choices": {"label": list("ABCDE"), "text": list("vwxyz")},
+                "answerKey": "C",
+            }
+        ],
     }
 
     def load_dataset(path, name=None, split=None):
@@ -292,9 +338,13 @@ def test_hub_loading(fake_hub):
     (ex,) = e.load("validation")
     assert ex.reference == "The answer is C." and ex.options["C"] == "x"
     assert e.grade("It must be x.", ex).correct
-    assert fake_hub == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "train"),
-                        ("openai/gsm8k", "main", "test"), ("deepmind/aqua_rat", "raw", "train"),
-                        ("tau/commonsense_qa", None, "validation")]
+    assert fake_hub == [
+        ("openai/gsm8k", "main", "train"),
+        ("openai/gsm8k", "main", "train"),
+        ("openai/gsm8k", "main", "test"),
+        ("deepmind/aqua_rat", "raw", "train"),
+        ("tau/commonsense_qa", None, "validation"),
+    ]
 
 
 def test_hub_ecqa_train_and_test_raise(fake_hub):

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAMPLE, TINY, cli, start_cli
 from safetensors.torch import load_file
 
-from conftest import SAMPLE, TINY, cli, start_cli
-from aftune.config import AlignConfig
 from aftune.commands.training import resume_point
+from aftune.config import AlignConfig
 
 N_QUESTIONS = 12  # as in conftest.SAMPLE
 
 
 def _complete_lines(path: Path) -> bytes:
     data = path.read_bytes() if path.exists() else b""
-    return data[:data.rfind(b"\n") + 1]
+    return data[: data.rfind(b"\n") + 1]
 
 
 def _n_lines(path: Path) -> int:
@@ -92,14 +92,14 @@ def test_sample_torn_last_line_is_dropped_and_redone(tiny_model, artifacts, tmp_
     shutil.copy(artifacts / "cands.jsonl.meta.json", tmp_path / "torn.jsonl.meta.json")
     full = (artifacts / "cands.jsonl").read_bytes()
     head = _complete_lines_before_last(full)
-    out.write_bytes(head + full[len(head):len(head) + 40])  # a kill inside the last append
+    out.write_bytes(head + full[len(head) : len(head) + 40])  # a kill inside the last append
     r = cli("sample", "--model", tiny_model, "--out", out, *SAMPLE)
     assert r.code == 0, r.stderr
     assert out.read_bytes() == full
 
 
 def _complete_lines_before_last(data: bytes) -> bytes:
-    return data[:data.rstrip(b"\n").rfind(b"\n") + 1]
+    return data[: data.rstrip(b"\n").rfind(b"\n") + 1]
 
 
 def _params(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -153,8 +153,26 @@ def _train_killed_then_resumed(args: list, tmp_path: Path, rng: random.Random, k
 
 
 def test_align_killed_between_checkpoints_resumes_to_the_same_model(tiny_model, candidates, tmp_path):
-    args = ["align", "--model", tiny_model, "--candidates", candidates, "--task-args", "n_train=200", "--method", "bc",
-            "--max-steps", "14", "--save-steps", "2", "--logging-steps", "1", "--batch-size", "2", "--quiet"]
+    args = [
+        "align",
+        "--model",
+        tiny_model,
+        "--candidates",
+        candidates,
+        "--task-args",
+        "n_train=200",
+        "--method",
+        "bc",
+        "--max-steps",
+        "14",
+        "--save-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
     ref, out = _train_killed_then_resumed(args, tmp_path, random.Random(7), kill_after_steps=[2, 4])
     _assert_same_run(ref, out, ("loss", "align_loss"))
 

@@ -27,10 +27,30 @@ TASK_ARGS = "n_train=16,n_validation=4,n_test=4"
 def _align_cfg(model: str, candidates: str, out: str, batch: int, accum: int, **kw):
     from aftune.config import AlignConfig
 
-    base = dict(model=model, candidates=candidates, out=out, method="dpo", task="arith", task_args=TASK_ARGS,
-                n_train=16, batch_size=batch, grad_accum=accum, max_steps=1, lr=0.5, lr_schedule="constant",
-                warmup_ratio=0.0, save_steps=1000, logging_steps=1, quiet=True, max_candidates=4,
-                max_response_tokens=160, resume=False, seed=0, optim="sgd", max_grad_norm=0.0)  # SGD, no clipping
+    base = dict(
+        model=model,
+        candidates=candidates,
+        out=out,
+        method="dpo",
+        task="arith",
+        task_args=TASK_ARGS,
+        n_train=16,
+        batch_size=batch,
+        grad_accum=accum,
+        max_steps=1,
+        lr=0.5,
+        lr_schedule="constant",
+        warmup_ratio=0.0,
+        save_steps=1000,
+        logging_steps=1,
+        quiet=True,
+        max_candidates=4,
+        max_response_tokens=160,
+        resume=False,
+        seed=0,
+        optim="sgd",
+        max_grad_norm=0.0,
+    )  # SGD, no clipping
     base.update(kw)
     return AlignConfig(**base)
 
@@ -67,11 +87,13 @@ def _worker(model: str, candidates: str, out: str, batch: int, accum: int, patch
 
     run_align(_align_cfg(model, candidates, out, batch, accum), callbacks=[RecordReferences()])
     rank, world = D.rank_and_world()
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"world": world, "computed": computed, "seen": seen,
-                                                          "ref": refs, "engine": sorted(engine)}))
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps({"world": world, "computed": computed, "seen": seen, "ref": refs, "engine": sorted(engine)})
+    )
 
 
 # ------------------------------------------------------------------------------------------- fixtures
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -82,24 +104,40 @@ def _free_port() -> int:
 def _make_inputs(tmp: Path) -> tuple[Path, Path]:
     """A tiny Llama (hidden 32, 1 layer) and a candidates file over the first 16 arith questions, with
     2-4 candidates of different lengths (so NLL token counts and group sizes differ between ranks)."""
+    from aftune.config import parse_task_args
     from aftune.io import write_jsonl
     from aftune.modeling import create_tiny
     from aftune.tasks import get_tasks
-    from aftune.config import parse_task_args
 
     task = get_tasks("arith", parse_task_args(TASK_ARGS))[0]
     train = task.load("train")
-    model = create_tiny(tmp / "model", [task.prompt(e) + e.reference for e in train], vocab_size=300,
-                        hidden_size=32, n_layers=1, n_heads=2)
+    model = create_tiny(
+        tmp / "model",
+        [task.prompt(e) + e.reference for e in train],
+        vocab_size=300,
+        hidden_size=32,
+        n_layers=1,
+        n_heads=2,
+    )
     groups = []
     for i, e in enumerate(train):
         body, _ = e.reference.rsplit("####", 1)
-        cands = [{"text": e.reference, "answer": e.answer, "correct": True, "rank": 0},
-                 {"text": f"{body}#### {int(float(e.answer)) + 1 + i}", "answer": "x", "correct": False, "rank": 1}]
+        cands = [
+            {"text": e.reference, "answer": e.answer, "correct": True, "rank": 0},
+            {"text": f"{body}#### {int(float(e.answer)) + 1 + i}", "answer": "x", "correct": False, "rank": 1},
+        ]
         if i % 3:
             cands.append({"text": body.split("\n")[0], "answer": None, "correct": False, "rank": 2})
-        groups.append({"id": e.id, "task": "arith", "prompt": task.prompt(e), "reference": e.reference,
-                       "answer": e.answer, "candidates": cands})
+        groups.append(
+            {
+                "id": e.id,
+                "task": "arith",
+                "prompt": task.prompt(e),
+                "reference": e.reference,
+                "answer": e.answer,
+                "candidates": cands,
+            }
+        )
     cand = tmp / "cands.jsonl"
     write_jsonl(cand, groups)
     return model, cand
@@ -119,6 +157,7 @@ def _load(path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- tests
+
 
 def test_two_processes_one_step_equals_one_process(tmp_path, monkeypatch):
     import torch
@@ -142,14 +181,20 @@ def test_two_processes_one_step_equals_one_process(tmp_path, monkeypatch):
 
     # reference log-probs: each question scored once (each rank its half), file written once (main),
     # all values on both ranks, identical to one process's
-    assert (r0["computed"], r1["computed"], single["computed"]) == (list(range(0, 16, 2)), list(range(1, 16, 2)),
-                                                                    list(range(16)))
+    assert (r0["computed"], r1["computed"], single["computed"]) == (
+        list(range(0, 16, 2)),
+        list(range(1, 16, 2)),
+        list(range(16)),
+    )
     assert len(list((tmp_path / "c2").glob("reflogps-*.json"))) == 1
     assert r0["ref"] == r1["ref"] and len(r0["ref"]) == 16
     # (summed log-probs, about -800: batches padded to other widths differ in the 7th digit)
-    torch.testing.assert_close(torch.tensor([x for v in r0["ref"] for x in v], dtype=torch.float64),
-                               torch.tensor([x for v in single["ref"] for x in v], dtype=torch.float64),
-                               rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor([x for v in r0["ref"] for x in v], dtype=torch.float64),
+        torch.tensor([x for v in single["ref"] for x in v], dtype=torch.float64),
+        rtol=1e-6,
+        atol=1e-5,
+    )
 
     # the same 8 questions, each whole on one rank, none on both; 2 micro-batches of 2 per rank
     assert [len(b) for b in r0["seen"]] == [2, 2] and [len(b) for b in r1["seen"]] == [2, 2]
@@ -194,8 +239,11 @@ def test_accumulation_and_resume_are_exact(tmp_path, monkeypatch):
     run_align(cfg("resumed", 4, 1, max_steps=2, lr=0.2, save_steps=1, resume=True))
     metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert metrics["steps"] == 2
-    a, b, one_step = _load(tmp_path / "straight" / "model"), _load(tmp_path / "resumed" / "model"), \
-        _load(tmp_path / "resumed" / "checkpoints" / "checkpoint-1")
+    a, b, one_step = (
+        _load(tmp_path / "straight" / "model"),
+        _load(tmp_path / "resumed" / "model"),
+        _load(tmp_path / "resumed" / "checkpoints" / "checkpoint-1"),
+    )
     assert max((a[k] - one_step[k]).abs().max().item() for k in a) > 1e-3
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
@@ -207,9 +255,20 @@ def _launch(*argv: str) -> subprocess.Popen:
     accelerate = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.Popen(
-        [str(accelerate), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_gloo_2proc.yaml"),
-         "--main_process_port", str(_free_port()), *argv],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            str(accelerate),
+            "launch",
+            "--config_file",
+            str(ROOT / "configs/accelerate/cpu_gloo_2proc.yaml"),
+            "--main_process_port",
+            str(_free_port()),
+            *argv,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -245,10 +304,35 @@ def test_kill_under_accelerate_launch_resumes_to_the_straight_run(tmp_path):
     import torch
 
     model, cand = _make_inputs(tmp_path)
-    args = lambda out: ["--model", str(model), "--candidates", str(cand), "--out", str(tmp_path / out),  # noqa: E731
-                        "--method", "bc", "--task", "arith", "--task-args", TASK_ARGS, "--n-train", "16",
-                        "--batch-size", "2", "--max-steps", "6", "--save-steps", "1", "--logging-steps", "1",
-                        "--lr", "0.01", "--max-candidates", "4", "--quiet"]
+    args = lambda out: [
+        "--model",
+        str(model),
+        "--candidates",
+        str(cand),
+        "--out",
+        str(tmp_path / out),  # noqa: E731
+        "--method",
+        "bc",
+        "--task",
+        "arith",
+        "--task-args",
+        TASK_ARGS,
+        "--n-train",
+        "16",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "6",
+        "--save-steps",
+        "1",
+        "--logging-steps",
+        "1",
+        "--lr",
+        "0.01",
+        "--max-candidates",
+        "4",
+        "--quiet",
+    ]
     _finish(_launch("-m", "aftune.cli", "align", *args("straight")))
 
     crash = _launch("-m", "aftune.cli", "align", *args("crash"))
@@ -258,7 +342,9 @@ def test_kill_under_accelerate_launch_resumes_to_the_straight_run(tmp_path):
         time.sleep(0.002)  # a step takes ~60 ms here: the kill lands a few ms after the save
     _kill_tree(crash)
     log, _ = crash.communicate()
-    assert marker.exists() and not (tmp_path / "crash" / "metrics.json").exists(), "not killed mid-run:\n" + log[-3000:]
+    assert marker.exists() and not (tmp_path / "crash" / "metrics.json").exists(), (
+        "not killed mid-run:\n" + log[-3000:]
+    )
 
     log = _finish(_launch("-m", "aftune.cli", "align", *args("crash")))
     assert "aftune: resuming from" in log

@@ -6,18 +6,42 @@ import math
 import pytest
 import torch
 import yaml
+from conftest import cli
 
 from aftune.commands.experiment import grid, load_experiment, run_experiment
 from aftune.evaluation.stats import mcnemar_exact, paired_test
+from aftune.io import InputError
 from aftune.sampling.store import subsample_candidates
 from aftune.training.reference import gap_beta
-from aftune.io import InputError
-from conftest import cli
 
-TINY_PLAN = dict(n_train=120, n_validation=12, n_test=16, n_sample=12, n_assess=8, k=4, vft_steps=12, vft_batch=8,
-                 align_steps=4, align_batch=4, hidden=32, layers=1, heads=2, vocab=300, max_new_tokens=48)
-CONFIG = dict(name="tiny", base="quick", plan=TINY_PLAN, seeds=[0, 1], methods=["bc"], k=[2, 4], beta=[0.5],
-              **{"lambda": [1.0]}, beta_auto={"mode": "gap", "factors": [2.0], "floor": 0.02})
+TINY_PLAN = dict(
+    n_train=120,
+    n_validation=12,
+    n_test=16,
+    n_sample=12,
+    n_assess=8,
+    k=4,
+    vft_steps=12,
+    vft_batch=8,
+    align_steps=4,
+    align_batch=4,
+    hidden=32,
+    layers=1,
+    heads=2,
+    vocab=300,
+    max_new_tokens=48,
+)
+CONFIG = dict(
+    name="tiny",
+    base="quick",
+    plan=TINY_PLAN,
+    seeds=[0, 1],
+    methods=["bc"],
+    k=[2, 4],
+    beta=[0.5],
+    **{"lambda": [1.0]},
+    beta_auto={"mode": "gap", "factors": [2.0], "floor": 0.02},
+)
 
 
 def _write(path, data) -> str:
@@ -49,8 +73,12 @@ def test_grid_runs_end_to_end(experiment):
     for name, c in cells.items():
         assert c["seeds"] == [0, 1]
         acc = c["metrics"]["test_acc"]
-        ev = [json.loads((out / f"seed{s}" / ("eval/VFT.json" if name == "VFT" else f"runs/{name}/eval.json")).read_text())
-              for s in (0, 1)]
+        ev = [
+            json.loads(
+                (out / f"seed{s}" / ("eval/VFT.json" if name == "VFT" else f"runs/{name}/eval.json")).read_text()
+            )
+            for s in (0, 1)
+        ]
         assert acc["values"] == [e["accuracy"] for e in ev]
         assert acc["mean"] == pytest.approx(sum(acc["values"]) / 2)
         assert acc["std"] == pytest.approx(abs(acc["values"][0] - acc["values"][1]) / math.sqrt(2))
@@ -67,7 +95,10 @@ def test_grid_runs_end_to_end(experiment):
         big = [json.loads(line) for line in (out / f"seed{s}" / "candidates.k4.jsonl").read_text().splitlines()]
         small = [json.loads(line) for line in (out / f"seed{s}" / "candidates.k2-of4.jsonl").read_text().splitlines()]
         assert [g["id"] for g in big] == [g["id"] for g in small]
-        assert all([c["text"] for c in g2["candidates"]] == [c["text"] for c in g4["candidates"][:2]] for g2, g4 in zip(small, big))
+        assert all(
+            [c["text"] for c in g2["candidates"]] == [c["text"] for c in g4["candidates"][:2]]
+            for g2, g4 in zip(small, big)
+        )
         cfg = yaml.safe_load((out / f"seed{s}" / "runs" / "bc-k2-gap2-l1" / "config.yaml").read_text())
         # the per-question beta is a loss option of bc (its floor 0.02), not a method of its own
         assert (cfg["method"], cfg["beta_auto"], cfg["beta_floor"]) == ("bc", "gap", 0.02)
@@ -100,18 +131,21 @@ def test_changed_plan_under_the_same_out_is_refused(experiment, tmp_path):
         run_experiment(cfg, out=str(d / "out"), quiet=True)
 
 
-@pytest.mark.parametrize("data, key, message", [
-    ({"metods": ["bc"]}, "metods", "unknown key"),
-    ({"plan": {"vft_stps": 3}}, "plan.vft_stps", "unknown plan field"),
-    ({"plan": {"vft_steps": "many"}}, "plan.vft_steps", "expected int"),
-    ({"methods": ["bc", "nope"]}, "methods", "unknown method 'nope'"),
-    ({"k": [1, 4]}, "k", ">= 2"),
-    ({"beta": [0.0]}, "beta", "> 0"),
-    ({"methods": ["dc"], "beta_auto": "gap"}, "beta_auto", "per-question beta"),
-    ({"beta_auto": {"mode": "gap", "factor": 2}}, "beta_auto.factor", "unknown key"),
-    ({"k": [2, 8], "sample_k": 4}, "sample_k", ">= every k"),
-    ({"report": 3}, "report", "folder path"),
-])
+@pytest.mark.parametrize(
+    "data, key, message",
+    [
+        ({"metods": ["bc"]}, "metods", "unknown key"),
+        ({"plan": {"vft_stps": 3}}, "plan.vft_stps", "unknown plan field"),
+        ({"plan": {"vft_steps": "many"}}, "plan.vft_steps", "expected int"),
+        ({"methods": ["bc", "nope"]}, "methods", "unknown method 'nope'"),
+        ({"k": [1, 4]}, "k", ">= 2"),
+        ({"beta": [0.0]}, "beta", "> 0"),
+        ({"methods": ["dc"], "beta_auto": "gap"}, "beta_auto", "per-question beta"),
+        ({"beta_auto": {"mode": "gap", "factor": 2}}, "beta_auto.factor", "unknown key"),
+        ({"k": [2, 8], "sample_k": 4}, "sample_k", ">= every k"),
+        ({"report": 3}, "report", "folder path"),
+    ],
+)
 def test_bad_config_names_file_and_key(tmp_path, data, key, message):
     path = _write(tmp_path / "bad.yaml", {"name": "x", "methods": ["bc"], **data})
     with pytest.raises(InputError, match=message) as e:
@@ -124,8 +158,15 @@ def test_seed_processes_then_one_results_run_with_a_shared_out(tmp_path):
     writes the results under `report`. A second study with the same plan in the same `out` reuses the VFT
     models, the k=sample_k candidates and the control."""
 
-    base = dict(CONFIG, plan={**TINY_PLAN, "vft_steps": 6}, methods=["bc"], k=[2], beta_auto=None, sample_k=4,
-                out=str(tmp_path / "shared"))
+    base = dict(
+        CONFIG,
+        plan={**TINY_PLAN, "vft_steps": 6},
+        methods=["bc"],
+        k=[2],
+        beta_auto=None,
+        sample_k=4,
+        out=str(tmp_path / "shared"),
+    )
     a = _write(tmp_path / "a.yaml", {**base, "name": "a", "report": str(tmp_path / "rep_a")})
     b = _write(tmp_path / "b.yaml", {**base, "name": "b", "report": str(tmp_path / "rep_b"), "methods": ["dc"]})
     shared = tmp_path / "shared"
@@ -133,7 +174,9 @@ def test_seed_processes_then_one_results_run_with_a_shared_out(tmp_path):
     r = cli("experiment", a, "--seeds", "1", "--quiet")
     assert r.code == 0, r.stderr
     assert (shared / "seed1" / "runs" / "bc-k2-b0.5-l1" / "eval.json").exists() and not (shared / "seed0").exists()
-    assert (shared / "seed1" / "candidates.k4.jsonl").exists() and (shared / "seed1" / "candidates.k2-of4.jsonl").exists()
+    assert (shared / "seed1" / "candidates.k4.jsonl").exists() and (
+        shared / "seed1" / "candidates.k2-of4.jsonl"
+    ).exists()
     assert not (tmp_path / "rep_a" / "results.md").exists() and "run without --seeds" in r.stdout
     seed1 = {p: p.stat().st_mtime_ns for p in (shared / "seed1").rglob("model.safetensors")}
 
@@ -161,8 +204,12 @@ def test_seed_processes_then_one_results_run_with_a_shared_out(tmp_path):
 
 
 def test_grid_collapses_axes_a_method_ignores(tmp_path):
-    exp = load_experiment(_write(tmp_path / "g.yaml", {"methods": ["rft", "dc", "bc"], "seeds": [3], "k": [2, 8],
-                                                      "beta": [0.1, 0.5], "lambda": [0.5, 1]}))
+    exp = load_experiment(
+        _write(
+            tmp_path / "g.yaml",
+            {"methods": ["rft", "dc", "bc"], "seeds": [3], "k": [2, 8], "beta": [0.1, 0.5], "lambda": [0.5, 1]},
+        )
+    )
     cells = [r.cell for r in grid(exp)]
     assert cells[0] == "vft"  # the control is added and comes first
     assert cells.count("vft") == 1 and "rft-k2" in cells and "rft-k8" in cells
@@ -171,12 +218,33 @@ def test_grid_collapses_axes_a_method_ignores(tmp_path):
 
 
 def test_sub_grids_run_their_union_once(tmp_path):
-    exp = load_experiment(_write(tmp_path / "g.yaml", {
-        "methods": ["bc"], "k": [8], "beta": [0.5], "lambda": [1], "seeds": [0, 1],
-        "grids": [{"k": [2, 8]}, {"beta": [0.1, 0.5]}, {"lambda": [0.5, 1], "beta_auto": {"factors": [2], "floor": 0.01}}]}))
+    exp = load_experiment(
+        _write(
+            tmp_path / "g.yaml",
+            {
+                "methods": ["bc"],
+                "k": [8],
+                "beta": [0.5],
+                "lambda": [1],
+                "seeds": [0, 1],
+                "grids": [
+                    {"k": [2, 8]},
+                    {"beta": [0.1, 0.5]},
+                    {"lambda": [0.5, 1], "beta_auto": {"factors": [2], "floor": 0.01}},
+                ],
+            },
+        )
+    )
     cells = [r.cell for r in grid(exp) if r.seed == 0]
-    assert cells == ["vft", "bc-k2-b0.5-l1", "bc-k8-b0.5-l1", "bc-k8-b0.1-l1", "bc-k8-b0.5-l0.5", "bc-k8-gap2-l0.5",
-                     "bc-k8-gap2-l1"]
+    assert cells == [
+        "vft",
+        "bc-k2-b0.5-l1",
+        "bc-k8-b0.5-l1",
+        "bc-k8-b0.1-l1",
+        "bc-k8-b0.5-l0.5",
+        "bc-k8-gap2-l0.5",
+        "bc-k8-gap2-l1",
+    ]
     assert exp.ks == (2, 8) and len(grid(exp)) == 2 * len(cells)
     with pytest.raises(InputError, match="field 'grids\\[0\\].kk'"):
         load_experiment(_write(tmp_path / "b.yaml", {"grids": [{"kk": [2]}]}))
@@ -221,30 +289,51 @@ def test_gap_beta_and_per_question_loss():
     vft = [[-0.2, -0.5, -0.3], [-0.1, -0.3, -0.6]]  # per-token VFT scores
     # the per-question betas come from the start model's summed log-probs and the candidates' lengths
     ds = AlignDataset.__new__(AlignDataset)
-    ds.items = [GroupItem([1], [[0] * n for n in ls], pos.tolist(), [0 if p else 1 for p in pos.tolist()],
-                          [False] * 3, ref_logps=[v * n for v, n in zip(vs, ls)])
-                for ls, pos, vs in zip(lengths, positive, vft)]
+    ds.items = [
+        GroupItem(
+            [1],
+            [[0] * n for n in ls],
+            pos.tolist(),
+            [0 if p else 1 for p in pos.tolist()],
+            [False] * 3,
+            ref_logps=[v * n for v, n in zip(vs, ls)],
+        )
+        for ls, pos, vs in zip(lengths, positive, vft)
+    ]
     question_betas(ds, 2.0, 0.02)
     betas = torch.tensor([it.beta for it in ds.items])
     # question 0: gaps 0.3, 0.1 -> median 0.2 -> beta 0.4; question 1: weakest -0.3, gap 0.3 -> beta 0.6
     assert betas.tolist() == pytest.approx([0.4, 0.6])
-    batch = CandidateBatch(mean, mean * torch.tensor(lengths), positive, torch.where(positive, 0, 1), valid,
-                           beta=betas)
+    batch = CandidateBatch(
+        mean, mean * torch.tensor(lengths), positive, torch.where(positive, 0, 1), valid, beta=betas
+    )
     got = method.loss(batch)
-    want = torch.cat([losses.boundary_constraint_loss(mean[:1], positive[:1], valid[:1], beta=0.4),
-                      losses.boundary_constraint_loss(mean[1:], positive[1:], valid[1:], beta=0.6)])
+    want = torch.cat(
+        [
+            losses.boundary_constraint_loss(mean[:1], positive[:1], valid[:1], beta=0.4),
+            losses.boundary_constraint_loss(mean[1:], positive[1:], valid[1:], beta=0.6),
+        ]
+    )
     assert torch.allclose(got, want)
     got.sum().backward()
     assert torch.isfinite(mean.grad).all()
 
 
 def test_subsample_recomputes_ranks(tmp_path):
-    from aftune.records import Candidate, Group
-    from aftune.records import meta_path_for, read_groups
+    from aftune.records import Candidate, Group, meta_path_for, read_groups
 
-    g = Group("1", "arith", "Q", "R", "5", [Candidate("a #### 4", "4", False, rank=1, wrong_steps=1),
-                                           Candidate("b #### 5", "5", True, rank=0, wrong_steps=0),
-                                           Candidate("c #### 6", "6", False, rank=2, wrong_steps=3)])
+    g = Group(
+        "1",
+        "arith",
+        "Q",
+        "R",
+        "5",
+        [
+            Candidate("a #### 4", "4", False, rank=1, wrong_steps=1),
+            Candidate("b #### 5", "5", True, rank=0, wrong_steps=0),
+            Candidate("c #### 6", "6", False, rank=2, wrong_steps=3),
+        ],
+    )
     src = tmp_path / "c.k3.jsonl"
     src.write_text(json.dumps(g.to_dict()) + "\n")
     meta_path_for(src).write_text(json.dumps({"task": "arith", "sampling": {"k": 3}}))

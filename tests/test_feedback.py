@@ -12,8 +12,16 @@ def cand(correct: bool, wrong: int | None) -> Candidate:
 
 
 def test_assign_ranks_order_and_ties():
-    cs = [cand(False, 3), cand(True, 1), cand(True, 0), cand(False, 0), cand(True, None),
-          cand(True, 1), cand(False, 1), cand(True, 2)]
+    cs = [
+        cand(False, 3),
+        cand(True, 1),
+        cand(True, 0),
+        cand(False, 0),
+        cand(True, None),
+        cand(True, 1),
+        cand(False, 1),
+        cand(True, 2),
+    ]
     assign_ranks(cs)
     assert [c.rank for c in cs] == [5, 1, 0, 3, 0, 1, 4, 2]
 
@@ -28,10 +36,20 @@ def test_assign_ranks_dense_and_wrong_answer_below_any_correct():
     assign_ranks([])  # no candidates: nothing to do
 
 
-@pytest.mark.parametrize("a, b, d", [
-    ("", "", 0), ("abc", "", 3), ("", "abc", 3), ("kitten", "sitting", 3), ("flaw", "lawn", 2),
-    ("abc", "abc", 0), ("abc", "acb", 2), ("intention", "execution", 5), ("a", "b", 1),
-])
+@pytest.mark.parametrize(
+    "a, b, d",
+    [
+        ("", "", 0),
+        ("abc", "", 3),
+        ("", "abc", 3),
+        ("kitten", "sitting", 3),
+        ("flaw", "lawn", 2),
+        ("abc", "abc", 0),
+        ("abc", "acb", 2),
+        ("intention", "execution", 5),
+        ("a", "b", 1),
+    ],
+)
 def test_levenshtein(a, b, d):
     assert levenshtein(a, b) == d
     assert levenshtein(b, a) == d
@@ -40,8 +58,11 @@ def test_levenshtein(a, b, d):
 def _levenshtein_naive(a: str, b: str) -> int:
     if not a or not b:
         return len(a) + len(b)
-    return min(_levenshtein_naive(a[1:], b) + 1, _levenshtein_naive(a, b[1:]) + 1,
-               _levenshtein_naive(a[1:], b[1:]) + (a[0] != b[0]))
+    return min(
+        _levenshtein_naive(a[1:], b) + 1,
+        _levenshtein_naive(a, b[1:]) + 1,
+        _levenshtein_naive(a[1:], b[1:]) + (a[0] != b[0]),
+    )
 
 
 def test_levenshtein_matches_naive_recursion():

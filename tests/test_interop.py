@@ -38,8 +38,9 @@ def _export(cands: Path, out: Path, fmt: str, *extra: str) -> dict:
 def _group(gid: str, n_pos: int, n_neg: int, reference: str = "") -> Group:
     cands = [Candidate(f"{gid} right {i}", "1", True) for i in range(n_pos)]
     cands += [Candidate(f"{gid} wrong {i}", "2", False) for i in range(n_neg)]
-    return Group(id=gid, task="arith", prompt=f"Question: {gid}?\nAnswer:\n", reference=reference, answer="1",
-                 candidates=cands)
+    return Group(
+        id=gid, task="arith", prompt=f"Question: {gid}?\nAnswer:\n", reference=reference, answer="1", candidates=cands
+    )
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:
@@ -68,8 +69,9 @@ def test_unpaired_round_trip_keeps_every_labelled_completion(candidates, tmp_pat
     assert r.code == 0, r.stderr
     imported = read_groups(tmp_path / "imp.jsonl")
     assert _triples(imported) == expected
-    assert _triples(imported) == _triples(groups) + (Counter({(g.prompt, g.reference, True): 1 for g in groups})
-                                                     if reference else Counter())
+    assert _triples(imported) == _triples(groups) + (
+        Counter({(g.prompt, g.reference, True): 1 for g in groups}) if reference else Counter()
+    )
     assert {g.prompt for g in imported} == {g.prompt for g in groups}
     assert all(g.task == "arith" and g.reference == "" and g.answer == "" for g in imported)
     side = CandidatesMeta.read(meta_path_for(tmp_path / "imp.jsonl"))
@@ -103,17 +105,29 @@ def test_pairwise_import_deduplicates_per_prompt(candidates, tmp_path):
 
 
 def test_from_pairwise_labels_and_order():
-    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "c", "rejected": "d"},
-            {"prompt": "p", "chosen": "a", "rejected": "e"}, {"prompt": "p", "chosen": "f", "rejected": "b"}]
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "chosen": "c", "rejected": "d"},
+        {"prompt": "p", "chosen": "a", "rejected": "e"},
+        {"prompt": "p", "chosen": "f", "rejected": "b"},
+    ]
     groups = from_pairwise(rows, task="arith")
-    assert [(g.id, g.prompt, g.task, g.reference) for g in groups] == [("0", "p", "arith", ""),
-                                                                       ("1", "q", "arith", "")]
-    assert [(c.text, c.correct) for c in groups[0].candidates] == [("a", True), ("b", False), ("e", False),
-                                                                   ("f", True)]
+    assert [(g.id, g.prompt, g.task, g.reference) for g in groups] == [
+        ("0", "p", "arith", ""),
+        ("1", "q", "arith", ""),
+    ]
+    assert [(c.text, c.correct) for c in groups[0].candidates] == [
+        ("a", True),
+        ("b", False),
+        ("e", False),
+        ("f", True),
+    ]
     with pytest.raises(InputError) as e:
         from_pairwise(rows + [{"prompt": "q", "chosen": "d", "rejected": "x"}], source="mem")
-    assert str(e.value) == ("mem: row 5: field 'chosen': this completion is also 'rejected' for this prompt (row 2); "
-                            "binary labels cannot say it is both right and wrong")
+    assert str(e.value) == (
+        "mem: row 5: field 'chosen': this completion is also 'rejected' for this prompt (row 2); "
+        "binary labels cannot say it is both right and wrong"
+    )
 
 
 # --------------------------------------------------------------------------- pairs
@@ -181,9 +195,18 @@ def _trl_run(trainer_cls, config_cls, tiny_model, ds, out: Path):
 
     model, tok = load_model_and_tokenizer(str(tiny_model))
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = config_cls(output_dir=str(out), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-3,
-                      use_cpu=True, report_to="none", max_length=96, save_strategy="no", logging_steps=1,
-                      disable_tqdm=True)
+    args = config_cls(
+        output_dir=str(out),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to="none",
+        max_length=96,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
     trainer = trainer_cls(model=model, args=args, train_dataset=ds, processing_class=tok)
     trainer.train()
     assert trainer.state.global_step == 1
@@ -218,9 +241,30 @@ def test_imported_labels_train_with_aftune_align(tiny_model, candidates, tmp_pat
     r = cli("import", "--dataset", tmp_path / "labelled.parquet", "--out", tmp_path / "imp.jsonl", "--task", "arith")
     assert r.code == 0, r.stderr
     assert json.loads(r.stdout)["questions"] == len(read_groups(candidates))
-    align = ["align", "--model", tiny_model, "--candidates", tmp_path / "imp.jsonl", "--task", "arith",
-             "--task-args", TASK_ARGS, "--method", "bc", "--max-steps", "2", "--batch-size", "4", "--save-steps", "2",
-             "--logging-steps", "1", "--quiet", "--out", tmp_path / "bc"]
+    align = [
+        "align",
+        "--model",
+        tiny_model,
+        "--candidates",
+        tmp_path / "imp.jsonl",
+        "--task",
+        "arith",
+        "--task-args",
+        TASK_ARGS,
+        "--method",
+        "bc",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--save-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--quiet",
+        "--out",
+        tmp_path / "bc",
+    ]
     r = cli(*align)
     assert r.code == 0, r.stderr
     metrics = json.loads((tmp_path / "bc" / "metrics.json").read_text())
@@ -231,8 +275,10 @@ def test_imported_labels_train_with_aftune_align(tiny_model, candidates, tmp_pat
     r = cli("import", "--dataset", tmp_path / "labelled.parquet", "--out", tmp_path / "custom.jsonl")
     assert r.code == 0, r.stderr
     r = cli(*[str(a).replace(str(tmp_path / "imp.jsonl"), str(tmp_path / "custom.jsonl")) for a in align])
-    assert r.error_lines == [f"error: {tmp_path / 'custom.jsonl'}: line 1: field 'task': candidates are for task "
-                             f"'custom', but --task is 'arith'"]
+    assert r.error_lines == [
+        f"error: {tmp_path / 'custom.jsonl'}: line 1: field 'task': candidates are for task "
+        f"'custom', but --task is 'arith'"
+    ]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -247,8 +293,14 @@ ROW = {"prompt": "Question: 1?\nAnswer:\n", "completion": "#### 1", "label": Tru
 PAIR = {"prompt": "Question: 1?\nAnswer:\n", "chosen": "#### 1", "rejected": "#### 2"}
 CONV = "conversational rows (lists of messages) need a chat template; give {} as text"
 MESSAGES = [{"role": "user", "content": "1?"}]
-BAD_GROUP = {"id": 1, "task": "arith", "prompt": "p", "reference": "", "answer": "1",
-             "candidates": [{"text": "x", "correct": 1}]}
+BAD_GROUP = {
+    "id": 1,
+    "task": "arith",
+    "prompt": "p",
+    "reference": "",
+    "answer": "1",
+    "candidates": [{"text": "x", "correct": 1}],
+}
 
 
 def _jsonl(*rows, name: str = "d.jsonl"):
@@ -260,23 +312,37 @@ def _pq(*rows):
 
 
 BAD_IMPORTS = {  # case: (make the dataset in tmp_path, the error line after "error: " with {F} for its path)
-    "label not a bool (JSONL)": (_jsonl(ROW, {**ROW, "label": "yes"}),
-                                 "{F}: line 2: field 'label': expected bool, got str"),
-    "label not a bool (Parquet)": (_pq({**ROW, "label": "1"}, {**ROW, "label": "0"}),
-                                   "{F}: row 1: field 'label': expected bool, got str"),
-    "null completion (Parquet)": (_pq(ROW, ROW, {**ROW, "completion": None}),
-                                  "{F}: row 3: field 'completion': expected str, got NoneType"),
+    "label not a bool (JSONL)": (
+        _jsonl(ROW, {**ROW, "label": "yes"}),
+        "{F}: line 2: field 'label': expected bool, got str",
+    ),
+    "label not a bool (Parquet)": (
+        _pq({**ROW, "label": "1"}, {**ROW, "label": "0"}),
+        "{F}: row 1: field 'label': expected bool, got str",
+    ),
+    "null completion (Parquet)": (
+        _pq(ROW, ROW, {**ROW, "completion": None}),
+        "{F}: row 3: field 'completion': expected str, got NoneType",
+    ),
     "missing field": (_jsonl(ROW, {"prompt": "p", "completion": "c"}), "{F}: line 2: field 'label': missing field"),
-    "conversational prompt": (_jsonl({**ROW, "prompt": MESSAGES}),
-                              "{F}: line 1: field 'prompt': " + CONV.format("prompt")),
-    "no known columns": (_jsonl({"question": "q", "text": "t"}),
-                         "{F}: expected TRL's unpaired format (prompt, completion, label), its preference format "
-                         "(prompt, chosen, rejected) or aftune's grouped records; got columns ['question', 'text']"),
-    "chosen and rejected": (_jsonl(PAIR, {**PAIR, "chosen": "#### 3", "rejected": "#### 1"}),
-                            "{F}: line 2: field 'rejected': this completion is also 'chosen' for this prompt "
-                            "(line 1); binary labels cannot say it is both right and wrong"),
-    "preference without prompt": (_jsonl({"chosen": "a", "rejected": "b"}),
-                                  "{F}: line 1: field 'prompt': missing field"),
+    "conversational prompt": (
+        _jsonl({**ROW, "prompt": MESSAGES}),
+        "{F}: line 1: field 'prompt': " + CONV.format("prompt"),
+    ),
+    "no known columns": (
+        _jsonl({"question": "q", "text": "t"}),
+        "{F}: expected TRL's unpaired format (prompt, completion, label), its preference format "
+        "(prompt, chosen, rejected) or aftune's grouped records; got columns ['question', 'text']",
+    ),
+    "chosen and rejected": (
+        _jsonl(PAIR, {**PAIR, "chosen": "#### 3", "rejected": "#### 1"}),
+        "{F}: line 2: field 'rejected': this completion is also 'chosen' for this prompt "
+        "(line 1); binary labels cannot say it is both right and wrong",
+    ),
+    "preference without prompt": (
+        _jsonl({"chosen": "a", "rejected": "b"}),
+        "{F}: line 1: field 'prompt': missing field",
+    ),
     "empty dataset": (_jsonl(), "{F}: no rows"),
     "does not exist": (lambda t: t / "nothing.parquet", "{F}: file does not exist"),
     "not a data file": (_jsonl(ROW, name="d.csv"), "{F}: expected a .parquet or .jsonl file (or a folder of them)"),
@@ -306,9 +372,9 @@ def test_bad_export_flags(candidates, tmp_path):
     cases = {
         ("--format", "kto"): "error: field '--format': expected unpaired, pairwise or grouped, got 'kto'",
         ("--format", "pairwise", "--max-pairs-per-question", "0"): "error: field '--max-pairs-per-question': "
-                                                                   "must be >= 1, got 0",
+        "must be >= 1, got 0",
         ("--format", "unpaired", "--max-pairs-per-question", "3"): "error: field '--max-pairs-per-question': "
-                                                                   "only the pairwise format has pairs to cap",
+        "only the pairwise format has pairs to cap",
     }
     for extra, line in cases.items():
         r = cli("export", "--candidates", candidates, "--out", out, *extra)
@@ -333,15 +399,19 @@ def test_import_of_a_hub_folder_reads_its_train_files(tmp_path):
     assert r.code == 0, r.stderr
     groups = read_groups(tmp_path / "imp.jsonl")
     assert [(g.prompt, [(c.text, c.correct) for c in g.candidates]) for g in groups] == [
-        (ROW["prompt"], [("#### 1", True), ("#### 2", False)]), ("Question: 2?\nAnswer:\n", [("#### 1", True)])]
+        (ROW["prompt"], [("#### 1", True), ("#### 2", False)]),
+        ("Question: 2?\nAnswer:\n", [("#### 1", True)]),
+    ]
     side = CandidatesMeta.read(meta_path_for(tmp_path / "imp.jsonl"))
     assert side.stats["imported_from"] == [str(p) for p in sorted(data.glob("train-*"))]
 
 
 def test_import_without_a_dataset(tmp_path):
     r = cli("import", "--out", tmp_path / "imp.jsonl")
-    assert (r.code, r.error_lines) == (2, ["error: field '--dataset': give the dataset to import (a .parquet or "
-                                           ".jsonl file, or a folder)"])
+    assert (r.code, r.error_lines) == (
+        2,
+        ["error: field '--dataset': give the dataset to import (a .parquet or .jsonl file, or a folder)"],
+    )
 
 
 def test_doc_lists_every_flag_and_error():

@@ -246,9 +246,7 @@ def test_ranked_boundary_direction_per_level(beta, direction):
 def _two_level_cases():
     gen = torch.Generator().manual_seed(3)
     scores = torch.rand(3, 5, generator=gen, dtype=F64) * -3
-    positive = torch.tensor(
-        [[True, False, True, False, False], [False, True, True, True, False], [True] * 5]
-    )
+    positive = torch.tensor([[True, False, True, False, False], [False, True, True, True, False], [True] * 5])
     valid = torch.tensor([[True] * 5, [True, True, False, True, True], [True] * 5])
     return scores, positive, valid
 
@@ -325,9 +323,7 @@ PRO_R = torch.tensor([[0, 1, 1, 2]])  # candidates 1 and 2 tied: not each other'
 def test_pro_hand_softmax_form():
     e = [E(x) for x in PRO_S[0]]
     expected = (
-        -math.log(e[0] / (e[0] + e[1] + e[2] + e[3]))
-        - math.log(e[1] / (e[1] + e[3]))
-        - math.log(e[2] / (e[2] + e[3]))
+        -math.log(e[0] / (e[0] + e[1] + e[2] + e[3])) - math.log(e[1] / (e[1] + e[3])) - math.log(e[2] / (e[2] + e[3]))
     )  # the worst has no worse candidate: no term
     val, g = value_and_grad(lambda s: L.pro_loss(s, PRO_R), PRO_S)
     assert_close(val, [expected])
@@ -405,11 +401,7 @@ def test_dpo_boundary_hand():
     # T_01 - r1 = (0.1 - 0.1) + 0.1 = 0.1; T_02 - r2 = (-0.3 - 0.1) + 0.4 = 0.0;
     # T_12 - r2 = (-0.3 + 0.1) + 0.4 = 0.2
     val = L.dpo_loss(leaf(DPO_PI), DPO_REF, DPO_R, constraint="boundary", boundary=0.05)
-    expected = (
-        math.log(1 + E(-0.2) + E(0.1))
-        + math.log(1 + E(-0.5) + E(0.0))
-        + math.log(1 + E(-0.3) + E(0.2))
-    ) / 3
+    expected = (math.log(1 + E(-0.2) + E(0.1)) + math.log(1 + E(-0.5) + E(0.0)) + math.log(1 + E(-0.3) + E(0.2))) / 3
     assert_close(val.detach(), [expected])
 
 
@@ -419,9 +411,7 @@ def test_dpo_plackett_luce_hand_with_tie():
     ranks = torch.tensor([[0, 1, 1, 2]])
     # beta 0.5: r = 0.5 * [0.2, -0.5, 0.0, -1.0] = [0.1, -0.25, 0.0, -0.5]
     e = [E(0.1), E(-0.25), E(0.0), E(-0.5)]
-    expected = (
-        -math.log(e[0] / sum(e)) - math.log(e[1] / (e[1] + e[3])) - math.log(e[2] / (e[2] + e[3]))
-    )
+    expected = -math.log(e[0] / sum(e)) - math.log(e[1] / (e[1] + e[3])) - math.log(e[2] / (e[2] + e[3]))
     val, g = value_and_grad(lambda p: L.dpo_plackett_luce_loss(p, ref, ranks, beta=0.5), pi)
     assert_close(val, [expected])
     assert g[0, 0] < 0 and g[0, 3] > 0
@@ -468,9 +458,7 @@ def test_baselines_push_better_up_worse_down(name):
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_baselines_detach_zero_grad_for_worst(name):
     ranks = torch.tensor([[0, 1, 2, 2]])
-    _, g = value_and_grad(
-        lambda s: BASELINES[name](s, ranks, c="detach"), [[-2.0, -1.0, 0.0, 0.5]]
-    )
+    _, g = value_and_grad(lambda s: BASELINES[name](s, ranks, c="detach"), [[-2.0, -1.0, 0.0, 0.5]])
     assert (g[0, 2:] == 0).all()
     assert g[0, 0] < 0 and g[0, 1] < 0
 
@@ -479,9 +467,7 @@ def test_baselines_detach_zero_grad_for_worst(name):
 def test_baselines_boundary_pulls_far_below_worst_up(name):
     ranks = torch.tensor([[0, 1]])
     _, g_none = value_and_grad(lambda s: BASELINES[name](s, ranks), [[0.0, -5.0]])
-    _, g_bc = value_and_grad(
-        lambda s: BASELINES[name](s, ranks, c="boundary", beta=0.5), [[0.0, -5.0]]
-    )
+    _, g_bc = value_and_grad(lambda s: BASELINES[name](s, ranks, c="boundary", beta=0.5), [[0.0, -5.0]])
     assert g_none[0, 1] >= 0  # unconstrained: never pulled up
     assert g_bc[0, 1] < 0
 
@@ -702,7 +688,7 @@ def test_per_question_beta_tensor_equals_one_question_at_a_time():
     positive = torch.tensor([[True, False, False], [True, True, False]])
     betas = torch.tensor([0.4, 0.6])
     got = L.boundary_constraint_loss(scores, positive, beta=betas)
-    rows = [L.boundary_constraint_loss(scores[i:i + 1], positive[i:i + 1], beta=float(betas[i])) for i in range(2)]
+    rows = [L.boundary_constraint_loss(scores[i : i + 1], positive[i : i + 1], beta=float(betas[i])) for i in range(2)]
     torch.testing.assert_close(got, torch.cat(rows))
     # by hand, question 0: B = -0.1 - 0.4 = -0.5, T = 2B - s_p = -0.9; terms s_n - s_p and T - s_n
     want0 = math.log(1 + math.exp(-0.2) + math.exp(-0.1) + math.exp(-0.6) + math.exp(-0.7))

@@ -89,30 +89,36 @@ def test_batch_matches_single_calls():
 # --------------------------------------------------------------------------------------------- extraction
 
 
-@pytest.mark.parametrize("completion, strict, flexible", [
-    ("so $\\boxed{\\frac{\\sqrt{3}}{2}}$.", "\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{3}}{2}"),
-    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}", "\\{1, 2\\}"),  # escaped braces do not nest
-    ("\\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
-     "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),  # `\\}` would be wrong if `\\` were not a unit
-    ("\\boxed{1} then \\fbox{2} then \\boxed{3}", "3", "3"),
-    ("\\boxed{1} then \\fbox{2}", "2", "2"),
-    ("\\boxed {7}", "7", "7"),
-    ("$\\boxed 7$", "7", "7"),
-    ("\\boxedsomething{3} and the answer is 4", None, "4"),  # a longer command is not a box
-    ("\\boxed{}", None, None),
-    ("\\boxed{  }", None, None),
-    ("The answer is \\boxed{5", None, None),  # truncated: no marker fallback either
-    ("The answer is 7.", None, "7"),
-    ("the ANSWER IS 3.5", None, "3.5"),
-    ("The answer is 7. So we are done.", None, "7"),
-    ("Final answer:\n\n12", None, "12"),
-    ("Final Answer: The final answer is $\\frac{2}{3}$. I hope it is correct.", None, "\\frac{2}{3}"),
-    ("So it costs $\\$12.50$ in the answer is $\\$12.50$.", None, "\\$12.50"),
-    ("#### 1,234", None, "1,234"),
-    ("The answer is 5.\nWait.\n#### 6", None, "6"),  # the last marker counts
-    ("x equals 7", None, None),
-    ("", None, None),
-])
+@pytest.mark.parametrize(
+    "completion, strict, flexible",
+    [
+        ("so $\\boxed{\\frac{\\sqrt{3}}{2}}$.", "\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{3}}{2}"),
+        ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}", "\\{1, 2\\}"),  # escaped braces do not nest
+        (
+            "\\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}",
+            "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
+            "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
+        ),  # `\\}` would be wrong if `\\` were not a unit
+        ("\\boxed{1} then \\fbox{2} then \\boxed{3}", "3", "3"),
+        ("\\boxed{1} then \\fbox{2}", "2", "2"),
+        ("\\boxed {7}", "7", "7"),
+        ("$\\boxed 7$", "7", "7"),
+        ("\\boxedsomething{3} and the answer is 4", None, "4"),  # a longer command is not a box
+        ("\\boxed{}", None, None),
+        ("\\boxed{  }", None, None),
+        ("The answer is \\boxed{5", None, None),  # truncated: no marker fallback either
+        ("The answer is 7.", None, "7"),
+        ("the ANSWER IS 3.5", None, "3.5"),
+        ("The answer is 7. So we are done.", None, "7"),
+        ("Final answer:\n\n12", None, "12"),
+        ("Final Answer: The final answer is $\\frac{2}{3}$. I hope it is correct.", None, "\\frac{2}{3}"),
+        ("So it costs $\\$12.50$ in the answer is $\\$12.50$.", None, "\\$12.50"),
+        ("#### 1,234", None, "1,234"),
+        ("The answer is 5.\nWait.\n#### 6", None, "6"),  # the last marker counts
+        ("x equals 7", None, None),
+        ("", None, None),
+    ],
+)
 def test_extraction(completion, strict, flexible):
     assert extract_math_answer(completion, strict=True) == strict
     assert extract_math_answer(completion, strict=False) == flexible
@@ -123,13 +129,16 @@ def test_extraction_of_non_text_is_none():
     assert extract_math_answer(b"\\boxed{1}") is None  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("completion", [
-    "\\boxed{" + "{" * 10000,
-    "\\boxed{" * 100000,
-    "{" * 10**6 + "\\boxed{1" + "}" * 10,
-    "\\" * 10**6,
-    "The answer is " + "(" * 10**6,
-])
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "\\boxed{" + "{" * 10000,
+        "\\boxed{" * 100000,
+        "{" * 10**6 + "\\boxed{1" + "}" * 10,
+        "\\" * 10**6,
+        "The answer is " + "(" * 10**6,
+    ],
+)
 def test_extraction_is_linear_on_pathological_text(completion):
     t = time.monotonic()
     for strict in (True, False):
@@ -145,27 +154,33 @@ def test_truncated_hostile_box_is_none():
 # --------------------------------------------------------------------------------------------- fast path
 
 
-@pytest.mark.parametrize("a, b", [
-    ("\\dfrac{1}{2}", "\\frac12"),
-    ("\\left( 1, 2 \\right]", "(1,2]"),
-    ("5\\text{ cm}", "5"),
-    ("30^{\\circ}", "30"),
-    ("50\\%", "50"),
-    ("\\$1{,}000", "1000"),
-    ("7.", "7"),
-    ("\u22123", "-3"),
-    ("\\text{(C)}", "C"),
-])
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("\\dfrac{1}{2}", "\\frac12"),
+        ("\\left( 1, 2 \\right]", "(1,2]"),
+        ("5\\text{ cm}", "5"),
+        ("30^{\\circ}", "30"),
+        ("50\\%", "50"),
+        ("\\$1{,}000", "1000"),
+        ("7.", "7"),
+        ("\u22123", "-3"),
+        ("\\text{(C)}", "C"),
+    ],
+)
 def test_normalisation_equates(a, b):
     assert normalize_math_answer(a) == normalize_math_answer(b)
 
 
-@pytest.mark.parametrize("a, b", [
-    ("\\pi r", "\\pir"),  # the space ends a command name: it must survive
-    ("2 3", "23"),
-    ("\\begin{pmatrix}1 & 2\\\\ 3 & 4\\end{pmatrix}", "\\begin{pmatrix}1 & 2\\ 3 & 4\\end{pmatrix}"),
-    ("0.5", "50\\%"),
-])
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("\\pi r", "\\pir"),  # the space ends a command name: it must survive
+        ("2 3", "23"),
+        ("\\begin{pmatrix}1 & 2\\\\ 3 & 4\\end{pmatrix}", "\\begin{pmatrix}1 & 2\\ 3 & 4\\end{pmatrix}"),
+        ("0.5", "50\\%"),
+    ],
+)
 def test_normalisation_keeps_apart(a, b):
     assert normalize_math_answer(a) != normalize_math_answer(b)
 
@@ -212,8 +227,24 @@ def _hostile(marker: Path) -> list[str]:
     ]
 
 
-HOSTILE_IDS = ["import", "import-dq", "subclasses", "open", "lambda", "text", "py-tower", "tower9", "tower2",
-               "memory", "factorial", "nested-frac", "nested-braces", "nested-parens", "sum", "4000-digits"]
+HOSTILE_IDS = [
+    "import",
+    "import-dq",
+    "subclasses",
+    "open",
+    "lambda",
+    "text",
+    "py-tower",
+    "tower9",
+    "tower2",
+    "memory",
+    "factorial",
+    "nested-frac",
+    "nested-braces",
+    "nested-parens",
+    "sum",
+    "4000-digits",
+]
 TIMEOUT_S = 1.0
 
 
@@ -221,8 +252,10 @@ TIMEOUT_S = 1.0
 def test_hostile_answers_are_false_in_time_and_run_nothing(index, tmp_path):
     marker = tmp_path / "pwned"
     hostile = _hostile(marker)[index]
-    predicted = {extract_math_answer(f"\\boxed{{{hostile}}}", strict=True),
-                 extract_math_answer(f"The answer is {hostile}", strict=False)}
+    predicted = {
+        extract_math_answer(f"\\boxed{{{hostile}}}", strict=True),
+        extract_math_answer(f"The answer is {hostile}", strict=False),
+    }
     assert None not in predicted
     for gold, pred in [("4", p) for p in sorted(predicted)] + [(hostile, "4")]:
         start_worker()  # a restart after the previous case is not part of the comparison's time
@@ -256,8 +289,9 @@ def test_math_verify_hands_eval_only_digits_and_operators(tmp_path):
     texts = [t for c in _cases() for t in (c["gold"], c["completion"])]
     texts += [h for h in _hostile(tmp_path / "pwned") if len(h) < 2000]
     texts += ["The answer is 1+__import__('os')", "Answer: 3*(4+5)", "The final answer is 2**2**2", "\\boxed{3E5}"]
-    run = subprocess.run([sys.executable, "-c", _SPY], input=json.dumps(texts), capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", _SPY], input=json.dumps(texts), capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     seen = json.loads(run.stdout)
     assert seen, "the spy saw nothing: math-verify no longer calls parse_expr, or the spy missed it"

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from aftune.commands.align import run_align
 from aftune.config import AlignConfig
 from aftune.io import write_jsonl
 from aftune.modeling import create_tiny, load_model_and_tokenizer
@@ -13,7 +14,6 @@ from aftune.scoring import score_texts
 from aftune.tasks import get_task
 from aftune.tasks.arith import ArithTask
 from aftune.training.methods import METHODS
-from aftune.commands.align import run_align
 
 TASK_ARGS = "n_train=60,n_validation=10,n_test=10"
 
@@ -29,8 +29,14 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("methods")
     task = get_task("arith", n_train=60, n_validation=10, n_test=10)
     train = task.load("train")
-    create_tiny(d / "init", [task.prompt(e) + e.reference for e in train], vocab_size=300, hidden_size=32,
-                n_layers=1, n_heads=2)
+    create_tiny(
+        d / "init",
+        [task.prompt(e) + e.reference for e in train],
+        vocab_size=300,
+        hidden_size=32,
+        n_layers=1,
+        n_heads=2,
+    )
     rng = random.Random(0)
     groups = []
     for e in train[:16]:
@@ -54,9 +60,21 @@ def _gap(model_dir, groups):
 
 def _run(d, method, **kw):
     out = d / f"run-{method}"
-    cfg = AlignConfig(model=str(d / "init"), candidates=str(d / "cands.jsonl"), out=str(out), method=method,
-                      task_args=TASK_ARGS, max_steps=6, batch_size=8, lr=3e-3, quiet=True, logging_steps=1,
-                      save_steps=100, max_response_tokens=128, **kw)
+    cfg = AlignConfig(
+        model=str(d / "init"),
+        candidates=str(d / "cands.jsonl"),
+        out=str(out),
+        method=method,
+        task_args=TASK_ARGS,
+        max_steps=6,
+        batch_size=8,
+        lr=3e-3,
+        quiet=True,
+        logging_steps=1,
+        save_steps=100,
+        max_response_tokens=128,
+        **kw,
+    )
     metrics = run_align(cfg)
     return out / "model", metrics
 

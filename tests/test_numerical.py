@@ -8,9 +8,9 @@ import re
 
 import pytest
 import torch
+from conftest import cli
 from safetensors.torch import load_file
 
-from conftest import cli
 from aftune.scoring import Scored, score_groups
 
 
@@ -22,12 +22,29 @@ def _diverge(*extra):
 def test_align_diverging_weights_are_not_checkpointed(tiny_model, candidates, tmp_path):
     out = tmp_path / "a"
     # linear warm-up over 1 step: step 1 runs at lr 0 (a good checkpoint-1), step 2 at lr 1e39
-    r = cli("align", "--model", tiny_model, "--candidates", candidates, "--max-steps", "4", "--save-steps", "1",
-            "--warmup-ratio", "0.25", "--lr-schedule", "linear", *_diverge("--out", out))
+    r = cli(
+        "align",
+        "--model",
+        tiny_model,
+        "--candidates",
+        candidates,
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "1",
+        "--warmup-ratio",
+        "0.25",
+        "--lr-schedule",
+        "linear",
+        *_diverge("--out", out),
+    )
     assert r.code == 1 and "Traceback" not in r.stderr
     assert len(r.error_lines) == 1, r.stderr
-    assert re.fullmatch(r"error: parameter \S+ became non-finite at step 2; stopping without saving\. The last saved "
-                        rf"checkpoint in {re.escape(str(out / 'checkpoints'))} is intact\. .+", r.error_lines[0])
+    assert re.fullmatch(
+        r"error: parameter \S+ became non-finite at step 2; stopping without saving\. The last saved "
+        rf"checkpoint in {re.escape(str(out / 'checkpoints'))} is intact\. .+",
+        r.error_lines[0],
+    )
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["checkpoint-1"]
     assert json.loads((out / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
@@ -41,12 +58,28 @@ def test_align_diverging_weights_are_not_checkpointed(tiny_model, candidates, tm
 
 def test_sft_nan_loss_stops_with_one_error_line(tiny_model, tmp_path):
     out = tmp_path / "s"
-    r = cli("sft", "--model", tiny_model, "--task", "arith", "--max-steps", "4", "--eval-steps", "10",
-            "--n-validation", "4", "--no-eval-accuracy", *_diverge("--out", out))
+    r = cli(
+        "sft",
+        "--model",
+        tiny_model,
+        "--task",
+        "arith",
+        "--max-steps",
+        "4",
+        "--eval-steps",
+        "10",
+        "--n-validation",
+        "4",
+        "--no-eval-accuracy",
+        *_diverge("--out", out),
+    )
     assert r.code == 1 and "Traceback" not in r.stderr
     assert len(r.error_lines) == 1, r.stderr
-    assert re.fullmatch(r"error: loss became (nan|inf|-inf) at step \d+; stopping\. The last saved checkpoint in "
-                        rf"{re.escape(str(out / 'checkpoints'))} is intact\. .+", r.error_lines[0])
+    assert re.fullmatch(
+        r"error: loss became (nan|inf|-inf) at step \d+; stopping\. The last saved checkpoint in "
+        rf"{re.escape(str(out / 'checkpoints'))} is intact\. .+",
+        r.error_lines[0],
+    )
     assert not (out / "model").exists() and not (out / "metrics.json").exists()
 
 

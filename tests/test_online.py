@@ -21,9 +21,32 @@ from test_crash_resume import _kill_when
 from aftune.records import read_groups
 
 SMALL = ["--task-args", TASK_ARGS, "--quiet"]
-ITERATE = [*SMALL, "--rounds", "2", "--fresh-questions", "--n-questions", "6", "--k", "4", "--max-new-tokens", "24",
-           "--sample-batch-size", "2", "--method", "bc", "--max-steps", "6", "--save-steps", "2",
-           "--logging-steps", "1", "--batch-size", "2", "--eval-questions", "8"]
+ITERATE = [
+    *SMALL,
+    "--rounds",
+    "2",
+    "--fresh-questions",
+    "--n-questions",
+    "6",
+    "--k",
+    "4",
+    "--max-new-tokens",
+    "24",
+    "--sample-batch-size",
+    "2",
+    "--method",
+    "bc",
+    "--max-steps",
+    "6",
+    "--save-steps",
+    "2",
+    "--logging-steps",
+    "1",
+    "--batch-size",
+    "2",
+    "--eval-questions",
+    "8",
+]
 
 
 def _params(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -65,8 +88,9 @@ def test_iterate_runs_rounds_and_accounts_compute(tiny_model, tmp_path):
         assert c["generated_tokens"] == c["sample_generated_tokens"] == _group_tokens(cands) > 0
         assert c["generated_tokens"] == _json(Path(f"{cands}.meta.json"))["stats"]["generated_tokens"]
         assert c["tokens_scored"] == align["compute"]["tokens_scored"] > 0
-        assert align["compute"]["tokens_scored"] == (align["compute"]["nll_tokens_scored"]
-                                                     + align["compute"]["candidate_tokens_scored"])
+        assert align["compute"]["tokens_scored"] == (
+            align["compute"]["nll_tokens_scored"] + align["compute"]["candidate_tokens_scored"]
+        )
         assert align["compute"]["candidate_tokens_scored"] > 0 and c["optimizer_steps"] == 6
         assert rnd["accuracy"] == _json(d / "eval.json")["accuracy"]
         cum_gen, cum_scored = cum_gen + c["generated_tokens"], cum_scored + c["tokens_scored"]
@@ -110,9 +134,32 @@ def test_iterate_killed_in_round2_resumes_to_the_straight_run(tiny_model, tmp_pa
 
 
 def _semi_online(tiny_model, candidates) -> list:
-    return ["align", "--model", tiny_model, "--candidates", candidates, *SMALL, "--method", "bc", "--max-steps", "8",
-            "--save-steps", "2", "--logging-steps", "1", "--batch-size", "2", "--resample-every", "3",
-            "--resample-k", "4", "--resample-max-new-tokens", "24", "--resample-batch-size", "4"]
+    return [
+        "align",
+        "--model",
+        tiny_model,
+        "--candidates",
+        candidates,
+        *SMALL,
+        "--method",
+        "bc",
+        "--max-steps",
+        "8",
+        "--save-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--resample-every",
+        "3",
+        "--resample-k",
+        "4",
+        "--resample-max-new-tokens",
+        "24",
+        "--resample-batch-size",
+        "4",
+    ]
 
 
 def test_semi_online_resamples_from_the_current_model_and_resumes_exactly(tiny_model, candidates, tmp_path):
@@ -153,8 +200,20 @@ def test_semi_online_resamples_from_the_current_model_and_resumes_exactly(tiny_m
 
 
 def test_semi_online_refuses_methods_that_need_the_start_models_log_probs(tiny_model, candidates, tmp_path):
-    r = cli("align", "--model", tiny_model, "--candidates", candidates, *SMALL, "--method", "dpo",
-            "--resample-every", "2", "--out", tmp_path / "x")
+    r = cli(
+        "align",
+        "--model",
+        tiny_model,
+        "--candidates",
+        candidates,
+        *SMALL,
+        "--method",
+        "dpo",
+        "--resample-every",
+        "2",
+        "--out",
+        tmp_path / "x",
+    )
     assert r.code == 2 and "--resample-every" in r.stderr and "log-probs" in r.stderr
     assert not (tmp_path / "x").exists()
 
@@ -176,11 +235,13 @@ def test_sample_counts_every_generated_token(tiny_model, tmp_path):
 
     cfg = SamplingConfig(k=4, max_new_tokens=24, temperature=1.0, batch_size=2, stop=task.stop)
     path = tmp_path / "c.jsonl"
-    first = sample_candidates(model, tok, task, task.load("train")[:3], path, cfg, model_name="t", progress=False,
-                              generate=counting)
+    first = sample_candidates(
+        model, tok, task, task.load("train")[:3], path, cfg, model_name="t", progress=False, generate=counting
+    )
     assert first["new_generated_tokens"] == first["generated_tokens"] == sum(seen) == _group_tokens(path) > 0
-    more = sample_candidates(model, tok, task, task.load("train")[:5], path, cfg, model_name="t", progress=False,
-                             generate=counting)  # resumes: 2 new questions
+    more = sample_candidates(
+        model, tok, task, task.load("train")[:5], path, cfg, model_name="t", progress=False, generate=counting
+    )  # resumes: 2 new questions
     assert more["new_generated_tokens"] == sum(seen) - first["generated_tokens"]
     assert more["generated_tokens"] == sum(seen) == _group_tokens(path)
 
@@ -193,8 +254,11 @@ def test_grpo_task_reward_grades_like_the_task(tmp_path):
     ex = task.load("train")[0]
     reward = TaskReward({"q": (task, ex)}, stop=task.stop)
     wrong = ex.reference.rsplit("####", 1)[0] + f"#### {int(ex.answer) + 1}"
-    assert reward(prompts=["p"] * 3, completions=[ex.reference, wrong, ex.reference + "\nQuestion: 1 + 1?\n#### 7"],
-                  example_id=["q"] * 3) == [1.0, 0.0, 1.0]  # cut at the stop string before grading
+    assert reward(
+        prompts=["p"] * 3,
+        completions=[ex.reference, wrong, ex.reference + "\nQuestion: 1 + 1?\n#### 7"],
+        example_id=["q"] * 3,
+    ) == [1.0, 0.0, 1.0]  # cut at the stop string before grading
     # GSM8K: the "#### answer" line decides, with its number normalisation (commas, trailing ".")
     from aftune.records import Example
     from aftune.tasks.gsm8k import GSM8KTask
@@ -202,17 +266,44 @@ def test_grpo_task_reward_grades_like_the_task(tmp_path):
     gsm8k = GSM8KTask(data_dir=str(tmp_path))
     g = Example(id="g", question="q", reference="", answer="1234")
     r = TaskReward({"g": (gsm8k, g)}, stop=gsm8k.stop)
-    assert r(prompts=["p"] * 3, completions=["4 x 308.5 = 1234\n#### 1,234", "#### 1235", "no answer"],
-             example_id=["g"] * 3) == [1.0, 0.0, 0.0]
+    assert r(
+        prompts=["p"] * 3, completions=["4 x 308.5 = 1234\n#### 1,234", "#### 1235", "no answer"], example_id=["g"] * 3
+    ) == [1.0, 0.0, 0.0]
     assert [r_ == 1.0 for r_ in r(prompts=["p"], completions=["#### 1234"], example_id=["g"])] == [
-        gsm8k.grade("#### 1234", g).correct]
+        gsm8k.grade("#### 1234", g).correct
+    ]
 
 
 def test_grpo_trains_through_trl_and_writes_an_evaluable_model(tiny_model, tmp_path):
     out = tmp_path / "grpo"
-    r = cli("grpo", "--model", tiny_model, *SMALL, "--n-questions", "8", "--num-generations", "4", "--batch-size", "2",
-            "--max-new-tokens", "16", "--max-steps", "2", "--logging-steps", "1", "--save-steps", "2",
-            "--loss-type", "dr_grpo", "--beta", "0.04", "--eval-questions", "6", "--out", out)
+    r = cli(
+        "grpo",
+        "--model",
+        tiny_model,
+        *SMALL,
+        "--n-questions",
+        "8",
+        "--num-generations",
+        "4",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "16",
+        "--max-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--save-steps",
+        "2",
+        "--loss-type",
+        "dr_grpo",
+        "--beta",
+        "0.04",
+        "--eval-questions",
+        "6",
+        "--out",
+        out,
+    )
     assert r.code == 0, r.stderr
     m = _json(out / "metrics.json")
     assert m["steps"] == 2 and m["accuracy"] == _json(out / "eval.json")["accuracy"]

@@ -5,12 +5,28 @@ from dataclasses import replace
 
 import pytest
 
-from aftune.config import DemoConfig
 from aftune.commands.demo import QUICK, run_demo
+from aftune.config import DemoConfig
 
-TINY = replace(QUICK, n_train=120, n_validation=12, n_test=16, n_sample=12, n_assess=8, k=4, vft_steps=12,
-               vft_batch=8, align_steps=4, align_batch=4, hidden=32, layers=1, heads=2, vocab=300, max_new_tokens=48,
-               diag_every=2)
+TINY = replace(
+    QUICK,
+    n_train=120,
+    n_validation=12,
+    n_test=16,
+    n_sample=12,
+    n_assess=8,
+    k=4,
+    vft_steps=12,
+    vft_batch=8,
+    align_steps=4,
+    align_batch=4,
+    hidden=32,
+    layers=1,
+    heads=2,
+    vocab=300,
+    max_new_tokens=48,
+    diag_every=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +66,28 @@ def test_alignment_diagnostics_reach_tensorboard(demo, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from aftune.config import AlignConfig
-    from aftune.commands.demo import task_args_for
     from aftune.commands.align import run_align
+    from aftune.commands.demo import task_args_for
+    from aftune.config import AlignConfig
 
     out, _ = demo
-    m = run_align(AlignConfig(model=str(out / "vft" / "model"), candidates=str(out / "candidates.jsonl"),
-                              diag_candidates=str(out / "assess_candidates.jsonl"), out=str(tmp_path / "a"),
-                              method="align", task_args=task_args_for(TINY, 0), max_steps=4, batch_size=4,
-                              diag_every=2, report_to="tensorboard", quiet=True, logging_steps=1, save_steps=100))
+    m = run_align(
+        AlignConfig(
+            model=str(out / "vft" / "model"),
+            candidates=str(out / "candidates.jsonl"),
+            diag_candidates=str(out / "assess_candidates.jsonl"),
+            out=str(tmp_path / "a"),
+            method="align",
+            task_args=task_args_for(TINY, 0),
+            max_steps=4,
+            batch_size=4,
+            diag_every=2,
+            report_to="tensorboard",
+            quiet=True,
+            logging_steps=1,
+            save_steps=100,
+        )
+    )
     assert [h["step"] for h in m["diagnostics"]] == [0, 2, 4]
     events = list((tmp_path / "a").rglob("events.out.tfevents.*"))
     assert events

@@ -13,8 +13,13 @@ from pathlib import Path
 import pytest
 
 from aftune.evaluation.assessment import assessment_metrics, displacement_alarm
-from aftune.evaluation.plots import (plot_acc_vs_k, plot_metric_bars, plot_score_histograms,
-                                     plot_training_curves, shared_bin_edges)
+from aftune.evaluation.plots import (
+    plot_acc_vs_k,
+    plot_metric_bars,
+    plot_score_histograms,
+    plot_training_curves,
+    shared_bin_edges,
+)
 from aftune.evaluation.report import assessment_report, markdown_image, markdown_table, write_report
 from aftune.records import Candidate, Group
 
@@ -30,7 +35,7 @@ def png_info(path: Path) -> tuple[int, int, float | None]:
     dpi = None
     i = data.find(b"pHYs")
     if i >= 0:
-        ppm_x, _, unit = struct.unpack(">IIB", data[i + 4:i + 13])
+        ppm_x, _, unit = struct.unpack(">IIB", data[i + 4 : i + 13])
         if unit == 1:  # pixels per metre
             dpi = ppm_x * 0.0254
     assert data.rstrip(b"\x00").endswith(b"IEND\xaeB`\x82"), "truncated PNG"
@@ -47,12 +52,22 @@ def assert_sensible_png(path: Path, min_w: int = 500, min_h: int = 300) -> None:
 
 def toy_groups(shift: float = 0.0) -> list[Group]:
     def g(gid: str, cands: list[tuple[str | None, bool, float]]) -> Group:
-        return Group(id=gid, task="toy", prompt="Q?", reference="r", answer="1",
-                     candidates=[Candidate(text="t", answer=a, correct=c, score=s + (shift if c else 0.0))
-                                 for a, c, s in cands])
-    return [g("a", [("1", True, -0.4), ("2", False, -0.3), ("1", True, -0.5), ("3", False, -0.9)]),
-            g("b", [("1", True, -0.2), ("2", False, -0.6)]),
-            g("c", [("2", False, -0.7), ("2", False, -0.8), ("1", True, -0.75), ("4", False, -0.3)])]
+        return Group(
+            id=gid,
+            task="toy",
+            prompt="Q?",
+            reference="r",
+            answer="1",
+            candidates=[
+                Candidate(text="t", answer=a, correct=c, score=s + (shift if c else 0.0)) for a, c, s in cands
+            ],
+        )
+
+    return [
+        g("a", [("1", True, -0.4), ("2", False, -0.3), ("1", True, -0.5), ("3", False, -0.9)]),
+        g("b", [("1", True, -0.2), ("2", False, -0.6)]),
+        g("c", [("2", False, -0.7), ("2", False, -0.8), ("1", True, -0.75), ("4", False, -0.3)]),
+    ]
 
 
 def pos_neg(groups: list[Group]) -> tuple[list[float], list[float]]:
@@ -80,40 +95,56 @@ def test_score_histograms_png(tmp_path):
 
 
 def test_acc_vs_k_png(tmp_path):
-    curves = {"VFT": assessment_metrics(toy_groups())["acc_vs_k"],
-              "AFT": assessment_metrics(toy_groups(shift=0.3))["acc_vs_k"]}
+    curves = {
+        "VFT": assessment_metrics(toy_groups())["acc_vs_k"],
+        "AFT": assessment_metrics(toy_groups(shift=0.3))["acc_vs_k"],
+    }
     assert_sensible_png(plot_acc_vs_k(tmp_path / "one.png", {"VFT": curves["VFT"]}))
     assert_sensible_png(plot_acc_vs_k(tmp_path / "sub" / "two.png", curves))  # creates the folder
     # curves with None (no questions) must not crash
-    assert_sensible_png(plot_acc_vs_k(tmp_path / "none.png", {"x": {"k": [1, 2], "pass_at_k": [None, None]}}),
-                        min_w=300, min_h=200)
+    assert_sensible_png(
+        plot_acc_vs_k(tmp_path / "none.png", {"x": {"k": [1, 2], "pass_at_k": [None, None]}}), min_w=300, min_h=200
+    )
 
 
 def test_metric_bars_png(tmp_path):
-    table = {"VFT": {"assessment_acc_macro": 0.62, "best_of_k_self": 0.3, "ppl_positive": 1.9},
-             "AFT": {"assessment_acc_macro": 0.71, "best_of_k_self": 0.36, "ppl_positive": None}}
+    table = {
+        "VFT": {"assessment_acc_macro": 0.62, "best_of_k_self": 0.3, "ppl_positive": 1.9},
+        "AFT": {"assessment_acc_macro": 0.71, "best_of_k_self": 0.36, "ppl_positive": None},
+    }
     out = plot_metric_bars(tmp_path / "bars.png", table, ["assessment_acc_macro", "best_of_k_self", "ppl_positive"])
     assert_sensible_png(out)
 
 
 def test_training_curves_png(tmp_path):
-    hist = [{"step": s, "mean_score_positive": -0.5 - 0.01 * s, "mean_score_reference": -0.3 - 0.005 * s,
-             "loss": 2.0 / (1 + s)} for s in range(0, 100, 10)]
+    hist = [
+        {
+            "step": s,
+            "mean_score_positive": -0.5 - 0.01 * s,
+            "mean_score_reference": -0.3 - 0.005 * s,
+            "loss": 2.0 / (1 + s),
+        }
+        for s in range(0, 100, 10)
+    ]
     hist.insert(3, {"step": 25, "loss": 0.1})  # entries missing a key are skipped
     out = plot_training_curves(tmp_path / "train.png", hist, ["mean_score_positive", "mean_score_reference", "loss"])
     assert_sensible_png(out, min_h=500)
 
 
 def test_markdown_table_formats_and_missing_values():
-    rows = [{"model": "VFT", "acc": 0.5, "n": 3, "ok": True},
-            {"model": "A|B", "acc": None, "n": 10},
-            {"model": "AFT", "acc": 0.123456, "n": 7, "ok": False}]
+    rows = [
+        {"model": "VFT", "acc": 0.5, "n": 3, "ok": True},
+        {"model": "A|B", "acc": None, "n": 10},
+        {"model": "AFT", "acc": 0.123456, "n": 7, "ok": False},
+    ]
     text = markdown_table(rows, ["model", "acc", "n", "ok"])
-    assert text == ("| model | acc | n | ok |\n"
-                    "|---|---|---|---|\n"
-                    "| VFT | 0.500 | 3 | yes |\n"
-                    "| A\\|B | – | 10 | – |\n"
-                    "| AFT | 0.123 | 7 | no |\n")
+    assert text == (
+        "| model | acc | n | ok |\n"
+        "|---|---|---|---|\n"
+        "| VFT | 0.500 | 3 | yes |\n"
+        "| A\\|B | – | 10 | – |\n"
+        "| AFT | 0.123 | 7 | no |\n"
+    )
     assert "| 12.3% |" in markdown_table(rows[2:], ["acc"], {"acc": ".1%"})
     assert markdown_table([{"x": float("nan")}], ["x"]).splitlines()[-1] == "| nan |"
     with pytest.raises(ValueError):
@@ -151,8 +182,9 @@ def test_assessment_report_end_to_end(tmp_path):
     named_metrics = {"VFT": assessment_metrics(vft), "AFT": assessment_metrics(aft)}
     hist = [{"step": 0, "mean_score_positive": -0.4}, {"step": 50, "mean_score_positive": -0.9}]
     alarm = displacement_alarm(hist, "mean_score_positive", 0.1)
-    md_path = assessment_report(tmp_path / "out", named_metrics,
-                                {"VFT": pos_neg(vft), "AFT": pos_neg(aft)}, alarms=[alarm])
+    md_path = assessment_report(
+        tmp_path / "out", named_metrics, {"VFT": pos_neg(vft), "AFT": pos_neg(aft)}, alarms=[alarm]
+    )
     out = tmp_path / "out"
     assert md_path == out / "assessment.md"
     md = md_path.read_text()
@@ -189,8 +221,10 @@ def test_many_models_switch_to_readable_layouts(tmp_path):
     n = MANY_MODELS + 3
     table = {f"m{i}": {"assessment_acc_macro": 0.5 + i / 100, "pass_at_k": None} for i in range(n)}
     p = plot_metric_bars(tmp_path / "bars.png", table, ["assessment_acc_macro", "pass_at_k"])
-    curves = {f"m{i}": {"k": [1, 2, 4], "best_of_k_self": [0.4, 0.5, 0.5 + i / 100], "pass_at_k": [0.4, 0.6, 0.7]}
-              for i in range(n)}
+    curves = {
+        f"m{i}": {"k": [1, 2, 4], "best_of_k_self": [0.4, 0.5, 0.5 + i / 100], "pass_at_k": [0.4, 0.6, 0.7]}
+        for i in range(n)
+    }
     q = plot_acc_vs_k(tmp_path / "acck.png", curves)
     for path in (p, q):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SAMPLE, TINY, cli
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -13,10 +14,11 @@ from aftune.io import InputError
 from aftune.prompting import PLAIN, PromptFormat, encode_prompt, resolve_prompt_format, stop_strings
 from aftune.scoring import encode_pair
 from aftune.tasks import get_task
-from conftest import SAMPLE, TINY, cli
 
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}<eot>\n{% endfor %}"
-            "{% if add_generation_prompt %}[assistant]{% endif %}")
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}<eot>\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
 
 
 def _tokenizer(template: str | None = TEMPLATE) -> PreTrainedTokenizerFast:
@@ -27,8 +29,14 @@ def _tokenizer(template: str | None = TEMPLATE) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<bos>",
-                                   unk_token="<unk>", additional_special_tokens=["<eot>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        additional_special_tokens=["<eot>"],
+    )
     fast.chat_template = template
     return fast
 
@@ -62,8 +70,9 @@ def test_prompt_response_boundary_is_exact():
     tok, fmt = _tokenizer(), PromptFormat("chat")
     prompt, response = "Question: 2+3?\nAnswer:\n", "2+3=5\n#### 5"
     p, r = encode_pair(tok, fmt.render(tok, prompt), response, end=fmt.response_end(tok))
-    full = tok.apply_chat_template([{"role": "user", "content": prompt.strip()},
-                                    {"role": "assistant", "content": response}], tokenize=False)
+    full = tok.apply_chat_template(
+        [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": response}], tokenize=False
+    )
     assert p + r == tok(full.rstrip(), add_special_tokens=False)["input_ids"]
     # truncation keeps the turn end
     _, short = encode_pair(tok, fmt.render(tok, prompt), response, max_response_tokens=4, end=fmt.response_end(tok))
@@ -93,18 +102,44 @@ def test_chat_template_through_the_pipeline(tmp_path):
     assert r.code == 2 and "field 'prompt_format'" in r.error_lines[0]
     group = json.loads(cands.read_text().splitlines()[0])
     assert group["prompt"].startswith("[user]Question:") and group["prompt"].endswith("[assistant]")
-    align = ["align", "--model", model, "--candidates", cands, "--task-args", "n_train=200", "--max-steps", "1",
-             "--batch-size", "2", "--quiet"]
+    align = [
+        "align",
+        "--model",
+        model,
+        "--candidates",
+        cands,
+        "--task-args",
+        "n_train=200",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
     r = cli(*align, "--out", tmp_path / "plain", "--chat-template", "none")
     assert r.code == 2 and len(r.error_lines) == 1
-    assert r.error_lines[0].startswith(f"error: {tmp_path / 'c.jsonl.meta.json'}: field 'prompt_format': these "
-                                       "candidates were sampled with prompt format {'kind': 'chat', "), r.error_lines
-    assert r.error_lines[0].endswith("but this run uses {'kind': 'plain'}; pass the same --chat-template as "
-                                     "`aftune sample`")
+    assert r.error_lines[0].startswith(
+        f"error: {tmp_path / 'c.jsonl.meta.json'}: field 'prompt_format': these "
+        "candidates were sampled with prompt format {'kind': 'chat', "
+    ), r.error_lines
+    assert r.error_lines[0].endswith(
+        "but this run uses {'kind': 'plain'}; pass the same --chat-template as `aftune sample`"
+    )
     assert not (tmp_path / "plain").exists()
     assert cli(*align, "--out", tmp_path / "bc", *ct).code == 0
-    r = cli("eval", "--model", tmp_path / "bc" / "model", "--task-args", "n_train=200,n_test=4", "--max-new-tokens",
-            "8", "--out", tmp_path / "e.json", "--quiet", *ct)
+    r = cli(
+        "eval",
+        "--model",
+        tmp_path / "bc" / "model",
+        "--task-args",
+        "n_train=200,n_test=4",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        tmp_path / "e.json",
+        "--quiet",
+        *ct,
+    )
     assert r.code == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "e.predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all("<eot>" not in row["completion"] for row in rows)

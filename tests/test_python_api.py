@@ -14,9 +14,20 @@ from aftune.scoring import score_groups
 
 
 def _args(tmp_path, method: str, **kw) -> AFTConfig:
-    return AFTConfig(output_dir=str(tmp_path / "out"), method=method, beta=0.5, max_steps=2,
-                     per_device_train_batch_size=4, learning_rate=1e-3, report_to="none", save_strategy="no",
-                     use_cpu=True, disable_tqdm=True, logging_steps=1, **kw)
+    return AFTConfig(
+        output_dir=str(tmp_path / "out"),
+        method=method,
+        beta=0.5,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=1,
+        **kw,
+    )
 
 
 def _unpaired(candidates) -> Dataset:
@@ -68,8 +79,12 @@ def test_dpo_reference_is_the_start_model(tiny_model, candidates, tmp_path):
 def test_trains_on_a_candidates_file_whatever_remove_unused_columns_says(method, tiny_model, candidates, tmp_path):
     model, tok = load_model_and_tokenizer(str(tiny_model))
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = AFTTrainer(model=model, args=_args(tmp_path, method, remove_unused_columns=True),
-                         train_dataset=str(candidates), processing_class=tok)
+    trainer = AFTTrainer(
+        model=model,
+        args=_args(tmp_path, method, remove_unused_columns=True),
+        train_dataset=str(candidates),
+        processing_class=tok,
+    )
     # the reference solution joins each group as a positive (include_reference)
     assert all(it.is_reference[0] for it in trainer.train_dataset.items)
     trainer.train()
@@ -80,9 +95,12 @@ def test_trains_on_a_candidates_file_whatever_remove_unused_columns_says(method,
 def test_lora_through_peft_config(tiny_model, candidates, tmp_path):
     from peft import LoraConfig, PeftModel
 
-    trainer = AFTTrainer(model=str(tiny_model), args=_args(tmp_path, "bc"), train_dataset=str(candidates),
-                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                task_type="CAUSAL_LM"))
+    trainer = AFTTrainer(
+        model=str(tiny_model),
+        args=_args(tmp_path, "bc"),
+        train_dataset=str(candidates),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     assert isinstance(trainer.model, PeftModel)
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)

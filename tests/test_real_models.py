@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli
 
 from aftune import gguf as agguf
 from aftune.io import InputError
-from conftest import cli
 
 AFTUNE = Path(sys.executable).with_name("aftune")
 DATA = Path(os.environ.get("AFTUNE_TEST_DATA", "/work/shared/data"))
@@ -38,12 +38,15 @@ def run_cli(*args, env: dict | None = None, timeout: float = 900) -> subprocess.
     """`aftune ARGS` as its own process (the real pipeline: each step pays its own load, as a user's would)."""
     # offline: nothing here needs the hub, and a blocked lookup can stall for minutes before failing
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
-    return subprocess.run([str(AFTUNE), *map(str, args)], capture_output=True, text=True, env=full_env,
-                          timeout=timeout)
+    return subprocess.run(
+        [str(AFTUNE), *map(str, args)], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -55,6 +58,7 @@ def error_lines(stderr: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # cache logic, with the heavy loader replaced (no gguf package needed)
 # --------------------------------------------------------------------------------------------------
+
 
 def fake_gguf(path: Path, payload: bytes = b"weights") -> Path:
     path.write_bytes(agguf.GGUF_MAGIC + b"\x03\x00\x00\x00" + payload)
@@ -162,7 +166,9 @@ def test_cli_names_the_bad_gguf_file(tmp_path, cache):
     truncated = tmp_path / "truncated.gguf"  # right magic, then garbage: only the real reader notices
     truncated.write_bytes(agguf.GGUF_MAGIC + b"\x03\x00\x00\x00" + os.urandom(40))
     for path in (missing, truncated):
-        res = cli("eval", "--task", "arith", "--model", path, "--n-questions", "1", "--quiet", "--out", tmp_path / "e.json")
+        res = cli(
+            "eval", "--task", "arith", "--model", path, "--n-questions", "1", "--quiet", "--out", tmp_path / "e.json"
+        )
         assert res.code == 2, res.stderr[-3000:]
         lines = error_lines(res.stderr)
         assert len(lines) == 1 and str(path) in lines[0] and "Traceback" not in res.stderr, res.stderr[-3000:]
@@ -172,6 +178,7 @@ def test_cli_names_the_bad_gguf_file(tmp_path, cache):
 # --------------------------------------------------------------------------------------------------
 # a tiny Llama written as a real GGUF file (needs the gguf package)
 # --------------------------------------------------------------------------------------------------
+
 
 def write_tiny_llama_gguf(path: Path, seed: int = 0) -> Path:
     """A 2-layer random Llama with a byte-level BPE tokenizer, in GGUF (float32 tensors)."""
@@ -260,13 +267,27 @@ def test_tiny_gguf_converts_to_the_same_model(tmp_path, cache):
 def test_tiny_gguf_through_the_cli(tmp_path, cache):
     f = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     common = ["--task", "arith", "--task-args", "n_train=20,n_validation=4,n_test=4", "--quiet"]
-    p1 = cli("sample", *common, "--model", f, "--n-questions", "2", "--k", "2", "--max-new-tokens", "4",
-             "--out", tmp_path / "c.jsonl")
+    p1 = cli(
+        "sample",
+        *common,
+        "--model",
+        f,
+        "--n-questions",
+        "2",
+        "--k",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        tmp_path / "c.jsonl",
+    )
     assert p1.code == 0, p1.stderr[-3000:]
     assert "converting" in p1.stderr and str(cache) in p1.stderr
     groups = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert len(groups) == 2 and all(len(g["candidates"]) == 2 for g in groups)
-    p2 = cli("eval", *common, "--model", f, "--n-questions", "2", "--max-new-tokens", "4", "--out", tmp_path / "e.json")
+    p2 = cli(
+        "eval", *common, "--model", f, "--n-questions", "2", "--max-new-tokens", "4", "--out", tmp_path / "e.json"
+    )
     assert p2.code == 0, p2.stderr[-3000:]
     assert "converting" not in p2.stderr  # the second command reads the cached folder
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 2
@@ -289,8 +310,12 @@ def _ensure_installed() -> None:
             missing.append(mod)
     if not missing:
         return
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *REAL_REQUIREMENTS],
-                          capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", *REAL_REQUIREMENTS],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         pytest.skip(f"cannot pip install {' '.join(REAL_REQUIREMENTS)}: {tail[0]}")
@@ -318,8 +343,10 @@ def loaded(real):
     return model.eval(), tok
 
 
-NATALIA = ("Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
-           "May. How many clips did Natalia sell altogether in April and May?\nAnswer:\n")
+NATALIA = (
+    "Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
+    "May. How many clips did Natalia sell altogether in April and May?\nAnswer:\n"
+)
 
 
 def long_prompt(tok, n: int) -> str:
@@ -342,8 +369,10 @@ def test_real_conversion(real, loaded):
     reader = gg.GGUFReader(str(real["gguf"]))
     tensors = {t.name: t for t in reader.tensors}
     sd = model.state_dict()
-    for name, hf in (("token_embd.weight", "model.embed_tokens.weight"),
-                     ("blk.3.attn_v.weight", "model.layers.3.self_attn.v_proj.weight")):
+    for name, hf in (
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("blk.3.attn_v.weight", "model.layers.3.self_attn.v_proj.weight"),
+    ):
         t = tensors[name]
         ref = torch.from_numpy(gg.quants.dequantize(t.data, t.tensor_type).copy()).reshape(sd[hf].shape)
         assert torch.equal(sd[hf], ref.float()), name
@@ -369,9 +398,9 @@ def test_real_sampler_greedy_equals_generate(loaded):
     for prompt, samples in zip(prompts, res):
         enc = tok(prompt, return_tensors="pt")
         with torch.no_grad():
-            ref = model.generate(**enc, max_new_tokens=T, do_sample=False)[0, enc.input_ids.shape[1]:].tolist()
+            ref = model.generate(**enc, max_new_tokens=T, do_sample=False)[0, enc.input_ids.shape[1] :].tolist()
         for s in samples:
-            assert len(s.token_ids) >= 1 and s.token_ids == ref[:len(s.token_ids)]
+            assert len(s.token_ids) >= 1 and s.token_ids == ref[: len(s.token_ids)]
             if len(s.token_ids) < T:  # stopped early: only at EOS
                 assert s.token_ids[-1] == tok.eos_token_id
 
@@ -383,8 +412,10 @@ def test_real_prefix_shared_scoring_equals_per_sequence(loaded):
     model, tok = loaded
     long = tok(long_prompt(tok, 505))["input_ids"]  # prompt + candidate cross the sliding window
     short = tok(NATALIA)["input_ids"]
-    cands = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in
-             ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "She sold 48+24 = 72 clips.\n#### 72", "#### 50")]
+    cands = [
+        tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        for t in ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "She sold 48+24 = 72 clips.\n#### 72", "#### 50")
+    ]
     prompts, groups = [long, short], [cands, cands[:2]]
     assert len(long) + max(map(len, cands)) > model.config.sliding_window
     with torch.no_grad():
@@ -394,8 +425,11 @@ def test_real_prefix_shared_scoring_equals_per_sequence(loaded):
     # gradients, through the shared prompt cache, on a few weights, on the short prompts only: with the long
     # one the graph holds ~3 GB of 262k-vocabulary logits per path and the test took 7 minutes on 2 cores
     prompts, groups = [short, tok(NATALIA + "Natalia")["input_ids"]], [cands, cands[1:]]
-    names = ("model.layers.0.self_attn.k_proj.weight", "model.layers.5.self_attn.q_proj.weight",
-             "model.layers.17.mlp.down_proj.weight")
+    names = (
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.5.self_attn.q_proj.weight",
+        "model.layers.17.mlp.down_proj.weight",
+    )
     params = dict(model.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
     try:
@@ -428,13 +462,25 @@ def test_real_lora_reference_is_adapter_disabled(real):
     model, tok = load_model_and_tokenizer(str(real["gguf"]))  # a fresh copy: peft edits modules in place
     model.eval()
     prompts = [tok(NATALIA)["input_ids"]]
-    cands = [[tok("Natalia sold 48/2 = 24 clips in May.\n#### 72", add_special_tokens=False)["input_ids"] + [1],
-              tok("#### 50", add_special_tokens=False)["input_ids"] + [1]]]
+    cands = [
+        [
+            tok("Natalia sold 48/2 = 24 clips in May.\n#### 72", add_special_tokens=False)["input_ids"] + [1],
+            tok("#### 50", add_special_tokens=False)["input_ids"] + [1],
+        ]
+    ]
     with torch.no_grad():
         before = score_groups(model, prompts, cands, tok.pad_token_id).logp_sum
         # peft directly, as aftune's --lora-r 8 configures it (the helper's module is being moved)
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(
+                r=8,
+                lora_alpha=16,
+                lora_dropout=0.0,
+                task_type="CAUSAL_LM",
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            ),
+        )
         torch.manual_seed(0)
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
@@ -447,6 +493,7 @@ def test_real_lora_reference_is_adapter_disabled(real):
 
 
 # ---- the pipeline, through the CLI -------------------------------------------------------------
+
 
 def gsm8k_args() -> list[str]:
     if not (DATA / "gsm8k" / "train.jsonl").exists():
@@ -469,25 +516,98 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vft(real, runs):
     out = runs / "vft"
-    ok(run_cli("sft", *gsm8k_args(), "--model", real["gguf"], "--lora-r", "8", "--n-train", "6", "--n-validation", "2",
-               "--batch-size", "2", "--max-steps", "3", "--eval-steps", "3", "--save-steps", "3", "--logging-steps", "1",
-               "--lr", "1e-3", "--max-response-tokens", "32", "--no-eval-accuracy", "--out", out))
+    ok(
+        run_cli(
+            "sft",
+            *gsm8k_args(),
+            "--model",
+            real["gguf"],
+            "--lora-r",
+            "8",
+            "--n-train",
+            "6",
+            "--n-validation",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "3",
+            "--eval-steps",
+            "3",
+            "--save-steps",
+            "3",
+            "--logging-steps",
+            "1",
+            "--lr",
+            "1e-3",
+            "--max-response-tokens",
+            "32",
+            "--no-eval-accuracy",
+            "--out",
+            out,
+        )
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def candidates(vft, runs):
     out = runs / "cands.jsonl"
-    ok(run_cli("sample", *gsm8k_args(), "--model", vft / "model", "--n-questions", "2", "--k", "3",
-               "--temperature", "0.8", "--max-new-tokens", "24", "--batch-size", "2", "--out", out))
+    ok(
+        run_cli(
+            "sample",
+            *gsm8k_args(),
+            "--model",
+            vft / "model",
+            "--n-questions",
+            "2",
+            "--k",
+            "3",
+            "--temperature",
+            "0.8",
+            "--max-new-tokens",
+            "24",
+            "--batch-size",
+            "2",
+            "--out",
+            out,
+        )
+    )
     return out
 
 
 def align(method: str, vft: Path, candidates: Path, runs: Path) -> Path:
     out = runs / method
-    ok(run_cli("align", *gsm8k_args(), "--model", vft / "model", "--candidates", candidates, "--method", method,
-               "--lora-r", "8", "--n-train", "4", "--batch-size", "2", "--max-steps", "1", "--save-steps", "1",
-               "--logging-steps", "1", "--max-candidates", "3", "--max-response-tokens", "32", "--out", out))
+    ok(
+        run_cli(
+            "align",
+            *gsm8k_args(),
+            "--model",
+            vft / "model",
+            "--candidates",
+            candidates,
+            "--method",
+            method,
+            "--lora-r",
+            "8",
+            "--n-train",
+            "4",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "1",
+            "--save-steps",
+            "1",
+            "--logging-steps",
+            "1",
+            "--max-candidates",
+            "3",
+            "--max-response-tokens",
+            "32",
+            "--out",
+            out,
+        )
+    )
     return out
 
 
@@ -558,19 +678,63 @@ def test_real_dpo_first_step_is_log2(candidates, dpo):
 @pytest.mark.real
 def test_real_eval_and_assess(real, vft, bc, candidates, runs):
     # the .gguf path again: a cache hit, so no "converting" and no minutes of dequantising
-    base = ok(run_cli("eval", *gsm8k_args(), "--model", real["gguf"], "--n-questions", "2", "--batch-size", "2",
-                      "--max-new-tokens", "24", "--out", runs / "base-eval.json"))
+    base = ok(
+        run_cli(
+            "eval",
+            *gsm8k_args(),
+            "--model",
+            real["gguf"],
+            "--n-questions",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "24",
+            "--out",
+            runs / "base-eval.json",
+        )
+    )
     assert "converting" not in base.stderr
-    ok(run_cli("eval", *gsm8k_args(), "--model", bc / "model", "--n-questions", "2", "--batch-size", "2",
-               "--max-new-tokens", "24", "--candidates", candidates, "--out", runs / "bc-eval.json"))
+    ok(
+        run_cli(
+            "eval",
+            *gsm8k_args(),
+            "--model",
+            bc / "model",
+            "--n-questions",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "24",
+            "--candidates",
+            candidates,
+            "--out",
+            runs / "bc-eval.json",
+        )
+    )
     for name in ("base-eval.json", "bc-eval.json"):
         m = json.loads((runs / name).read_text())
         assert m["n"] == 2 and 0 <= m["accuracy"] <= 1
         preds = (runs / name.replace(".json", ".predictions.jsonl")).read_text().splitlines()
         assert len(preds) == 2
     assert json.loads((runs / "bc-eval.json").read_text())["assessment"]["n_candidates"] == 6
-    ok(run_cli("assess", *gsm8k_args(), "--model", f"{vft / 'model'},{bc / 'model'}", "--names", "VFT,BC",
-               "--candidates", candidates, "--batch-size", "2", "--out", runs / "assess"))
+    ok(
+        run_cli(
+            "assess",
+            *gsm8k_args(),
+            "--model",
+            f"{vft / 'model'},{bc / 'model'}",
+            "--names",
+            "VFT,BC",
+            "--candidates",
+            candidates,
+            "--batch-size",
+            "2",
+            "--out",
+            runs / "assess",
+        )
+    )
     report = json.loads((runs / "assess" / "assessment.json").read_text())
     text = json.dumps(report)
     assert "VFT" in text and "BC" in text and (runs / "assess" / "assessment.md").exists()

@@ -29,15 +29,17 @@ def full_forward_logprob(model, tok, prompt: str, token_ids: list[int]) -> float
     ids = torch.tensor([p + token_ids])
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-    return float(logp[len(p) - 1:].gather(-1, ids[0, len(p):, None]).sum())
+    return float(logp[len(p) - 1 :].gather(-1, ids[0, len(p) :, None]).sum())
 
 
 def boost_eos(model, amount: float):
     """Raise the EOS logit so rows finish at different steps (exercises finished-row handling)."""
+
     def hook(_mod, _inp, out):
         out = out.clone()
         out[..., 1] += amount
         return out
+
     return model.lm_head.register_forward_hook(hook)
 
 
@@ -49,7 +51,7 @@ def test_greedy_matches_generate_and_full_forward_logprobs(model, tok, prealloca
     for prompt, (s,) in zip(PROMPTS, res):
         ids = tok(prompt, return_tensors="pt")["input_ids"]
         ref = model.generate(ids, do_sample=False, max_new_tokens=24, pad_token_id=0, eos_token_id=1)
-        assert s.token_ids == ref[0, ids.shape[1]:].tolist(), prompt
+        assert s.token_ids == ref[0, ids.shape[1] :].tolist(), prompt
         assert s.n_tokens == len(s.token_ids)
         assert s.logprob_sum == pytest.approx(full_forward_logprob(model, tok, prompt, s.token_ids), abs=1e-4)
 
@@ -71,7 +73,7 @@ def test_eos_handling_and_row_dropping_do_not_change_results(model, tok, preallo
             assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
             ids = tok(prompt, return_tensors="pt")["input_ids"]
             ref = model.generate(ids, do_sample=False, max_new_tokens=30, pad_token_id=0, eos_token_id=1)
-            assert a.token_ids == ref[0, ids.shape[1]:].tolist()
+            assert a.token_ids == ref[0, ids.shape[1] :].tolist()
             if a.token_ids[-1] == 1:  # EOS counted in tokens and log-prob, absent from the text
                 assert a.text == tok.decode(a.token_ids[:-1], skip_special_tokens=True)
                 assert 1 not in a.token_ids[:-1]
@@ -94,7 +96,8 @@ def test_sampled_logprobs_are_untempered_and_k_rows_per_prompt(model, tok):
 def test_prompt_prefilled_once_per_batch(model, tok):
     calls: list[tuple[int, int]] = []
     handle = model.register_forward_pre_hook(
-        lambda _m, _a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+        lambda _m, _a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
     try:
         generate_k(model, tok, PROMPTS, SamplingConfig(k=8, max_new_tokens=5, batch_size=3))
     finally:
@@ -136,7 +139,9 @@ def test_stop_strings_cut_text_and_end_the_row(model, tok):
             full = tok.decode(body, skip_special_tokens=True)
             if any(x in full for x in stop):
                 n_stopped += 1
-                assert not any(x in tok.decode(body[:-1], skip_special_tokens=True) for x in stop)  # ended at the first occurrence
+                assert not any(
+                    x in tok.decode(body[:-1], skip_special_tokens=True) for x in stop
+                )  # ended at the first occurrence
                 assert full.startswith(s.text) and full[len(s.text)] in "ae1"
             else:
                 assert s.text == full
@@ -146,8 +151,15 @@ def test_stop_strings_cut_text_and_end_the_row(model, tok):
 def test_sample_score_and_config_validation():
     assert Sample("", [], 0.0, 0).score == 0.0
     assert Sample("x", [5, 6], -3.0, 2).score == -1.5
-    for bad in (dict(k=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(batch_size=0),
-                dict(max_new_tokens=0), dict(stop=("",))):
+    for bad in (
+        dict(k=0),
+        dict(temperature=-1.0),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(batch_size=0),
+        dict(max_new_tokens=0),
+        dict(stop=("",)),
+    ):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
     assert SamplingConfig(stop=["x"]).stop == ("x",)
@@ -189,8 +201,13 @@ def test_vllm_backend_samples_and_scores(tmp_path, tok):
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     prompts = PROMPTS[:3]
-    res = generate_k_vllm(tmp_path, prompts, SamplingConfig(k=3, temperature=0.8, max_new_tokens=12, seed=0),
-                          gpu_memory_utilization=0.3, enforce_eager=True)
+    res = generate_k_vllm(
+        tmp_path,
+        prompts,
+        SamplingConfig(k=3, temperature=0.8, max_new_tokens=12, seed=0),
+        gpu_memory_utilization=0.3,
+        enforce_eager=True,
+    )
     assert [len(r) for r in res] == [3] * len(prompts)
     for prompt, samples in zip(prompts, res):
         for s in samples:

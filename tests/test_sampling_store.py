@@ -10,9 +10,8 @@ from tiny import char_tokenizer, tiny_llama
 
 import aftune.sampling.store as store
 from aftune.io import InputError
-from aftune.records import Example
+from aftune.records import Example, meta_path_for, read_groups
 from aftune.sampling import Sample, SamplingConfig
-from aftune.records import meta_path_for, read_groups
 from aftune.sampling.store import build_group, dedupe_samples, sample_candidates
 from aftune.tasks.base import Task
 
@@ -44,9 +43,15 @@ def model(tok):
     return tiny_llama(tok)
 
 
-EXAMPLES = [Example(id=f"q{i}", question=f"tom has {i} pens and gets {i + 2} more" + " x" * (i % 3),
-                    reference=f"{i} + {i + 2} = <<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2}\n#### {2 * i + 2}",
-                    answer=str(2 * i + 2)) for i in range(7)]
+EXAMPLES = [
+    Example(
+        id=f"q{i}",
+        question=f"tom has {i} pens and gets {i + 2} more" + " x" * (i % 3),
+        reference=f"{i} + {i + 2} = <<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2}\n#### {2 * i + 2}",
+        answer=str(2 * i + 2),
+    )
+    for i in range(7)
+]
 CFG = SamplingConfig(k=4, max_new_tokens=10, temperature=1.0, batch_size=2, seed=0)
 
 
@@ -56,11 +61,13 @@ def lines(path) -> list[bytes]:
 
 def test_build_group_labels_dedupes_and_ranks():
     task, ex = HashTask(), Example(id="a", question="q", reference="r\n#### 5", answer="5")
-    samples = [Sample("2 + 3 = <<2+3=5>>5\n#### 5", [3], -1.0, 2),
-               Sample("  2 + 3 =  <<2+3=5>>5 \n####   5", [4], -9.0, 3),  # whitespace variant of the first
-               Sample("2 + 3 = <<2+3=6>>6\n#### 6", [5], -2.0, 4),
-               Sample("2 + 3 = <<2+3=6>>5\n#### 5", [6], -3.0, 3),  # right answer, one wrong step
-               Sample("no answer", [7], -4.0, 1)]
+    samples = [
+        Sample("2 + 3 = <<2+3=5>>5\n#### 5", [3], -1.0, 2),
+        Sample("  2 + 3 =  <<2+3=5>>5 \n####   5", [4], -9.0, 3),  # whitespace variant of the first
+        Sample("2 + 3 = <<2+3=6>>6\n#### 6", [5], -2.0, 4),
+        Sample("2 + 3 = <<2+3=6>>5\n#### 5", [6], -3.0, 3),  # right answer, one wrong step
+        Sample("no answer", [7], -4.0, 1),
+    ]
     kept, n_dup = dedupe_samples(samples)
     assert n_dup == 1 and kept[0] is samples[0] and samples[1] not in kept
     g = build_group(task, ex, "PROMPT", samples, k=5)
@@ -102,10 +109,17 @@ def test_sample_candidates_writes_labelled_groups_and_stats(model, tok, tmp_path
 
 def test_stats_count_correct_and_mixed(tmp_path):
     path = tmp_path / "g.jsonl"
-    mk = lambda gid, flags: {"id": gid, "task": "hash", "prompt": "p", "reference": "r", "answer": "1",  # noqa: E731
-                             "candidates": [{"text": str(i), "answer": None, "correct": f} for i, f in enumerate(flags)]}
-    path.write_text("".join(json.dumps(mk(g, f)) + "\n" for g, f in [("a", [True, False, True]), ("b", [False]),
-                                                                       ("c", [True])]))
+    mk = lambda gid, flags: {
+        "id": gid,
+        "task": "hash",
+        "prompt": "p",
+        "reference": "r",
+        "answer": "1",  # noqa: E731
+        "candidates": [{"text": str(i), "answer": None, "correct": f} for i, f in enumerate(flags)],
+    }
+    path.write_text(
+        "".join(json.dumps(mk(g, f)) + "\n" for g, f in [("a", [True, False, True]), ("b", [False]), ("c", [True])])
+    )
     s = store.group_stats(read_groups(path))
     assert s["questions"] == 3 and s["candidates"] == 5
     assert s["frac_correct"] == pytest.approx(3 / 5)
@@ -164,8 +178,16 @@ def test_resume_mismatch_raises_and_leaves_file(model, tok, tmp_path):
         (dict(model_name="other-model"), "model"),
     ]
     for change, field in cases:
-        kw = dict(model=model, tokenizer=tok, task=HashTask(), examples=EXAMPLES, out_path=out, cfg=CFG,
-                  model_name="m", progress=False)
+        kw = dict(
+            model=model,
+            tokenizer=tok,
+            task=HashTask(),
+            examples=EXAMPLES,
+            out_path=out,
+            cfg=CFG,
+            model_name="m",
+            progress=False,
+        )
         kw.update(change)
         with pytest.raises(InputError) as err:
             sample_candidates(**kw)
@@ -173,8 +195,16 @@ def test_resume_mismatch_raises_and_leaves_file(model, tok, tmp_path):
         assert out.read_bytes() == snapshot and meta_path_for(out).read_bytes() == meta_snapshot
 
     # batch size and seed may change on resume
-    ok = sample_candidates(model, tok, HashTask(), EXAMPLES[:3], out, SamplingConfig(k=4, max_new_tokens=10,
-                           temperature=1.0, batch_size=1, seed=9), model_name="m", progress=False)
+    ok = sample_candidates(
+        model,
+        tok,
+        HashTask(),
+        EXAMPLES[:3],
+        out,
+        SamplingConfig(k=4, max_new_tokens=10, temperature=1.0, batch_size=1, seed=9),
+        model_name="m",
+        progress=False,
+    )
     assert ok["questions"] == 3
 
 
@@ -188,26 +218,37 @@ def test_existing_data_without_meta_is_refused(model, tok, tmp_path):
 
 def test_duplicate_example_ids_rejected(model, tok, tmp_path):
     with pytest.raises(InputError, match="duplicate"):
-        sample_candidates(model, tok, HashTask(), [EXAMPLES[0], EXAMPLES[0]], tmp_path / "c.jsonl", CFG,
-                          progress=False)
+        sample_candidates(
+            model, tok, HashTask(), [EXAMPLES[0], EXAMPLES[0]], tmp_path / "c.jsonl", CFG, progress=False
+        )
 
 
 def good_group(**over) -> dict:
-    g = {"id": "a", "task": "hash", "prompt": "p", "reference": "r", "answer": "1",
-         "candidates": [{"text": "t", "answer": "1", "correct": True, "rank": 0, "score": -0.5}], "meta": {"k": 1}}
+    g = {
+        "id": "a",
+        "task": "hash",
+        "prompt": "p",
+        "reference": "r",
+        "answer": "1",
+        "candidates": [{"text": "t", "answer": "1", "correct": True, "rank": 0, "score": -0.5}],
+        "meta": {"k": 1},
+    }
     g.update(over)
     return g
 
 
-@pytest.mark.parametrize("bad, line, field", [
-    ({"prompt": None}, 2, "prompt"),
-    ({"candidates": "x"}, 2, "candidates"),
-    ({"candidates": [{"text": "t"}]}, 2, "candidates[0].correct"),
-    ({"candidates": [{"text": 3, "correct": True}]}, 2, "candidates[0].text"),
-    ({"candidates": [{"text": "t", "correct": True, "rank": "0"}]}, 2, "candidates[0].rank"),
-    ({"candidates": [{"text": "t", "correct": True, "score": "high"}]}, 2, "candidates[0].score"),
-    ({"id": "a"}, 2, "id"),  # duplicate id
-])
+@pytest.mark.parametrize(
+    "bad, line, field",
+    [
+        ({"prompt": None}, 2, "prompt"),
+        ({"candidates": "x"}, 2, "candidates"),
+        ({"candidates": [{"text": "t"}]}, 2, "candidates[0].correct"),
+        ({"candidates": [{"text": 3, "correct": True}]}, 2, "candidates[0].text"),
+        ({"candidates": [{"text": "t", "correct": True, "rank": "0"}]}, 2, "candidates[0].rank"),
+        ({"candidates": [{"text": "t", "correct": True, "score": "high"}]}, 2, "candidates[0].score"),
+        ({"id": "a"}, 2, "id"),  # duplicate id
+    ],
+)
 def test_read_groups_errors_name_file_line_field(tmp_path, bad, line, field):
     path = tmp_path / "g.jsonl"
     path.write_text(json.dumps(good_group()) + "\n" + json.dumps(good_group(**bad)) + "\n")

@@ -8,8 +8,16 @@ from aftune.scoring import score_groups, to_padded
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -119,8 +127,16 @@ def test_bf16_shared_prefix_matches_bf16_naive(model):
 def test_fp32_grads_exact_on_bench_shapes():
     # the benchmark's shapes (prompt 64, response 96, k=4) on a small Llama: exact within fp32 tolerance
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=0,
+    )
     m = LlamaForCausalLM(cfg)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(1, 300, (64,), generator=g).tolist() for _ in range(2)]
@@ -133,6 +149,7 @@ def test_fp32_grads_exact_on_bench_shapes():
 
 # --- chunked LM head (score_groups(chunk_size=...)): every test compares against chunk_size=0, the
 # full-logits path (z at every position, log_softmax over all of them) that the tests above validate.
+
 
 def _rand_data(vocab, seed=1, prompt_lens=(5, 9, 3), cand_lens=((4, 7, 1), (6,), (2, 8))):
     g = torch.Generator().manual_seed(seed)
@@ -168,11 +185,23 @@ def _tiny_gemma3(vocab=2048, softcap=4.0, seed=0):
     torch.manual_seed(seed)
     # sliding window 4 < the 6..17-token sequences, layers alternating sliding / full attention, tied
     # embeddings (Gemma's default), a soft-cap small enough to change every score by nats
-    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
-                           layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-                           max_position_embeddings=256, final_logit_softcapping=softcap, tie_word_embeddings=True,
-                           pad_token_id=0, initializer_range=0.2, attn_implementation="eager")
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+        final_logit_softcapping=softcap,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        initializer_range=0.2,
+        attn_implementation="eager",
+    )
     return Gemma3ForCausalLM(cfg).eval()
 
 
@@ -207,8 +236,11 @@ def test_chunked_head_equals_full_logits_gemma3(gemma3, share):
 def test_gemma3_shared_prefix_equals_per_sequence(gemma3):
     prompts, cands = _rand_data(2048)
     for chunk in (0, 5):
-        _assert_same(_scores_and_grads(gemma3, prompts, cands, True, chunk),
-                     _scores_and_grads(gemma3, prompts, cands, False, chunk), ["model.embed_tokens.weight"])
+        _assert_same(
+            _scores_and_grads(gemma3, prompts, cands, True, chunk),
+            _scores_and_grads(gemma3, prompts, cands, False, chunk),
+            ["model.embed_tokens.weight"],
+        )
 
 
 def test_gemma3_softcap_and_sliding_window_matter(gemma3):
@@ -253,8 +285,9 @@ def test_chunked_head_under_peft_lora(targets):
     tok = char_tokenizer()
     torch.manual_seed(0)
     # random (not zero) LoRA B, so the adapter changes the scores and every adapter weight gets a gradient
-    m = peft.get_peft_model(tiny_llama(tok), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                             init_lora_weights=False))
+    m = peft.get_peft_model(
+        tiny_llama(tok), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    )
     assert sc._find_head(m) is not None  # the chunked path is really taken through the wrapper
     prompts, cands = _rand_data(len(tok))
     head = [n for n, p in m.named_parameters() if p.requires_grad and "lm_head" in n]
@@ -292,8 +325,9 @@ def test_unknown_architecture_takes_exact_path(model, monkeypatch):
     monkeypatch.setattr(sc, "_HEADS", {})
     assert sc._find_head(model) is None
     prompts, cands = _data()
-    _assert_same(_scores_and_grads(model, prompts, cands, True, 3), _scores_and_grads(model, prompts, cands, True, 0),
-                 [])
+    _assert_same(
+        _scores_and_grads(model, prompts, cands, True, 3), _scores_and_grads(model, prompts, cands, True, 0), []
+    )
 
 
 def _largest_logits(fn, vocab):
@@ -338,8 +372,9 @@ def _peak_alloc_bytes(fn) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     cur = peak = 0
     for e in events:
         cur += e.nbytes()
@@ -354,9 +389,19 @@ def test_chunked_head_peak_memory(share):
     # 4.9 / 5.2 MiB with 8-position chunks, and each extra chunk row costs ~2.6 fp32 vocab rows.
     V = 16384
     torch.manual_seed(0)
-    m = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                                     pad_token_id=0, tie_word_embeddings=True))
+    m = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            tie_word_embeddings=True,
+        )
+    )
     prompts, cands = _rand_data(V, prompt_lens=(10, 20), cand_lens=((30, 25, 20, 15), (30, 25, 20, 15)))
     row = V * 4  # one fp32 vocab-wide row
     n = sum(len(c) for cs in cands for c in cs)
@@ -365,6 +410,7 @@ def test_chunked_head_peak_memory(share):
         def f():
             m.zero_grad(set_to_none=True)
             score_groups(m, prompts, cands, 0, share, chunk_size=chunk).mean.sum().backward()
+
         return f
 
     full, c8, c32 = (_peak_alloc_bytes(step(c)) for c in (0, 8, 32))

@@ -13,7 +13,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from aftune import config as C
 from aftune.tasks import get_task
@@ -56,10 +57,16 @@ def scan(source: str) -> list[str]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Call):
             f = node.func
-            is_torch_load = (isinstance(f, ast.Attribute) and f.attr == "load" and isinstance(f.value, ast.Name)
-                             and f.value.id == "torch")
-            safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                       for k in node.keywords)
+            is_torch_load = (
+                isinstance(f, ast.Attribute)
+                and f.attr == "load"
+                and isinstance(f.value, ast.Name)
+                and f.value.id == "torch"
+            )
+            safe = any(
+                k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                for k in node.keywords
+            )
             if is_torch_load and not safe:
                 found.append("torch.load without weights_only=True")
         if isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "load" for a in node.names):
@@ -73,29 +80,32 @@ def src_files() -> list[Path]:
     return files
 
 
-@pytest.mark.parametrize("snippet, banned", [
-    ("x = eval(s)", ["builtin eval"]),
-    ("y = eval (s)", ["builtin eval"]),
-    ("exec(code)", ["builtin exec"]),
-    ("import pickle\nobj = pickle.load(f)", ["pickle-style load"]),
-    ("obj = pickle.loads(b)", ["pickle-style load"]),
-    ("cfg = yaml.load(text)", ["yaml.load (use safe_load)"]),
-    ("cfg = yaml.load(text, Loader=yaml.Loader)", ["yaml.load (use safe_load)"]),
-    ("m = f(name, trust_remote_code=True)", ["hard-coded trust_remote_code=True"]),
-    ("sd = torch.load(path)", ["torch.load without weights_only=True"]),
-    ("sd = torch.load(path, weights_only=False)", ["torch.load without weights_only=True"]),
-    ("from torch import load", ["torch.load without weights_only=True"]),
-    ("subprocess.run(cmd, shell=True)", ["shell=True"]),
-    # legitimate look-alikes
-    ("model.eval()\nself.model.eval()", []),
-    ("args = dict(eval_steps=5, eval_strategy='steps')\nv = safe_eval(e)\nast.literal_eval(s)", []),
-    ("def run_eval(cfg): pass\nrun_eval(cfg)", []),
-    ("sd = torch.load(path, map_location='cpu', weights_only=True)", []),
-    ("cfg = yaml.safe_load(text)", []),
-    ("m = f(name, trust_remote_code=trust_remote_code)", []),
-    ("# never call eval( on model text\ns = 'exec(x) and pickle.load(f)'", []),
-    ('"""Docs: yaml.load( is unsafe; trust_remote_code=True runs code."""', []),
-])
+@pytest.mark.parametrize(
+    "snippet, banned",
+    [
+        ("x = eval(s)", ["builtin eval"]),
+        ("y = eval (s)", ["builtin eval"]),
+        ("exec(code)", ["builtin exec"]),
+        ("import pickle\nobj = pickle.load(f)", ["pickle-style load"]),
+        ("obj = pickle.loads(b)", ["pickle-style load"]),
+        ("cfg = yaml.load(text)", ["yaml.load (use safe_load)"]),
+        ("cfg = yaml.load(text, Loader=yaml.Loader)", ["yaml.load (use safe_load)"]),
+        ("m = f(name, trust_remote_code=True)", ["hard-coded trust_remote_code=True"]),
+        ("sd = torch.load(path)", ["torch.load without weights_only=True"]),
+        ("sd = torch.load(path, weights_only=False)", ["torch.load without weights_only=True"]),
+        ("from torch import load", ["torch.load without weights_only=True"]),
+        ("subprocess.run(cmd, shell=True)", ["shell=True"]),
+        # legitimate look-alikes
+        ("model.eval()\nself.model.eval()", []),
+        ("args = dict(eval_steps=5, eval_strategy='steps')\nv = safe_eval(e)\nast.literal_eval(s)", []),
+        ("def run_eval(cfg): pass\nrun_eval(cfg)", []),
+        ("sd = torch.load(path, map_location='cpu', weights_only=True)", []),
+        ("cfg = yaml.safe_load(text)", []),
+        ("m = f(name, trust_remote_code=trust_remote_code)", []),
+        ("# never call eval( on model text\ns = 'exec(x) and pickle.load(f)'", []),
+        ('"""Docs: yaml.load( is unsafe; trust_remote_code=True runs code."""', []),
+    ],
+)
 def test_scanner_flags_exactly_the_banned_calls(snippet, banned):
     assert sorted(set(scan(snippet))) == sorted(banned)
 
@@ -112,7 +122,11 @@ def test_trust_remote_code_defaults_false_everywhere():
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 args = node.args.args + node.args.kwonlyargs
-                defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + node.args.defaults + node.args.kw_defaults
+                defaults = (
+                    [None] * (len(node.args.args) - len(node.args.defaults))
+                    + node.args.defaults
+                    + node.args.kw_defaults
+                )
                 for a, d in zip(args, defaults):
                     if a.arg == "trust_remote_code":
                         seen += 1
@@ -134,11 +148,28 @@ def test_cli_trust_remote_code_flag_defaults_off():
 
 # ---------------------------------------------------------------- bounded parsers on hostile text
 
-@pytest.mark.parametrize("expr", [
-    "9**9**9", "2**2**2**2**2", "(10**15)**32", "10**16", "99999999999999*99999999999999", "1/0", "0**-1",
-    "(" * 500 + "1" + ")" * 500, "-" * 150 + "1", "1+" * 150 + "1", "1" * 201,
-    "__import__('os').system('echo pwned')", "open('/etc/passwd').read()", "lambda: 1", "1;2", "2**0.5",
-])
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "9**9**9",
+        "2**2**2**2**2",
+        "(10**15)**32",
+        "10**16",
+        "99999999999999*99999999999999",
+        "1/0",
+        "0**-1",
+        "(" * 500 + "1" + ")" * 500,
+        "-" * 150 + "1",
+        "1+" * 150 + "1",
+        "1" * 201,
+        "__import__('os').system('echo pwned')",
+        "open('/etc/passwd').read()",
+        "lambda: 1",
+        "1;2",
+        "2**0.5",
+    ],
+)
 def test_safe_eval_rejects_huge_or_hostile_expressions_fast(expr):
     t0 = time.perf_counter()
     assert safe_eval(expr) is None
@@ -156,8 +187,20 @@ def test_safe_eval_still_computes_normal_expressions():
 
 TASKS = [get_task(n) for n in ("arith", "gsm8k", "aqua", "ecqa")]  # constructors load no data
 # Pieces of the syntax the extractors look for, so examples reach their deep paths, not only "no number".
-_PIECES = list("0123456789+-*/().,^%$= eE#:ABCDEx\n") + ["**", "<<", ">>", "The answer is ", "#### ", "(A)", "1,000",
-                                                        "9**9**9", "=", "Answer: ", "\u2212", "**73**"]
+_PIECES = list("0123456789+-*/().,^%$= eE#:ABCDEx\n") + [
+    "**",
+    "<<",
+    ">>",
+    "The answer is ",
+    "#### ",
+    "(A)",
+    "1,000",
+    "9**9**9",
+    "=",
+    "Answer: ",
+    "\u2212",
+    "**73**",
+]
 _TEXTY = st.lists(st.sampled_from(_PIECES), max_size=120).map("".join)
 _ANY = st.one_of(st.text(max_size=600), _TEXTY, st.binary(max_size=300).map(lambda b: b.decode("latin-1")))
 
@@ -182,10 +225,22 @@ def test_extractors_and_calculator_are_total_and_fast_on_any_text(text):
     assert time.perf_counter() - t0 < 1.0
 
 
-@pytest.mark.parametrize("text", [
-    "1," * 20000 + "1", "9" * 100000, "The answer is " + "9" * 5000, "<<" + "9**9**9=1>>" * 2000, "(" * 50000, "The answer is " * 5000 + "-" * 5000,
-    "1e" * 20000, "$" * 30000 + "5", "**" * 20000 + "7", "A) " * 10000, "#### " + "0." * 20000,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1," * 20000 + "1",
+        "9" * 100000,
+        "The answer is " + "9" * 5000,
+        "<<" + "9**9**9=1>>" * 2000,
+        "(" * 50000,
+        "The answer is " * 5000 + "-" * 5000,
+        "1e" * 20000,
+        "$" * 30000 + "5",
+        "**" * 20000 + "7",
+        "A) " * 10000,
+        "#### " + "0." * 20000,
+    ],
+)
 def test_extractors_have_no_catastrophic_backtracking(text):
     t0 = time.perf_counter()
     for task in TASKS:

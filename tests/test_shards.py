@@ -4,17 +4,17 @@ merge_shards gives every question exactly once, refusing shards that do not belo
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from aftune.io import InputError
 from aftune.commands.merge import run_merge
 from aftune.config import MergeConfig
-from aftune.sampling.shards import merge_shards, shard_file
+from aftune.io import InputError
 from aftune.records import meta_path_for, read_groups
+from aftune.sampling.shards import merge_shards, shard_file
 
 torch.set_num_threads(1)
 TASK_ARGS = "n_train=7,n_validation=2,n_test=2"
@@ -28,15 +28,30 @@ def tiny_model(tmp_path_factory):
 
     task = get_tasks("arith", parse_task_args(TASK_ARGS))[0]
     texts = [task.prompt(e) + e.reference for e in task.load("train")]
-    return create_tiny(tmp_path_factory.mktemp("m") / "model", texts, vocab_size=300, hidden_size=32, n_layers=1, n_heads=2)
+    return create_tiny(
+        tmp_path_factory.mktemp("m") / "model", texts, vocab_size=300, hidden_size=32, n_layers=1, n_heads=2
+    )
 
 
 def _sample(model, out, shard, **kw):
-    from aftune.config import SampleConfig
     from aftune.commands.sample import run_sample
+    from aftune.config import SampleConfig
 
-    return run_sample(SampleConfig(model=str(model), out=str(out), task="arith", task_args=TASK_ARGS, split="train",
-                                   k=2, max_new_tokens=5, batch_size=1, quiet=True, shard=shard, **kw))
+    return run_sample(
+        SampleConfig(
+            model=str(model),
+            out=str(out),
+            task="arith",
+            task_args=TASK_ARGS,
+            split="train",
+            k=2,
+            max_new_tokens=5,
+            batch_size=1,
+            quiet=True,
+            shard=shard,
+            **kw,
+        )
+    )
 
 
 def _ids(path) -> list[str]:
@@ -47,8 +62,8 @@ def _ids(path) -> list[str]:
 def shards(tiny_model, tmp_path_factory):
     """Shards 0/2 and 1/2 of 7 questions; shard 0 is interrupted after one question, then resumed."""
     import aftune.sampling.store as store
-    from aftune.tasks import get_tasks
     from aftune.config import parse_task_args
+    from aftune.tasks import get_tasks
 
     out = tmp_path_factory.mktemp("s") / "cands.jsonl"
     s0, s1 = shard_file(out, 0, 2), shard_file(out, 1, 2)
@@ -72,8 +87,16 @@ def shards(tiny_model, tmp_path_factory):
     stats1 = _sample(tiny_model, out, "1/2")  # the other shard is independent of shard 0's state
     stats0 = _sample(tiny_model, out, "0/2")  # resumes
     all_ids = [e.id for e in get_tasks("arith", parse_task_args(TASK_ARGS))[0].load("train")]
-    return dict(out=out, s0=s0, s1=s1, interrupted=interrupted, first_line=first_line, stats0=stats0,
-                stats1=stats1, all_ids=all_ids)
+    return dict(
+        out=out,
+        s0=s0,
+        s1=s1,
+        interrupted=interrupted,
+        first_line=first_line,
+        stats0=stats0,
+        stats1=stats1,
+        all_ids=all_ids,
+    )
 
 
 def test_each_shard_resumes_on_its_own(shards):

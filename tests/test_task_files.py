@@ -50,9 +50,11 @@ def error_of(path: Path, **kwargs) -> str:
     return msg.replace(str(path.parent) + os.sep, "")
 
 
-QA_ROWS = [{"q": "Capital of France?", "sol": "Paris is the capital.\n#### Paris"},
-           {"q": "Capital of Italy?", "sol": "It is Rome.\n#### Rome"},
-           {"q": "Largest US city?", "sol": "By population:\n#### New   York"}]
+QA_ROWS = [
+    {"q": "Capital of France?", "sol": "Paris is the capital.\n#### Paris"},
+    {"q": "Capital of Italy?", "sol": "It is Rome.\n#### Rome"},
+    {"q": "Largest US city?", "sol": "By population:\n#### New   York"},
+]
 EXACT = """
     name: capitals
     data: {train: train.jsonl, test: train.jsonl}
@@ -80,9 +82,11 @@ def test_gsm8k_file_grades_like_builtin_on_corpus(case, gsm8k_pair):
     builtin, file_task = gsm8k_pair
     ex = Example(id=case["id"], question="q", reference="", answer=case["gold"])
     for strict in (True, False):
-        assert (file_task.extract_answer(case["completion"], ex, strict=strict)
-                == builtin.extract_answer(case["completion"], ex, strict=strict)
-                == case["strict" if strict else "flexible"]), case["note"]
+        assert (
+            file_task.extract_answer(case["completion"], ex, strict=strict)
+            == builtin.extract_answer(case["completion"], ex, strict=strict)
+            == case["strict" if strict else "flexible"]
+        ), case["note"]
     assert file_task.grade(case["completion"], ex) == builtin.grade(case["completion"], ex)
     assert file_task.grade(case["completion"], ex).correct is case["correct"], case["note"]
 
@@ -100,8 +104,9 @@ def test_gsm8k_file_same_examples_and_grades_on_real_data():
     for split in ("train", "validation", "test"):
         a, b = builtin.load(split), file_task.load(split)
         assert len(a) == len(b) > 0, split
-        assert [(e.id, builtin.prompt(e), e.reference, e.answer, e.options, e.meta) for e in a] == \
-               [(e.id, file_task.prompt(e), e.reference, e.answer, e.options, e.meta) for e in b], split
+        assert [(e.id, builtin.prompt(e), e.reference, e.answer, e.options, e.meta) for e in a] == [
+            (e.id, file_task.prompt(e), e.reference, e.answer, e.options, e.meta) for e in b
+        ], split
         for ea, eb in zip(a, b):
             for strict in (True, False):
                 assert builtin.grade(ea.reference, ea, strict) == file_task.grade(eb.reference, eb, strict)
@@ -123,14 +128,19 @@ def test_gsm8k_file_data_source_order(tmp_path, monkeypatch):
     assert not task.use_hub and task.data_file("test") == tmp_path / "gsm8k" / "test.jsonl"
     assert error_of(GSM8K_YAML).endswith(f"{tmp_path}/gsm8k/train.jsonl: file does not exist")
     monkeypatch.delenv("AFTUNE_DATA")
-    no_hub = write_task(tmp_path, """
+    no_hub = write_task(
+        tmp_path,
+        """
         name: local_only
         data: {test: "${AFTUNE_DATA}/x/test.jsonl"}
         fields: {question: q, solution: sol}
         answer_type: number
-        """)
-    assert error_of(no_hub) == ("task.yaml: line 2: field 'data.test': uses ${AFTUNE_DATA}, but neither "
-                                "--data-dir (data_dir) nor the AFTUNE_DATA environment variable is set")
+        """,
+    )
+    assert error_of(no_hub) == (
+        "task.yaml: line 2: field 'data.test': uses ${AFTUNE_DATA}, but neither "
+        "--data-dir (data_dir) nor the AFTUNE_DATA environment variable is set"
+    )
 
 
 def test_gsm8k_file_hub_path(monkeypatch):
@@ -180,15 +190,23 @@ def test_math_tiny_loads_and_every_reference_grades_correct():
 
 
 def test_answer_type_number_with_field_and_custom_marker(tmp_path):
-    path = write_task(tmp_path, """
+    path = write_task(
+        tmp_path,
+        """
         name: nums
         data: {train: train.jsonl}
         fields: {question: q, solution: sol, answer: gold}
         answer_marker: "Result:"
         answer_type: number
-        """, {"train": [{"q": "1+1?", "sol": "1+1=2\nResult: 2", "gold": 2},
-                        {"q": "Half of 3?", "sol": "3/2\nResult: 1.5", "gold": "1.50"},
-                        {"q": "Money?", "sol": "Result: $1,600", "gold": "$1,600.00"}]})
+        """,
+        {
+            "train": [
+                {"q": "1+1?", "sol": "1+1=2\nResult: 2", "gold": 2},
+                {"q": "Half of 3?", "sol": "3/2\nResult: 1.5", "gold": "1.50"},
+                {"q": "Money?", "sol": "Result: $1,600", "gold": "$1,600.00"},
+            ]
+        },
+    )
     task = get_task(str(path))
     exs = task.load("train")
     assert [e.answer for e in exs] == ["2", "1.5", "1600"]
@@ -205,20 +223,33 @@ def test_answer_type_choice_option_shapes_and_grading(tmp_path):
         {"q": "2+2?", "opts": ["A) 3", "B) 4", "C) 5"], "why": "Count.", "key": "b"},
         {"q": "Pet?", "opts": {"A": "cat", "B": "rock"}, "why": "Alive.", "key": "(A)"},
         {"q": "Hub shape?", "opts": {"label": ["A", "B"], "text": ["yes", "no"]}, "why": "Hm.", "key": "B"},
-        {"q": "Pairs?", "opts": [{"label": "A", "text": "one"}, {"label": "B", "text": "two"}], "why": "2",
-         "key": "B"},
+        {
+            "q": "Pairs?",
+            "opts": [{"label": "A", "text": "one"}, {"label": "B", "text": "two"}],
+            "why": "2",
+            "key": "B",
+        },
     ]
-    path = write_task(tmp_path, """
+    path = write_task(
+        tmp_path,
+        """
         name: mc
         data: {train: train.jsonl}
         fields: {question: q, solution: why, answer: key, options: opts}
         reference: "{solution}\\nThe answer is {answer}."
         answer_type: choice
-        """, {"train": rows})
+        """,
+        {"train": rows},
+    )
     task = get_task(str(path))
     exs = task.load("train")
-    assert [e.options for e in exs] == [{"A": "green", "B": "blue", "C": "red"}, {"A": "3", "B": "4", "C": "5"},
-                                        {"A": "cat", "B": "rock"}, {"A": "yes", "B": "no"}, {"A": "one", "B": "two"}]
+    assert [e.options for e in exs] == [
+        {"A": "green", "B": "blue", "C": "red"},
+        {"A": "3", "B": "4", "C": "5"},
+        {"A": "cat", "B": "rock"},
+        {"A": "yes", "B": "no"},
+        {"A": "one", "B": "two"},
+    ]
     assert [e.answer for e in exs] == ["B", "B", "A", "B", "B"]
     assert exs[0].reference == "Rayleigh scattering.\nThe answer is B."
     assert task.prompt(exs[0]) == "Question: Color of the sky?\nOptions: A) green B) blue C) red\nAnswer:\n"
@@ -226,36 +257,49 @@ def test_answer_type_choice_option_shapes_and_grading(tmp_path):
     assert task.grade("It must be blue.", exs[0]) == Graded("B", True)  # by option text, through Example.options
     assert task.grade("The answer is (C).", exs[0]) == Graded("C", False)
     # one column per option
-    cols = write_task(tmp_path, """
+    cols = write_task(
+        tmp_path,
+        """
         name: mc_cols
         data: {train: cols.jsonl}
         fields: {question: q, solution: why, answer: key, options: [a, b, c, d]}
         answer_type: choice
-        """, name="cols.yaml")
-    (tmp_path / "cols.jsonl").write_text(json.dumps({"q": "x?", "why": "y #### C", "key": "C", "a": 1, "b": 2,
-                                                     "c": 3, "d": 4}) + "\n")
+        """,
+        name="cols.yaml",
+    )
+    (tmp_path / "cols.jsonl").write_text(
+        json.dumps({"q": "x?", "why": "y #### C", "key": "C", "a": 1, "b": 2, "c": 3, "d": 4}) + "\n"
+    )
     ex = get_task(str(cols)).load("train")[0]
     assert ex.options == {"A": "1", "B": "2", "C": "3", "D": "4"} and ex.answer == "C"
 
 
 def test_answer_type_choice_bad_gold(tmp_path):
-    path = write_task(tmp_path, """
+    path = write_task(
+        tmp_path,
+        """
         name: mc
         data: {train: train.jsonl}
         fields: {question: q, solution: why, answer: key, options: opts}
         answer_type: choice
-        """, {"train": [{"q": "x?", "opts": ["a", "b"], "why": ".", "key": "D"}]})
+        """,
+        {"train": [{"q": "x?", "opts": ["a", "b"], "why": ".", "key": "D"}]},
+    )
     assert error_of(path) == "train.jsonl: line 1: field 'key': expected one of the option letters A, B, got 'D'"
 
 
 def test_answer_type_math(tmp_path):
-    path = write_task(tmp_path, """
+    path = write_task(
+        tmp_path,
+        """
         name: m
         data: {test: train.jsonl}
         fields: {question: q, solution: sol}
         answer_from: last_boxed
         answer_type: math
-        """, {"train": [{"q": "5/6?", "sol": "first \\boxed{1}, then $\\boxed{\\frac{5}{6}}$."}]})
+        """,
+        {"train": [{"q": "5/6?", "sol": "first \\boxed{1}, then $\\boxed{\\frac{5}{6}}$."}]},
+    )
     task = get_task(str(path))
     ex = task.load("test")[0]
     assert ex.answer == "\\frac{5}{6}"  # the LAST box
@@ -274,13 +318,17 @@ def test_answer_type_exact(tmp_path):
     assert task.grade("#### New York", ny) == Graded("New York", True)
     assert task.grade("it is\nParis", paris) == Graded("Paris", True)  # flexible: the last line
     assert task.grade("it is\nParis", paris, strict=True) == Graded(None, False)
-    boxed = write_task(tmp_path, """
+    boxed = write_task(
+        tmp_path,
+        """
         name: e
         data: {train: b.jsonl}
         fields: {question: q, solution: sol}
         answer_from: last_boxed
         answer_type: exact
-        """, name="b.yaml")
+        """,
+        name="b.yaml",
+    )
     (tmp_path / "b.jsonl").write_text(json.dumps({"q": "?", "sol": "so \\boxed{x  + 1}"}) + "\n")
     task = get_task(str(boxed))
     ex = task.load("train")[0]
@@ -289,13 +337,17 @@ def test_answer_type_exact(tmp_path):
 
 
 def test_number_from_last_boxed(tmp_path):
-    path = write_task(tmp_path, """
+    path = write_task(
+        tmp_path,
+        """
         name: nb
         data: {train: train.jsonl}
         fields: {question: q, solution: sol}
         answer_from: last_boxed
         answer_type: number
-        """, {"train": [{"q": "?", "sol": "3 and 4 make \\boxed{7}."}]})
+        """,
+        {"train": [{"q": "?", "sol": "3 and 4 make \\boxed{7}."}]},
+    )
     task = get_task(str(path))
     ex = task.load("train")[0]
     assert ex.answer == "7"
@@ -307,35 +359,56 @@ def test_number_from_last_boxed(tmp_path):
 # ------------------------------------------------------------------ answer_from and data rows
 
 
-@pytest.mark.parametrize("body, rows, message", [
-    ("fields: {question: q, solution: sol}\nanswer_type: number",
-     [{"q": "?", "sol": "no marker, 5"}],
-     "train.jsonl: line 1: field 'sol': expected the answer marker '####' exactly once, found it 0 times"),
-    ("fields: {question: q, solution: sol}\nanswer_type: number",
-     [{"q": "?", "sol": "#### 1\n#### 2"}],
-     "train.jsonl: line 1: field 'sol': expected the answer marker '####' exactly once, found it 2 times"),
-    ("fields: {question: q, solution: sol}\nanswer_type: number",
-     [{"q": "?", "sol": "#### 5"}, {"q": "?", "sol": "#### five"}],
-     "train.jsonl: line 2: field 'sol': expected a number as the answer, got 'five'"),
-    ("fields: {question: q, solution: sol}\nanswer_from: last_boxed\nanswer_type: math",
-     [{"q": "?", "sol": "it is \\boxed{5"}],
-     "train.jsonl: line 1: field 'sol': expected a closed, non-empty \\boxed{...} answer"),
-    ("fields: {question: q, solution: sol, answer: gold}\nanswer_type: number",
-     [{"q": "?", "sol": "#### 5"}],
-     "train.jsonl: line 1: field 'gold': missing field"),
-    ("fields: {question: q, solution: sol, answer: gold}\nanswer_type: number",
-     [{"q": "?", "sol": "x", "gold": True}],
-     "train.jsonl: line 1: field 'gold': expected str or number, got bool"),
-    ("fields: {question: q, solution: sol}\nanswer_type: number",
-     [{"q": 3, "sol": "#### 5"}],
-     "train.jsonl: line 1: field 'q': expected str, got int"),
-    ("fields: {question: q, solution: sol, id: key}\nanswer_type: number",
-     [{"q": "?", "sol": "#### 5", "key": "a"}, {"q": "?", "sol": "#### 6", "key": "a"}],
-     "train.jsonl: line 2: field 'key': duplicate id 'a' (first at line 1)"),
-    ("fields: {question: q, solution: sol}\nprompt: \"{topic}: {question}\"\nanswer_type: number",
-     [{"q": "?", "sol": "#### 5"}],
-     "train.jsonl: line 1: field 'topic': missing field (a template of the task file uses {topic})"),
-])
+@pytest.mark.parametrize(
+    "body, rows, message",
+    [
+        (
+            "fields: {question: q, solution: sol}\nanswer_type: number",
+            [{"q": "?", "sol": "no marker, 5"}],
+            "train.jsonl: line 1: field 'sol': expected the answer marker '####' exactly once, found it 0 times",
+        ),
+        (
+            "fields: {question: q, solution: sol}\nanswer_type: number",
+            [{"q": "?", "sol": "#### 1\n#### 2"}],
+            "train.jsonl: line 1: field 'sol': expected the answer marker '####' exactly once, found it 2 times",
+        ),
+        (
+            "fields: {question: q, solution: sol}\nanswer_type: number",
+            [{"q": "?", "sol": "#### 5"}, {"q": "?", "sol": "#### five"}],
+            "train.jsonl: line 2: field 'sol': expected a number as the answer, got 'five'",
+        ),
+        (
+            "fields: {question: q, solution: sol}\nanswer_from: last_boxed\nanswer_type: math",
+            [{"q": "?", "sol": "it is \\boxed{5"}],
+            "train.jsonl: line 1: field 'sol': expected a closed, non-empty \\boxed{...} answer",
+        ),
+        (
+            "fields: {question: q, solution: sol, answer: gold}\nanswer_type: number",
+            [{"q": "?", "sol": "#### 5"}],
+            "train.jsonl: line 1: field 'gold': missing field",
+        ),
+        (
+            "fields: {question: q, solution: sol, answer: gold}\nanswer_type: number",
+            [{"q": "?", "sol": "x", "gold": True}],
+            "train.jsonl: line 1: field 'gold': expected str or number, got bool",
+        ),
+        (
+            "fields: {question: q, solution: sol}\nanswer_type: number",
+            [{"q": 3, "sol": "#### 5"}],
+            "train.jsonl: line 1: field 'q': expected str, got int",
+        ),
+        (
+            "fields: {question: q, solution: sol, id: key}\nanswer_type: number",
+            [{"q": "?", "sol": "#### 5", "key": "a"}, {"q": "?", "sol": "#### 6", "key": "a"}],
+            "train.jsonl: line 2: field 'key': duplicate id 'a' (first at line 1)",
+        ),
+        (
+            'fields: {question: q, solution: sol}\nprompt: "{topic}: {question}"\nanswer_type: number',
+            [{"q": "?", "sol": "#### 5"}],
+            "train.jsonl: line 1: field 'topic': missing field (a template of the task file uses {topic})",
+        ),
+    ],
+)
 def test_data_row_errors(tmp_path, body, rows, message):
     path = write_task(tmp_path, "name: t\ndata: {train: train.jsonl}\n" + body, {"train": rows})
     assert error_of(path) == message
@@ -352,26 +425,35 @@ def test_data_file_errors(tmp_path):
 def test_ids_default_and_from_field(tmp_path):
     task = get_task(str(write_task(tmp_path, EXACT, {"train": QA_ROWS})))
     assert [e.id for e in task.load("train")] == ["capitals-train-0", "capitals-train-1", "capitals-train-2"]
-    path = write_task(tmp_path, EXACT.replace("solution: sol}", "solution: sol, id: n}"),
-                      {"train": [dict(r, n=10 + i) for i, r in enumerate(QA_ROWS)]})
+    path = write_task(
+        tmp_path,
+        EXACT.replace("solution: sol}", "solution: sol, id: n}"),
+        {"train": [dict(r, n=10 + i) for i, r in enumerate(QA_ROWS)]},
+    )
     assert [e.id for e in get_task(str(path)).load("test")] == ["10", "11", "12"]
 
 
 def test_validation_from_train(tmp_path):
     rows = [{"q": f"q{i}", "sol": f"#### {i}"} for i in range(5)]
-    path = write_task(tmp_path, """
+    path = write_task(
+        tmp_path,
+        """
         name: v
         data: {train: train.jsonl, validation_from_train: 2}
         fields: {question: q, solution: sol}
         answer_type: number
-        """, {"train": rows})
+        """,
+        {"train": rows},
+    )
     task = get_task(str(path))
     assert task.splits == ("train", "validation")
     assert [e.answer for e in task.load("train")] == ["0", "1", "2"]
     assert [e.id for e in task.load("validation")] == ["v-train-3", "v-train-4"]  # keep their train index
     path.write_text(path.read_text().replace("validation_from_train: 2", "validation_from_train: 5"))
-    assert error_of(path) == ("task.yaml: line 2: field 'data.validation_from_train': holding out 5 rows leaves "
-                              "no training rows (the train split has 5)")
+    assert error_of(path) == (
+        "task.yaml: line 2: field 'data.validation_from_train': holding out 5 rows leaves "
+        "no training rows (the train split has 5)"
+    )
     with pytest.raises(ValueError, match="unknown split 'test'"):
         task.load("test")
 
@@ -379,22 +461,30 @@ def test_validation_from_train(tmp_path):
 def test_parquet_data(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    table = pa.table({"problem": ["What is 1/2 + 1/2?", "What is 2 * 3?"],
-                      "solution": ["$\\boxed{1}$", "$2 \\cdot 3 = \\boxed{6}$"]})
+    table = pa.table(
+        {
+            "problem": ["What is 1/2 + 1/2?", "What is 2 * 3?"],
+            "solution": ["$\\boxed{1}$", "$2 \\cdot 3 = \\boxed{6}$"],
+        }
+    )
     pq.write_table(table, tmp_path / "test.parquet")
-    path = write_task(tmp_path, """
+    path = write_task(
+        tmp_path,
+        """
         name: pq
         data: {test: test.parquet}
         fields: {question: problem, solution: solution}
         answer_from: last_boxed
         answer_type: math
-        """)
+        """,
+    )
     task = get_task(str(path))
     exs = task.load("test")
     assert [(e.question, e.answer) for e in exs] == [("What is 1/2 + 1/2?", "1"), ("What is 2 * 3?", "6")]
     assert task.grade("\\boxed{6}", exs[1]).correct
-    pq.write_table(pa.table({"problem": ["ok", None], "solution": ["\\boxed{1}", "\\boxed{2}"]}),
-                   tmp_path / "test.parquet")
+    pq.write_table(
+        pa.table({"problem": ["ok", None], "solution": ["\\boxed{1}", "\\boxed{2}"]}), tmp_path / "test.parquet"
+    )
     assert error_of(path) == "test.parquet: line 2: field 'problem': expected str, got NoneType"
     (tmp_path / "test.parquet").write_bytes(b"not parquet")
     assert error_of(path).startswith("test.parquet: not a readable Parquet file (")
@@ -403,27 +493,39 @@ def test_parquet_data(tmp_path):
 # ------------------------------------------------------------------ templates
 
 
-@pytest.mark.parametrize("template, shown", [
-    ("{question.__class__}", "{question.__class__}"),
-    ("{question[0]}", "{question[0]}"),
-    ("{}", "{}"),
-    ("{question!r}", "{question!r}"),
-    ("{question:>99}", "{question:>99}"),
-])
+@pytest.mark.parametrize(
+    "template, shown",
+    [
+        ("{question.__class__}", "{question.__class__}"),
+        ("{question[0]}", "{question[0]}"),
+        ("{}", "{}"),
+        ("{question!r}", "{question!r}"),
+        ("{question:>99}", "{question:>99}"),
+    ],
+)
 def test_prompt_template_allows_only_plain_names(tmp_path, template, shown):
     path = write_task(tmp_path, EXACT + f"prompt: {json.dumps(template)}\n", {"train": QA_ROWS})
-    assert error_of(path) == ("task.yaml: line 5: field 'prompt': only {name} substitutions are allowed (no "
-                              f"attribute access, indexing, conversion or format spec), got '{shown}'")
+    assert error_of(path) == (
+        "task.yaml: line 5: field 'prompt': only {name} substitutions are allowed (no "
+        f"attribute access, indexing, conversion or format spec), got '{shown}'"
+    )
 
 
-@pytest.mark.parametrize("template, message", [
-    ("Q: {question",
-     "not a valid template (expected '}' before end of string; write a literal brace as '{{' or '}}')"),
-    ("Q:", "the template must contain {question}"),
-    ("{question} {answer}", "the prompt must not contain {solution} or {answer}: it would show the model what it is "
-                            "asked to produce"),
-    ("{question} {options}", "{options} is only available with answer_type 'choice'"),
-])
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        (
+            "Q: {question",
+            "not a valid template (expected '}' before end of string; write a literal brace as '{{' or '}}')",
+        ),
+        ("Q:", "the template must contain {question}"),
+        (
+            "{question} {answer}",
+            "the prompt must not contain {solution} or {answer}: it would show the model what it is asked to produce",
+        ),
+        ("{question} {options}", "{options} is only available with answer_type 'choice'"),
+    ],
+)
 def test_prompt_template_errors(tmp_path, template, message):
     path = write_task(tmp_path, EXACT + f"prompt: {json.dumps(template)}\n", {"train": QA_ROWS})
     assert error_of(path) == f"task.yaml: line 5: field 'prompt': {message}"
@@ -441,65 +543,110 @@ def test_prompt_template_substitutes_columns_and_nothing_else(tmp_path):
 # ------------------------------------------------------------------ bad task files
 
 
-@pytest.mark.parametrize("text, message", [
-    ("name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_type: numeric\n",
-     "task.yaml: line 4: field 'answer_type': expected one of number, choice, math, exact, got 'numeric'"),
-    ("name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\n",
-     "task.yaml: field 'answer_type': missing required key (one of number, choice, math, exact)"),
-    ("data: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_type: exact\n",
-     "task.yaml: field 'name': missing required key"),
-    ("name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_type: exact\npromt: x\n",
-     "task.yaml: line 5: field 'promt': unknown key (known: name, description, data, fields, answer_type, "
-     "answer_from, answer_marker, prompt, reference, stop)"),
-    ("name: t\ndata: {train: a.jsonl}\nfields: {question: q, soltion: s}\nanswer_type: exact\n",
-     "task.yaml: line 3: field 'fields.soltion': unknown key (known: question, solution, answer, options, id)"),
-    ("name: t\ndata: {train: a.jsonl}\nfields: {solution: s}\nanswer_type: exact\n",
-     "task.yaml: line 3: field 'fields.question': missing required key"),
-    ("name: t\ndata:\n  train: a.csv\nfields: {question: q, solution: s}\nanswer_type: exact\n",
-     "task.yaml: line 3: field 'data.train': expected a .jsonl or .parquet file, got 'a.csv'"),
-    ("name: t\ndata:\n  train: ${HOME}/a.jsonl\nfields: {question: q, solution: s}\nanswer_type: exact\n",
-     "task.yaml: line 3: field 'data.train': the only variable a path may use is ${AFTUNE_DATA}, at its start; "
-     "got '${HOME}/a.jsonl'"),
-    ("name: t\ndata:\n  train: a.jsonl\n  validation: b.jsonl\n  validation_from_train: 5\n"
-     "fields: {question: q, solution: s}\nanswer_type: exact\n",
-     "task.yaml: line 5: field 'data.validation_from_train': the data already has a validation split"),
-    ("name: t\ndata:\n  train: a.jsonl\n  validation_from_train: 0\nfields: {question: q, solution: s}\n"
-     "answer_type: exact\n",
-     "task.yaml: line 4: field 'data.validation_from_train': expected a positive integer, got 0"),
-    ("name: t\ndata: {}\nfields: {question: q, solution: s}\nanswer_type: exact\n",
-     "task.yaml: line 2: field 'data': expected data files (train, validation, test) or a hub dataset (hub)"),
-    ("name: t\ndata:\n  hub: {path: org/ds}\nfields: {question: q, solution: s}\nanswer_type: exact\n",
-     "task.yaml: line 3: field 'data.hub.splits': missing required key (e.g. {train: train, test: test})"),
-    ("name: t\ndata:\n  train: a.jsonl\n  hub: {path: org/ds, splits: {train: train}}\n"
-     "fields: {question: q, solution: s}\nanswer_type: exact\n",
-     "task.yaml: line 4: field 'data.hub': give data files or a hub dataset, not both (the hub is the fallback "
-     "only for files under ${AFTUNE_DATA}, as for the built-in tasks)"),
-    ("name: t\ndata: {train: a.jsonl}\nfields: {question: q}\nanswer_type: exact\n",
-     "task.yaml: line 3: field 'fields.solution': missing: answer_from 'after_marker' reads the answer from the "
-     "solution"),
-    ("name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_from: field\nanswer_type: exact\n",
-     "task.yaml: line 3: field 'fields.answer': missing: answer_from is 'field', so fields.answer must name the "
-     "column that holds the gold answer"),
-    ("name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s, answer: a}\nanswer_from: last_boxed\n"
-     "answer_type: math\n",
-     "task.yaml: line 3: field 'fields.answer': not used with answer_from 'last_boxed' (the answer comes from the "
-     "solution); remove it or set answer_from: field"),
-    ("name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_type: choice\n",
-     "task.yaml: line 3: field 'fields.options': missing: answer_type 'choice' needs the column(s) holding the "
-     "options"),
-    ("name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_from: boxed\nanswer_type: math\n",
-     "task.yaml: line 4: field 'answer_from': expected one of after_marker, last_boxed, field, got 'boxed'"),
-    ("name: my task\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_type: exact\n",
-     "task.yaml: line 1: field 'name': expected letters, digits, '_', '-' or '.' (it is part of every example id), "
-     "got 'my task'"),
-    ("name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_type: exact\nstop: [\"\"]\n",
-     "task.yaml: line 5: field 'stop': entry 0: expected a non-empty string, got ''"),
-    ("name: t\ndata: {train: a.jsonl}\nfields: [question]\nanswer_type: exact\n",
-     "task.yaml: line 3: field 'fields': expected a mapping, got list"),
-    ("name: t\n  data: x\n", "task.yaml: line 2: not valid YAML (mapping values are not allowed here)"),
-    ("- just\n- a list\n", "task.yaml: expected a mapping of keys to values, got list"),
-    ("", "task.yaml: expected a mapping of keys to values, got null"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_type: numeric\n",
+            "task.yaml: line 4: field 'answer_type': expected one of number, choice, math, exact, got 'numeric'",
+        ),
+        (
+            "name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\n",
+            "task.yaml: field 'answer_type': missing required key (one of number, choice, math, exact)",
+        ),
+        (
+            "data: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_type: exact\n",
+            "task.yaml: field 'name': missing required key",
+        ),
+        (
+            "name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_type: exact\npromt: x\n",
+            "task.yaml: line 5: field 'promt': unknown key (known: name, description, data, fields, answer_type, "
+            "answer_from, answer_marker, prompt, reference, stop)",
+        ),
+        (
+            "name: t\ndata: {train: a.jsonl}\nfields: {question: q, soltion: s}\nanswer_type: exact\n",
+            "task.yaml: line 3: field 'fields.soltion': unknown key (known: question, solution, answer, options, id)",
+        ),
+        (
+            "name: t\ndata: {train: a.jsonl}\nfields: {solution: s}\nanswer_type: exact\n",
+            "task.yaml: line 3: field 'fields.question': missing required key",
+        ),
+        (
+            "name: t\ndata:\n  train: a.csv\nfields: {question: q, solution: s}\nanswer_type: exact\n",
+            "task.yaml: line 3: field 'data.train': expected a .jsonl or .parquet file, got 'a.csv'",
+        ),
+        (
+            "name: t\ndata:\n  train: ${HOME}/a.jsonl\nfields: {question: q, solution: s}\nanswer_type: exact\n",
+            "task.yaml: line 3: field 'data.train': the only variable a path may use is ${AFTUNE_DATA}, at its start; "
+            "got '${HOME}/a.jsonl'",
+        ),
+        (
+            "name: t\ndata:\n  train: a.jsonl\n  validation: b.jsonl\n  validation_from_train: 5\n"
+            "fields: {question: q, solution: s}\nanswer_type: exact\n",
+            "task.yaml: line 5: field 'data.validation_from_train': the data already has a validation split",
+        ),
+        (
+            "name: t\ndata:\n  train: a.jsonl\n  validation_from_train: 0\nfields: {question: q, solution: s}\n"
+            "answer_type: exact\n",
+            "task.yaml: line 4: field 'data.validation_from_train': expected a positive integer, got 0",
+        ),
+        (
+            "name: t\ndata: {}\nfields: {question: q, solution: s}\nanswer_type: exact\n",
+            "task.yaml: line 2: field 'data': expected data files (train, validation, test) or a hub dataset (hub)",
+        ),
+        (
+            "name: t\ndata:\n  hub: {path: org/ds}\nfields: {question: q, solution: s}\nanswer_type: exact\n",
+            "task.yaml: line 3: field 'data.hub.splits': missing required key (e.g. {train: train, test: test})",
+        ),
+        (
+            "name: t\ndata:\n  train: a.jsonl\n  hub: {path: org/ds, splits: {train: train}}\n"
+            "fields: {question: q, solution: s}\nanswer_type: exact\n",
+            "task.yaml: line 4: field 'data.hub': give data files or a hub dataset, not both (the hub is the fallback "
+            "only for files under ${AFTUNE_DATA}, as for the built-in tasks)",
+        ),
+        (
+            "name: t\ndata: {train: a.jsonl}\nfields: {question: q}\nanswer_type: exact\n",
+            "task.yaml: line 3: field 'fields.solution': missing: answer_from 'after_marker' reads the answer from the "
+            "solution",
+        ),
+        (
+            "name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_from: field\nanswer_type: exact\n",
+            "task.yaml: line 3: field 'fields.answer': missing: answer_from is 'field', so fields.answer must name the "
+            "column that holds the gold answer",
+        ),
+        (
+            "name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s, answer: a}\nanswer_from: last_boxed\n"
+            "answer_type: math\n",
+            "task.yaml: line 3: field 'fields.answer': not used with answer_from 'last_boxed' (the answer comes from the "
+            "solution); remove it or set answer_from: field",
+        ),
+        (
+            "name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_type: choice\n",
+            "task.yaml: line 3: field 'fields.options': missing: answer_type 'choice' needs the column(s) holding the "
+            "options",
+        ),
+        (
+            "name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_from: boxed\nanswer_type: math\n",
+            "task.yaml: line 4: field 'answer_from': expected one of after_marker, last_boxed, field, got 'boxed'",
+        ),
+        (
+            "name: my task\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_type: exact\n",
+            "task.yaml: line 1: field 'name': expected letters, digits, '_', '-' or '.' (it is part of every example id), "
+            "got 'my task'",
+        ),
+        (
+            'name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_type: exact\nstop: [""]\n',
+            "task.yaml: line 5: field 'stop': entry 0: expected a non-empty string, got ''",
+        ),
+        (
+            "name: t\ndata: {train: a.jsonl}\nfields: [question]\nanswer_type: exact\n",
+            "task.yaml: line 3: field 'fields': expected a mapping, got list",
+        ),
+        ("name: t\n  data: x\n", "task.yaml: line 2: not valid YAML (mapping values are not allowed here)"),
+        ("- just\n- a list\n", "task.yaml: expected a mapping of keys to values, got list"),
+        ("", "task.yaml: expected a mapping of keys to values, got null"),
+    ],
+)
 def test_bad_task_file_errors(tmp_path, text, message):
     path = tmp_path / "task.yaml"
     path.write_text(text)
@@ -517,8 +664,9 @@ def test_bad_task_file_via_cli_is_one_error_line(tmp_path):
     path.write_text("name: t\ndata: {train: a.jsonl}\nfields: {question: q, solution: s}\nanswer_type: numeric\n")
     r = cli("eval", "--task", path, "--model", tmp_path / "nothing", "--out", tmp_path / "e.json")
     assert r.code == 2
-    assert r.error_lines == [f"error: {path}: line 4: field 'answer_type': expected one of number, choice, math, "
-                             "exact, got 'numeric'"]
+    assert r.error_lines == [
+        f"error: {path}: line 4: field 'answer_type': expected one of number, choice, math, exact, got 'numeric'"
+    ]
     r = cli("eval", "--task", tmp_path / "missing.yaml", "--model", tmp_path / "nothing")
     assert r.code == 2 and r.error_lines == [f"error: {tmp_path / 'missing.yaml'}: task file does not exist"]
 
@@ -532,8 +680,9 @@ def test_get_tasks_mixes_files_and_names_and_checks_options():
     first = math.load("train")[0]
     test_ex = math.load("test")[0]
     assert math.prompt(test_ex).startswith(f"Problem: {first.question}\nSolution:\n{first.reference}\n\n")
-    with pytest.raises(ValueError, match="task 'configs/tasks/math_tiny.yaml' has no option.s. n_train; it takes: "
-                                         "data_dir, n_shot"):
+    with pytest.raises(
+        ValueError, match="task 'configs/tasks/math_tiny.yaml' has no option.s. n_train; it takes: data_dir, n_shot"
+    ):
         get_tasks("configs/tasks/math_tiny.yaml", {"n_train": 5})
 
 
@@ -547,8 +696,9 @@ def test_describe_tasks_lists_builtins_and_task_files(tmp_path):
     by_name = {Path(t.task).name: t for t in infos[4:]}
     assert sorted(by_name) == ["bad.yaml", "good.yml"]
     assert (by_name["good.yml"].name, by_name["good.yml"].description) == ("capitals", "capitals of Europe")
-    assert by_name["bad.yaml"].error.endswith("bad.yaml: field 'answer_type': missing required key (one of number, "
-                                              "choice, math, exact)")
+    assert by_name["bad.yaml"].error.endswith(
+        "bad.yaml: field 'answer_type': missing required key (one of number, choice, math, exact)"
+    )
     lines = format_task_list(infos)
     assert lines[5].endswith("  [capitals] capitals of Europe") and "  INVALID: " in lines[4]
     with pytest.raises(InputError, match="no such task file or folder"):
@@ -574,23 +724,65 @@ def test_aftune_tasks_command(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ the documented example run
 
 
-TINY_MODEL = ["--model", "tiny", "--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--vocab-size",
-              "300"]
+TINY_MODEL = [
+    "--model",
+    "tiny",
+    "--tiny-hidden",
+    "32",
+    "--tiny-layers",
+    "1",
+    "--tiny-heads",
+    "2",
+    "--vocab-size",
+    "300",
+]
 
 
 def test_example_run_through_task_file(tmp_path, monkeypatch):
     """docs/task-files.md's example run, shrunk: sft -> sample -> align -> eval with --task math_tiny.yaml."""
     monkeypatch.chdir(REPO)  # the documented commands use the relative path
     task = "configs/tasks/math_tiny.yaml"
-    r = cli("sft", "--task", task, *TINY_MODEL, "--max-steps", "4", "--eval-steps", "4", "--batch-size", "8",
-            "--n-validation", "4", "--no-eval-accuracy", "--quiet", "--out", tmp_path / "vft")
+    r = cli(
+        "sft",
+        "--task",
+        task,
+        *TINY_MODEL,
+        "--max-steps",
+        "4",
+        "--eval-steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--n-validation",
+        "4",
+        "--no-eval-accuracy",
+        "--quiet",
+        "--out",
+        tmp_path / "vft",
+    )
     assert r.code == 0, r.stderr
     model = tmp_path / "vft" / "model"
     assert (model / "config.json").exists()
 
     cands = tmp_path / "cands.jsonl"
-    r = cli("sample", "--task", task, "--model", model, "--k", "2", "--n-questions", "4", "--max-new-tokens", "16",
-            "--batch-size", "4", "--quiet", "--out", cands)
+    r = cli(
+        "sample",
+        "--task",
+        task,
+        "--model",
+        model,
+        "--k",
+        "2",
+        "--n-questions",
+        "4",
+        "--max-new-tokens",
+        "16",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--out",
+        cands,
+    )
     assert r.code == 0, r.stderr
     groups = [json.loads(line) for line in cands.read_text().splitlines()]
     train = {e.id: e for e in get_task(task).load("train")}
@@ -603,14 +795,44 @@ def test_example_run_through_task_file(tmp_path, monkeypatch):
             assert isinstance(c["correct"], bool) and (c["answer"] is None or isinstance(c["answer"], str))
             assert c["correct"] == get_task(task).grade(c["text"], train[g["id"]]).correct
 
-    r = cli("align", "--task", task, "--model", model, "--candidates", cands, "--method", "bc", "--max-steps", "2",
-            "--batch-size", "4", "--quiet", "--out", tmp_path / "bc")
+    r = cli(
+        "align",
+        "--task",
+        task,
+        "--model",
+        model,
+        "--candidates",
+        cands,
+        "--method",
+        "bc",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--out",
+        tmp_path / "bc",
+    )
     assert r.code == 0, r.stderr
     assert (tmp_path / "bc" / "model" / "config.json").exists()
 
     out = tmp_path / "bc" / "eval.json"
-    r = cli("eval", "--task", task, "--model", tmp_path / "bc" / "model", "--split", "test", "--n-questions", "4",
-            "--max-new-tokens", "16", "--quiet", "--out", out)
+    r = cli(
+        "eval",
+        "--task",
+        task,
+        "--model",
+        tmp_path / "bc" / "model",
+        "--split",
+        "test",
+        "--n-questions",
+        "4",
+        "--max-new-tokens",
+        "16",
+        "--quiet",
+        "--out",
+        out,
+    )
     assert r.code == 0, r.stderr
     metrics = json.loads(out.read_text())
     assert metrics["n"] == 4 and 0.0 <= metrics["accuracy"] <= 1.0 and metrics["task"] == task

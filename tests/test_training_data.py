@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from tiny import char_tokenizer
 
 from aftune import losses
 from aftune.records import Candidate, Group
 from aftune.training.data import AlignDataset, NLLDataset
-from tiny import char_tokenizer
 
 
 def _item(candidates: list[Candidate]):

@@ -22,7 +22,17 @@ def char_tokenizer(extra: str = "") -> PreTrainedTokenizerFast:
 def tiny_llama(tok, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     # A larger init than the default makes logits peaked, so greedy ties cannot hide padding bugs.
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=None, initializer_range=0.2)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        initializer_range=0.2,
+    )
     return LlamaForCausalLM(cfg).eval()

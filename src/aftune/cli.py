@@ -11,13 +11,13 @@ import importlib
 import json
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 from aftune import config as C
 from aftune.io import InputError, RunError
-
 
 
 def _command(name: str) -> Callable:
@@ -39,11 +39,21 @@ def make_command(name: str, cls: type, run: Callable[[Any], Any], help: str) -> 
         ctype, is_flag = _click_type(types_[f.name][0])
         helptext = f.metadata.get("help", "")
         if is_flag:
-            params.append(click.Option([f"--{flag}/--no-{flag}", f.name], default=f.default, show_default=True, help=helptext))
+            params.append(
+                click.Option([f"--{flag}/--no-{flag}", f.name], default=f.default, show_default=True, help=helptext)
+            )
         else:
-            params.append(click.Option([f"--{flag}", f.name], type=ctype, default=f.default, show_default=True, help=helptext))
-    params.append(click.Option(["--config", "config_file"], type=click.Path(), default=None,
-                               help="YAML file whose keys are this command's flag names (flags given on the command line win)"))
+            params.append(
+                click.Option([f"--{flag}", f.name], type=ctype, default=f.default, show_default=True, help=helptext)
+            )
+    params.append(
+        click.Option(
+            ["--config", "config_file"],
+            type=click.Path(),
+            default=None,
+            help="YAML file whose keys are this command's flag names (flags given on the command line win)",
+        )
+    )
 
     def callback(config_file: str | None, **kwargs: Any) -> None:
         ctx = click.get_current_context()
@@ -112,8 +122,12 @@ def _import(cfg: C.ImportConfig) -> None:
 @click.command("experiment")
 @click.argument("config_file", type=click.Path())
 @click.option("--out", default=None, help="output folder (default: the config's `out`)")
-@click.option("--seeds", default=None, help="comma list: run only these of the config's seeds (no results "
-              "table; to spread one experiment over processes)")
+@click.option(
+    "--seeds",
+    default=None,
+    help="comma list: run only these of the config's seeds (no results "
+    "table; to spread one experiment over processes)",
+)
 @click.option("--quiet/--no-quiet", default=False, help="no progress bars")
 def experiment(config_file: str, out: str | None, seeds: str | None, quiet: bool) -> None:
     """Run a grid of (method x seed x k x beta x lambda) as resumable runs and write a results table."""
@@ -154,24 +168,82 @@ def app() -> None:
     """
 
 
-app.add_command(make_command("sft", C.SFTConfig, _sft, "VFT: maximum-likelihood fine-tuning on reference solutions (keeps the best checkpoint)."))
-app.add_command(make_command("sample", C.SampleConfig, _sample, "Sample k solutions per question, label them, write a resumable candidates JSONL."))
-app.add_command(make_command("align", C.AlignConfig, _align, "AFT (or a baseline) from the VFT model on a candidates file."))
-app.add_command(make_command("eval", C.EvalConfig, _eval, "Greedy-decoding accuracy on a split (+ assessment accuracy on candidates)."))
-app.add_command(make_command("assess", C.AssessConfig, _assess, "Assessment diagnostics: can the model tell right reasoning from wrong?"))
-app.add_command(make_command("merge", C.MergeConfig, _merge, "Merge `aftune sample --shard i/n` files into one candidates file (every question once)."))
-app.add_command(make_command("export", C.ExportConfig, _export,
-                             "Candidates as a TRL dataset in Parquet: unpaired (KTOTrainer), pairwise (DPOTrainer), "
-                             "grouped."))
-app.add_command(make_command("import", C.ImportConfig, _import,
-                             "A TRL unpaired or preference dataset as a candidates file for `aftune align`."))
-app.add_command(make_command("iterate", C.IterateConfig, _iterate,
-                             "Rounds of sample -> align -> eval, each from the last round's model (iterative AFT / RPO)."))
-app.add_command(make_command("grpo", C.GRPORunConfig, _grpo,
-                             "GRPO through trl.GRPOTrainer with the task's grader as reward, then greedy eval."))
+app.add_command(
+    make_command(
+        "sft",
+        C.SFTConfig,
+        _sft,
+        "VFT: maximum-likelihood fine-tuning on reference solutions (keeps the best checkpoint).",
+    )
+)
+app.add_command(
+    make_command(
+        "sample",
+        C.SampleConfig,
+        _sample,
+        "Sample k solutions per question, label them, write a resumable candidates JSONL.",
+    )
+)
+app.add_command(
+    make_command("align", C.AlignConfig, _align, "AFT (or a baseline) from the VFT model on a candidates file.")
+)
+app.add_command(
+    make_command(
+        "eval", C.EvalConfig, _eval, "Greedy-decoding accuracy on a split (+ assessment accuracy on candidates)."
+    )
+)
+app.add_command(
+    make_command(
+        "assess", C.AssessConfig, _assess, "Assessment diagnostics: can the model tell right reasoning from wrong?"
+    )
+)
+app.add_command(
+    make_command(
+        "merge",
+        C.MergeConfig,
+        _merge,
+        "Merge `aftune sample --shard i/n` files into one candidates file (every question once).",
+    )
+)
+app.add_command(
+    make_command(
+        "export",
+        C.ExportConfig,
+        _export,
+        "Candidates as a TRL dataset in Parquet: unpaired (KTOTrainer), pairwise (DPOTrainer), grouped.",
+    )
+)
+app.add_command(
+    make_command(
+        "import",
+        C.ImportConfig,
+        _import,
+        "A TRL unpaired or preference dataset as a candidates file for `aftune align`.",
+    )
+)
+app.add_command(
+    make_command(
+        "iterate",
+        C.IterateConfig,
+        _iterate,
+        "Rounds of sample -> align -> eval, each from the last round's model (iterative AFT / RPO).",
+    )
+)
+app.add_command(
+    make_command(
+        "grpo",
+        C.GRPORunConfig,
+        _grpo,
+        "GRPO through trl.GRPOTrainer with the task's grader as reward, then greedy eval.",
+    )
+)
 app.add_command(experiment)
 app.add_command(tasks_command)
-app.add_command(make_command("demo", C.DemoConfig, _demo, "The whole pipeline on the built-in arith task, with a report (CPU, < 20 min)."))
+app.add_command(
+    make_command(
+        "demo", C.DemoConfig, _demo, "The whole pipeline on the built-in arith task, with a report (CPU, < 20 min)."
+    )
+)
 
 
 def _one_line(e: Exception) -> str:

@@ -28,8 +28,11 @@ class Common:
     data_dir: str | None = opt(None, "folder laid out like shared/data (default: $AFTUNE_DATA, else the hub)")
     seed: int = opt(0, "random seed")
     trust_remote_code: bool = opt(False, "allow model repos to run their own code (off unless you trust it)")
-    chat_template: str = opt("auto", "prompt format: auto (the tokenizer's chat template if it has one) | none "
-                             "(plain Question:/Answer: text) | a chat template file")
+    chat_template: str = opt(
+        "auto",
+        "prompt format: auto (the tokenizer's chat template if it has one) | none "
+        "(plain Question:/Answer: text) | a chat template file",
+    )
     bf16: bool = opt(False, "bf16 autocast")
     quiet: bool = opt(False, "no progress bars")
 
@@ -43,7 +46,9 @@ class TrainCommon(Common):
     lr_schedule: str = opt("cosine", "cosine | linear | constant (annealing to 0 matters: see docs)")
     warmup_ratio: float = opt(0.05, "fraction of steps for warm-up")
     weight_decay: float = opt(0.0, "AdamW weight decay")
-    optim: str = opt("adamw_torch_fused", "optimizer, by transformers' name (adamw_torch_fused, adamw_torch, sgd, ...)")
+    optim: str = opt(
+        "adamw_torch_fused", "optimizer, by transformers' name (adamw_torch_fused, adamw_torch, sgd, ...)"
+    )
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
     max_steps: int = opt(1500, "optimiser steps")
     max_response_tokens: int = opt(256, "truncate responses to this many tokens")
@@ -104,8 +109,11 @@ class AlignConfig(TrainCommon, AlignmentArguments):
     lr_schedule: str = opt("constant", "cosine | linear | constant")
     batch_size: int = opt(16, "questions per optimiser step")
     # semi-online AFT (aftune.training.online): re-sample the candidates from the current model mid-run
-    resample_every: int = opt(0, "re-sample every question's candidates from the current model every S optimiser "
-                                 "steps (0 = off: offline AFT; 1 = on-policy)")
+    resample_every: int = opt(
+        0,
+        "re-sample every question's candidates from the current model every S optimiser "
+        "steps (0 = off: offline AFT; 1 = on-policy)",
+    )
     resample_k: int = opt(8, "semi-online: samples per question")
     resample_temperature: float = opt(0.7, "semi-online: sampling temperature")
     resample_top_p: float = opt(1.0, "semi-online: nucleus sampling")
@@ -189,7 +197,9 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise InputError(f"not valid YAML ({getattr(e, 'problem', e)})", path, None if line is None else line + 1) from None
+        raise InputError(
+            f"not valid YAML ({getattr(e, 'problem', e)})", path, None if line is None else line + 1
+        ) from None
     if not isinstance(data, dict):
         raise InputError("expected a mapping of keys to values", path)
     return data
@@ -260,16 +270,20 @@ class ExportConfig:
     candidates: str = opt("runs/candidates.jsonl", "candidates file(s) to export, comma separated")
     format: str = opt("unpaired", "unpaired (TRL KTOTrainer) | pairwise (TRL DPOTrainer) | grouped (aftune's records)")
     out: str = opt("runs/trl", "output folder: OUT/train.parquet, OUT/meta.json, OUT/README.md")
-    max_pairs_per_question: int | None = opt(None, "pairwise: a seeded sample of at most N pairs per question "
-                                                   "(default: every (correct, wrong) pair)")
+    max_pairs_per_question: int | None = opt(
+        None, "pairwise: a seeded sample of at most N pairs per question (default: every (correct, wrong) pair)"
+    )
     seed: int = opt(0, "random seed of the pair sample")
     include_reference: bool = opt(True, "the reference solution counts as one more correct completion")
 
 
 @dataclass
 class ImportConfig:
-    dataset: str = opt("", "TRL-style dataset: a .parquet / .jsonl file or a folder of them (unpaired: prompt, "
-                           "completion, label; or preference: prompt, chosen, rejected)")
+    dataset: str = opt(
+        "",
+        "TRL-style dataset: a .parquet / .jsonl file or a folder of them (unpaired: prompt, "
+        "completion, label; or preference: prompt, chosen, rejected)",
+    )
     out: str = opt("runs/imported.jsonl", "candidates file to write (and OUT.meta.json)")
     task: str | None = opt(None, "task name of the groups (`aftune align --task` must name it; default: custom)")
 
@@ -299,8 +313,10 @@ class IterateConfig(AlignConfig):
 class GRPORunConfig(TrainCommon):
     """`aftune grpo`: GRPO through trl.GRPOTrainer, rewarded by the task's own grader."""
 
-    model: str = opt("runs/sft/model", "the model to train (a saved model folder: with --beta > 0 TRL reloads the "
-                                       "reference from it)")
+    model: str = opt(
+        "runs/sft/model",
+        "the model to train (a saved model folder: with --beta > 0 TRL reloads the reference from it)",
+    )
     out: str = opt("runs/grpo", "output folder (model in OUT/model, metrics in OUT/metrics.json)")
     n_questions: int | None = opt(None, "first N train questions as prompts (default: all)")
     num_generations: int = opt(8, "completions per prompt (GRPO's group size G)")

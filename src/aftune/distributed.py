@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -138,18 +139,29 @@ def local_device() -> torch.device:
 
 # ------------------------------------------------------------------------------------------- LoRA
 
+
 def lora_config(r: int, alpha: int, targets: list[str]):
     """peft's LoraConfig for a causal LM (no dropout: the exactness tests compare runs step by step)."""
     try:
         from peft import LoraConfig
     except ImportError as e:  # optional extra
         raise ImportError("LoRA needs peft: pip install 'aftune[lora]'") from e
-    return LoraConfig(r=r, lora_alpha=alpha, target_modules=[t.strip() for t in targets if t.strip()],
-                      lora_dropout=0.0, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=[t.strip() for t in targets if t.strip()],
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
 
 
-def merge_adapter(base_path: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                  tokenizer=None, trust_remote_code: bool = False) -> Path:
+def merge_adapter(
+    base_path: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    trust_remote_code: bool = False,
+) -> Path:
     """Load the base model, apply the saved adapter, merge it into the weights and save a plain model that
     `aftune eval` / `sample` read. Reads from disk, so it works whatever sharded the training (FSDP, ZeRO-3)."""
     from peft import PeftModel  # optional dependency (the `lora` extra)

@@ -26,8 +26,8 @@ import shutil
 import time
 from pathlib import Path
 
-from aftune.io import file_sha256 as io_sha256
 from aftune.io import InputError
+from aftune.io import file_sha256 as io_sha256
 
 log = logging.getLogger("aftune")
 
@@ -106,8 +106,11 @@ def load_gguf(path: Path):
     try:
         import gguf  # noqa: F401  transformers needs it; say so in one line instead of its ImportError
     except ImportError:
-        raise InputError("reading a .gguf file needs the `gguf` package (pip install 'aftune[real]' or "
-                         "pip install gguf)", path, field="--model") from None
+        raise InputError(
+            "reading a .gguf file needs the `gguf` package (pip install 'aftune[real]' or pip install gguf)",
+            path,
+            field="--model",
+        ) from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -118,8 +121,9 @@ def load_gguf(path: Path):
         raise
     except Exception as e:  # a truncated or damaged file surfaces as anything from struct to numpy errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot read this GGUF file ({type(e).__name__}: {first[:200]})", path,
-                         field="--model") from None
+        raise InputError(
+            f"cannot read this GGUF file ({type(e).__name__}: {first[:200]})", path, field="--model"
+        ) from None
     return model, tok
 
 
@@ -141,8 +145,9 @@ def _to_plain(model):
     tied = set(getattr(plain, "_tied_weights_keys", None) or [])
     bad_missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if bad_missing or unexpected:
-        raise RuntimeError(f"GGUF conversion: state dict mismatch (missing {bad_missing[:5]}, "
-                           f"unexpected {unexpected[:5]})")
+        raise RuntimeError(
+            f"GGUF conversion: state dict mismatch (missing {bad_missing[:5]}, unexpected {unexpected[:5]})"
+        )
     plain.generation_config = model.generation_config
     return plain.eval()
 
@@ -164,11 +169,18 @@ def convert(path: Path, out: Path) -> None:
         gguf_version = version("gguf")
     except PackageNotFoundError:
         gguf_version = None
-    meta = {"format_version": FORMAT_VERSION, "source": str(path.resolve()), "sha256": file_sha256(path),
-            "bytes": path.stat().st_size, "architecture": type(plain).__name__,
-            "n_parameters": sum(p.numel() for p in plain.parameters()), "dtype": "float32",
-            "transformers": transformers.__version__, "gguf": gguf_version,
-            "seconds": round(time.time() - t0, 1)}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "source": str(path.resolve()),
+        "sha256": file_sha256(path),
+        "bytes": path.stat().st_size,
+        "architecture": type(plain).__name__,
+        "n_parameters": sum(p.numel() for p in plain.parameters()),
+        "dtype": "float32",
+        "transformers": transformers.__version__,
+        "gguf": gguf_version,
+        "seconds": round(time.time() - t0, 1),
+    }
     # written last: its presence (with the right format_version) is what makes a folder complete
     (out / META).write_text(json.dumps(meta, indent=1) + "\n")
 
@@ -191,8 +203,13 @@ def ensure_converted(path: str | os.PathLike, *, quiet: bool = False) -> Path:
         if final.exists():  # incomplete or from an older format: rebuild it
             shutil.rmtree(final)
         if not quiet:
-            log.warning("converting %s (sha256 %s...) to safetensors, once, into %s (set AFTUNE_CACHE to put the "
-                        "cache elsewhere)", p, sha[:12], final)
+            log.warning(
+                "converting %s (sha256 %s...) to safetensors, once, into %s (set AFTUNE_CACHE to put the "
+                "cache elsewhere)",
+                p,
+                sha[:12],
+                final,
+            )
         tmp = root / f".partial-{sha[:16]}-{os.getpid()}"
         try:
             convert(p, tmp)

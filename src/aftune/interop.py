@@ -42,6 +42,7 @@ _CONVERSATIONAL = "conversational rows (lists of messages) need a chat template;
 
 # --------------------------------------------------------------------------- candidates -> rows
 
+
 def _positives(group: Group, include_reference: bool) -> list[str]:
     """Texts of the group's correct completions; the reference first when included (unless a candidate
     already is the reference, or has its text up to whitespace)."""
@@ -81,8 +82,9 @@ def all_pairs(group: Group, include_reference: bool = True) -> list[tuple[str, s
     return list(product(_positives(group, include_reference), neg))
 
 
-def to_pairwise(groups: Iterable[Group], max_pairs: int | None = None, seed: int = 0,
-                include_reference: bool = True) -> list[dict[str, Any]]:
+def to_pairwise(
+    groups: Iterable[Group], max_pairs: int | None = None, seed: int = 0, include_reference: bool = True
+) -> list[dict[str, Any]]:
     """TRL's preference rows (`DPOTrainer`): `prompt`, `chosen` (a correct completion), `rejected` (a wrong
     one), every pair of each question, or at most `max_pairs` of them drawn uniformly without replacement.
     The draw is seeded by (seed, task, id), so a question's pairs do not depend on the other questions;
@@ -129,6 +131,7 @@ def to_grouped(groups: Iterable[Group]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- rows -> candidates
+
 
 @dataclass(frozen=True)
 class Where:
@@ -188,12 +191,21 @@ def _unpaired_from_pairwise(located: Iterable[tuple[Where, dict]]) -> list[dict[
             elif seen[0] != label:
                 other = "chosen" if seen[0] else "rejected"
                 first = seen[1]
-                at = "this row" if first == where else \
-                    f"{'' if first.path == where.path else first.path + ': '}{first.unit} {first.n}"
-                raise where.error(f"this completion is also '{other}' for this prompt ({at}); binary labels "
-                                  f"cannot say it is both right and wrong", name)
-    return [{"prompt": p, "completion": t, "label": label} for p, texts in by_prompt.items()
-            for t, (label, _) in texts.items()]
+                at = (
+                    "this row"
+                    if first == where
+                    else f"{'' if first.path == where.path else first.path + ': '}{first.unit} {first.n}"
+                )
+                raise where.error(
+                    f"this completion is also '{other}' for this prompt ({at}); binary labels "
+                    f"cannot say it is both right and wrong",
+                    name,
+                )
+    return [
+        {"prompt": p, "completion": t, "label": label}
+        for p, texts in by_prompt.items()
+        for t, (label, _) in texts.items()
+    ]
 
 
 def from_pairwise(rows: Iterable[dict[str, Any]], task: str = "custom", source: str = "dataset") -> list[Group]:
@@ -229,6 +241,7 @@ def _group_from_row(row: dict, where: Where) -> Group:
 
 
 # --------------------------------------------------------------------------- files
+
 
 def dataset_files(path: str | os.PathLike) -> list[Path]:
     """The data files of `path`: the file itself (.parquet or .jsonl), or a folder's `train.parquet`, else
@@ -301,9 +314,12 @@ def read_dataset(path: str | os.PathLike, task: str | None = None) -> tuple[list
         if this is None:
             if not columns:  # an empty JSONL file: no rows to read
                 continue
-            raise InputError(f"expected TRL's unpaired format ({', '.join(UNPAIRED_COLUMNS)}), its preference "
-                             f"format ({', '.join(PAIRWISE_COLUMNS)}) or aftune's grouped records; got columns "
-                             f"{sorted(columns)}", f)
+            raise InputError(
+                f"expected TRL's unpaired format ({', '.join(UNPAIRED_COLUMNS)}), its preference "
+                f"format ({', '.join(PAIRWISE_COLUMNS)}) or aftune's grouped records; got columns "
+                f"{sorted(columns)}",
+                f,
+            )
         if fmt is not None and this != fmt:
             raise InputError(f"holds the {this} format, but {files[0]} holds the {fmt} format", f)
         fmt = this
@@ -325,8 +341,11 @@ def read_dataset(path: str | os.PathLike, task: str | None = None) -> tuple[list
         if task:
             groups = [replace(g, task=task) for g in groups]
     else:
-        rows = _unpaired_from_pairwise(located) if fmt == "pairwise" else \
-            [_check_unpaired(row, where) for where, row in located]
+        rows = (
+            _unpaired_from_pairwise(located)
+            if fmt == "pairwise"
+            else [_check_unpaired(row, where) for where, row in located]
+        )
         groups = groups_from_unpaired(rows, task=task or "custom", source=str(path))
     return groups, {"format": fmt, "files": [str(f) for f in files], "rows": n_rows}
 
@@ -340,14 +359,19 @@ def import_dataset(path: str | os.PathLike, out: str | os.PathLike, task: str | 
     """
     groups, info = read_dataset(path, task)
     tasks = sorted({g.task for g in groups}, key=[g.task for g in groups].index)
-    stats = {**group_stats(groups), "rows": info["rows"], "format": info["format"], "imported_from": info["files"],
-             "note": f"imported by `aftune import` from the {info['format']} dataset {path}: labels were made "
-                     "outside aftune (not by the task's grader)" +
-                     ("" if info["format"] == "grouped" else "; no references")}
+    stats = {
+        **group_stats(groups),
+        "rows": info["rows"],
+        "format": info["format"],
+        "imported_from": info["files"],
+        "note": f"imported by `aftune import` from the {info['format']} dataset {path}: labels were made "
+        "outside aftune (not by the task's grader)" + ("" if info["format"] == "grouped" else "; no references"),
+    }
     out = Path(out)
     write_jsonl(out, [g.to_dict() for g in groups])
-    CandidatesMeta(task=",".join(tasks), model="", status="complete", stats=stats,
-                   derived_from=str(path)).write(meta_path_for(out))
+    CandidatesMeta(task=",".join(tasks), model="", status="complete", stats=stats, derived_from=str(path)).write(
+        meta_path_for(out)
+    )
     return stats
 
 
@@ -361,11 +385,27 @@ def write_parquet(rows: list[dict[str, Any]], fmt: str, path: str | os.PathLike)
     features = {
         "unpaired": Features({"prompt": text, "completion": text, "label": Value("bool")}),
         "pairwise": Features({"prompt": text, "chosen": text, "rejected": text}),
-        "grouped": Features({"id": text, "task": text, "prompt": text, "reference": text, "answer": text,
-                             "candidates": List({"text": text, "answer": text, "correct": Value("bool"),
-                                                 "rank": Value("int64"), "wrong_steps": Value("int64"),
-                                                 "score": Value("float64"), "is_reference": Value("bool")}),
-                             "meta_json": text}),
+        "grouped": Features(
+            {
+                "id": text,
+                "task": text,
+                "prompt": text,
+                "reference": text,
+                "answer": text,
+                "candidates": List(
+                    {
+                        "text": text,
+                        "answer": text,
+                        "correct": Value("bool"),
+                        "rank": Value("int64"),
+                        "wrong_steps": Value("int64"),
+                        "score": Value("float64"),
+                        "is_reference": Value("bool"),
+                    }
+                ),
+                "meta_json": text,
+            }
+        ),
     }[fmt]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -411,15 +451,21 @@ ds = load_dataset("parquet", data_files="{data}", split="train")
 
 _WHAT = {
     "unpaired": "TRL's unpaired-preference format (`prompt`, `completion`, `label`), what `trl.KTOTrainer` reads: "
-                "one row per candidate, `label` = the task grader's verdict{ref}.",
+    "one row per candidate, `label` = the task grader's verdict{ref}.",
     "pairwise": "TRL's preference format (`prompt`, `chosen`, `rejected`), what `trl.DPOTrainer` reads: {pairs} "
-                "(correct, wrong) pairs of each question{ref}.",
+    "(correct, wrong) pairs of each question{ref}.",
     "grouped": "aftune's own records (docs/records.md), one row per question, `meta` as JSON text in `meta_json`.",
 }
 
 
-def export_groups(sources: dict[str, list[Group]], fmt: str, out: str | os.PathLike, max_pairs: int | None = None,
-                  seed: int = 0, include_reference: bool = True) -> dict[str, Any]:
+def export_groups(
+    sources: dict[str, list[Group]],
+    fmt: str,
+    out: str | os.PathLike,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    include_reference: bool = True,
+) -> dict[str, Any]:
     """`aftune export`: the groups of each source file (path -> groups) as a dataset of `fmt` in folder
     `out`: `out/train.parquet`, `out/meta.json` (counts, settings, sources) and `out/README.md`. Returns
     the meta.json object.
@@ -442,22 +488,37 @@ def export_groups(sources: dict[str, list[Group]], fmt: str, out: str | os.PathL
     data = write_parquet(rows, fmt, out / DATA_FILE)
     pos = sum(len(_positives(g, include_reference)) for g in groups)
     meta: dict[str, Any] = {
-        "format": fmt, "trl_trainer": TRL_TRAINER[fmt], "data_file": data.name, "rows": len(rows),
+        "format": fmt,
+        "trl_trainer": TRL_TRAINER[fmt],
+        "data_file": data.name,
+        "rows": len(rows),
         "columns": list({"unpaired": UNPAIRED_COLUMNS, "pairwise": PAIRWISE_COLUMNS, "grouped": GROUPED_COLUMNS}[fmt]),
-        "questions": len(groups), "candidates": sum(len(g.candidates) for g in groups),
+        "questions": len(groups),
+        "candidates": sum(len(g.candidates) for g in groups),
         "positives": pos if fmt != "grouped" else sum(g.n_positive for g in groups),
         "negatives": sum(g.n_negative for g in groups),
         "include_reference": include_reference if fmt != "grouped" else None,
         "sources": [_source_info(Path(p), len(gs)) for p, gs in sources.items()],
     }
     if fmt == "pairwise":
-        meta.update(all_pairs=sum(len(all_pairs(g, include_reference)) for g in groups),
-                    max_pairs_per_question=max_pairs, seed=seed,
-                    questions_with_pairs=sum(bool(all_pairs(g, include_reference)) for g in groups))
+        meta.update(
+            all_pairs=sum(len(all_pairs(g, include_reference)) for g in groups),
+            max_pairs_per_question=max_pairs,
+            seed=seed,
+            questions_with_pairs=sum(bool(all_pairs(g, include_reference)) for g in groups),
+        )
     ref = " (each question's reference solution is one more correct completion)" if include_reference else ""
     what = _WHAT[fmt].format(ref=ref, pairs="all" if max_pairs is None else f"at most {max_pairs} seeded")
-    atomic_write_text(out / "README.md", _README.format(
-        fmt=fmt, data=data.name, rows=len(rows), questions=len(groups), what=what,
-        sources=", ".join(f"`{Path(p).name}`" for p in sources)))
+    atomic_write_text(
+        out / "README.md",
+        _README.format(
+            fmt=fmt,
+            data=data.name,
+            rows=len(rows),
+            questions=len(groups),
+            what=what,
+            sources=", ".join(f"`{Path(p).name}`" for p in sources),
+        ),
+    )
     atomic_write_json(out / "meta.json", meta)
     return meta

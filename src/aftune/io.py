@@ -10,15 +10,17 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 
 class InputError(ValueError):
     """Bad user input. The message names the file, the line and the field."""
 
-    def __init__(self, message: str, path: str | os.PathLike | None = None, line: int | None = None,
-                 field: str | None = None):
+    def __init__(
+        self, message: str, path: str | os.PathLike | None = None, line: int | None = None, field: str | None = None
+    ):
         where = []
         if path is not None:
             where.append(str(path))

@@ -172,9 +172,7 @@ def _beta_column(beta: float | Tensor, values: Tensor) -> float | Tensor:
     return beta.detach().to(values.dtype).reshape(-1, 1)
 
 
-def pair_terms(
-    values: Tensor, pairs: Tensor, constraint: str = "none", beta: float | Tensor = 0.5
-) -> PairTerms:
+def pair_terms(values: Tensor, pairs: Tensor, constraint: str = "none", beta: float | Tensor = 0.5) -> PairTerms:
     """The constraint mechanism shared by all losses.
 
     ``margin[b, i, j] = w_j - v_i`` with ``w = v`` ("none", "boundary") or ``w = sg(v)`` ("detach").
@@ -211,8 +209,7 @@ def sequence_scores(token_logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """
     if token_logps.dim() != 2 or mask.shape != token_logps.shape:
         raise ValueError(
-            f"token_logps and mask must both be [N, T], got {tuple(token_logps.shape)} "
-            f"and {tuple(mask.shape)}"
+            f"token_logps and mask must both be [N, T], got {tuple(token_logps.shape)} and {tuple(mask.shape)}"
         )
     m = mask.bool()
     total = _clean(token_logps, m).sum(dim=-1)
@@ -223,9 +220,7 @@ def sequence_scores(token_logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- AFT losses
 
 
-def _pairwise_lse0(
-    scores: Tensor, pairs: Tensor, valid: Tensor, constraint: str, beta: float | Tensor
-) -> Tensor:
+def _pairwise_lse0(scores: Tensor, pairs: Tensor, valid: Tensor, constraint: str, beta: float | Tensor) -> Tensor:
     # One lse0 over every pair of the question (and every boundary term): AFT's form.
     t = pair_terms(_clean(scores, valid), pairs, constraint, beta)
     flat_pairs = pairs.flatten(1)
@@ -257,9 +252,7 @@ def alignment_loss(scores: Tensor, positive: Tensor, valid: Tensor | None = None
     return _pairwise_lse0(scores, pairs, v, "none", 0.5)
 
 
-def detached_constraint_loss(
-    scores: Tensor, positive: Tensor, valid: Tensor | None = None
-) -> Tensor:
+def detached_constraint_loss(scores: Tensor, positive: Tensor, valid: Tensor | None = None) -> Tensor:
     """DC, detached constraint: ``L_DC = lse0({sg(s_n) - s_p : p in G_P, n in G_N})``.
     Same value as L_A; only positives receive gradient."""
     pairs, v = _binary(scores, positive, valid)
@@ -283,9 +276,7 @@ def ranked_alignment_loss(scores: Tensor, ranks: Tensor, valid: Tensor | None = 
     return _pairwise_lse0(scores, pairs, v, "none", 0.5)
 
 
-def ranked_detached_constraint_loss(
-    scores: Tensor, ranks: Tensor, valid: Tensor | None = None
-) -> Tensor:
+def ranked_detached_constraint_loss(scores: Tensor, ranks: Tensor, valid: Tensor | None = None) -> Tensor:
     """Ranking DC: ``lse0({sg(s_j) - s_i : i better than j})``: a candidate gets gradient only from
     its better role (the worst level gets none). Equals DC for two rank levels."""
     pairs, v = _ranked(scores, ranks, valid)

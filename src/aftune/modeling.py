@@ -38,16 +38,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
-               device: str | None = None):
+def load_model(
+    name_or_path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False, device: str | None = None
+):
     """Load a causal LM from a local folder, hub id or .gguf file (safetensors weights; no remote code by
     default). A .gguf file is converted once to a cached safetensors folder (aftune.gguf) and read from there."""
     _check_local(name_or_path)
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                 "auto": "auto"}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(gguf.resolve(name_or_path), dtype=dtype,
-                                                 trust_remote_code=trust_remote_code, use_safetensors=True)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.resolve(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
     if device:
         model.to(device)
     return model
@@ -65,39 +66,61 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokeni
     Why: a subword vocabulary keeps sequences short (a character-level one made arith solutions ~156
     tokens), while single digits keep arithmetic learnable.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from tokenizers import Regex
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
     # Byte-level words, then every digit on its own (a leading space may stay glued to the first one):
     # "Ġ15" -> "Ġ1", "5". Single digits keep arithmetic learnable without a lone-space token per number.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        pre_tokenizers.Split(Regex("Ġ?[0-9]"), behavior="isolated"),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            pre_tokenizers.Split(Regex("Ġ?[0-9]"), behavior="isolated"),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS,
-                                   clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, clean_up_tokenization_spaces=False
+    )
 
 
-def build_tiny_model(tokenizer, hidden_size: int = 256, n_layers: int = 4, n_heads: int = 4,
-                     intermediate_size: int | None = None, max_positions: int = 512, seed: int = 0):
+def build_tiny_model(
+    tokenizer,
+    hidden_size: int = 256,
+    n_layers: int = 4,
+    n_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_positions: int = 512,
+    seed: int = 0,
+):
     """A small Llama (about 3M parameters at the defaults) initialised from scratch."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size or 3 * hidden_size,
-        num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=True, rms_norm_eps=1e-5,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 3 * hidden_size,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
     )
     return LlamaForCausalLM(config)
 
 
-def create_tiny(out_dir: str | os.PathLike, texts: list[str], vocab_size: int = 512, seed: int = 0, **model_kw) -> Path:
+def create_tiny(
+    out_dir: str | os.PathLike, texts: list[str], vocab_size: int = 512, seed: int = 0, **model_kw
+) -> Path:
     """Train a tokenizer on `texts`, build the tiny model, save both (safetensors) to out_dir."""
     out = Path(out_dir)
     tokenizer = train_tokenizer(texts, vocab_size)
@@ -115,7 +138,7 @@ def forward_params(model) -> frozenset[str]:
 
     inner = model
     for _ in range(4):  # DDP(.module) -> PeftModel(.get_base_model()) -> the HF model
-        if hasattr(inner, "module") and isinstance(getattr(inner, "module"), torch.nn.Module):
+        if hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
             inner = inner.module
         elif hasattr(inner, "get_base_model"):
             inner = inner.get_base_model()

@@ -33,8 +33,12 @@ class PromptFormat:
         """The text the model is given for a task prompt."""
         if self.kind == "plain":
             return prompt
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt.strip()}], tokenize=False,
-                                             add_generation_prompt=True, chat_template=self.template)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt.strip()}],
+            tokenize=False,
+            add_generation_prompt=True,
+            chat_template=self.template,
+        )
 
     def turn_end(self, tokenizer) -> str:
         """The text the template puts after an assistant message (e.g. Gemma's `<end_of_turn>`), without
@@ -44,7 +48,9 @@ class PromptFormat:
         msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _PROBE}]
         text = tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=self.template)
         if _PROBE not in text:
-            raise InputError("the chat template does not render the assistant message's content", field="--chat-template")
+            raise InputError(
+                "the chat template does not render the assistant message's content", field="--chat-template"
+            )
         return text.split(_PROBE, 1)[1].rstrip()
 
     def response_end(self, tokenizer) -> list[int]:

@@ -37,12 +37,23 @@ class Example:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Example:
-        return cls(id=str(d["id"]), question=d["question"], reference=d["reference"], answer=str(d["answer"]),
-                   options=dict(d["options"]) if d.get("options") else None, meta=dict(d.get("meta") or {}))
+        return cls(
+            id=str(d["id"]),
+            question=d["question"],
+            reference=d["reference"],
+            answer=str(d["answer"]),
+            options=dict(d["options"]) if d.get("options") else None,
+            meta=dict(d.get("meta") or {}),
+        )
 
 
 _CANDIDATE_TYPES: dict[str, tuple[type, ...]] = {
-    "answer": (str,), "rank": (int,), "wrong_steps": (int,), "score": (int, float), "is_reference": (bool,)}
+    "answer": (str,),
+    "rank": (int,),
+    "wrong_steps": (int,),
+    "score": (int, float),
+    "is_reference": (bool,),
+}
 
 
 @dataclass
@@ -74,15 +85,27 @@ class Candidate:
             if name not in d:
                 raise InputError("missing field", path, line, f"{where}.{name}")
             if not isinstance(d[name], types):
-                raise InputError(f"expected {types.__name__}, got {type(d[name]).__name__}", path, line,
-                                 f"{where}.{name}")
+                raise InputError(
+                    f"expected {types.__name__}, got {type(d[name]).__name__}", path, line, f"{where}.{name}"
+                )
         for name, types in _CANDIDATE_TYPES.items():
             value = d.get(name)
             if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
-                raise InputError(f"expected {' or '.join(t.__name__ for t in types)} or null, got "
-                                 f"{type(value).__name__}", path, line, f"{where}.{name}")
-        return cls(text=d["text"], answer=d.get("answer"), correct=d["correct"], rank=d.get("rank"),
-                   wrong_steps=d.get("wrong_steps"), score=d.get("score"), is_reference=bool(d.get("is_reference")))
+                raise InputError(
+                    f"expected {' or '.join(t.__name__ for t in types)} or null, got {type(value).__name__}",
+                    path,
+                    line,
+                    f"{where}.{name}",
+                )
+        return cls(
+            text=d["text"],
+            answer=d.get("answer"),
+            correct=d["correct"],
+            rank=d.get("rank"),
+            wrong_steps=d.get("wrong_steps"),
+            score=d.get("score"),
+            is_reference=bool(d.get("is_reference")),
+        )
 
 
 @dataclass
@@ -136,9 +159,15 @@ class Group:
         cands = require(d, "candidates", list, path, line)
         if d.get("meta") is not None and not isinstance(d["meta"], dict):
             raise InputError(f"expected object, got {type(d['meta']).__name__}", path, line, "meta")
-        return cls(id=str(gid), task=d["task"], prompt=d["prompt"], reference=d["reference"], answer=str(d["answer"]),
-                   candidates=[Candidate.from_dict(c, path, line, f"candidates[{i}]") for i, c in enumerate(cands)],
-                   meta=dict(d.get("meta") or {}))
+        return cls(
+            id=str(gid),
+            task=d["task"],
+            prompt=d["prompt"],
+            reference=d["reference"],
+            answer=str(d["answer"]),
+            candidates=[Candidate.from_dict(c, path, line, f"candidates[{i}]") for i, c in enumerate(cands)],
+            meta=dict(d.get("meta") or {}),
+        )
 
 
 def read_groups(path: str | os.PathLike) -> list[Group]:
@@ -191,10 +220,14 @@ class CandidatesMeta:
 
     def signature(self) -> dict[str, Any]:
         """The settings two files must share to hold candidates of one sampling configuration."""
-        sig = {"task": self.task, "model": self.model, "tokenizer.name": self.tokenizer.get("name"),
-               "tokenizer.vocab_size": self.tokenizer.get("vocab_size"),
-               # files written before prompt formats existed hold plain prompts
-               "prompt_format": self.prompt_format or {"kind": "plain"}}
+        sig = {
+            "task": self.task,
+            "model": self.model,
+            "tokenizer.name": self.tokenizer.get("name"),
+            "tokenizer.vocab_size": self.tokenizer.get("vocab_size"),
+            # files written before prompt formats existed hold plain prompts
+            "prompt_format": self.prompt_format or {"kind": "plain"},
+        }
         for key in CHECKED_SAMPLING:
             value = self.sampling.get(key)
             sig[f"sampling.{key}"] = list(value) if isinstance(value, (list, tuple)) else value
@@ -204,8 +237,11 @@ class CandidatesMeta:
         """(setting, self's value, other's value) for every checked setting that differs. With `any_model`,
         an empty model name (a caller that does not name its model) matches any."""
         mine, theirs = self.signature(), other.signature()
-        return [(k, mine[k], theirs[k]) for k in mine
-                if mine[k] != theirs[k] and not (any_model and k == "model" and not (mine[k] and theirs[k]))]
+        return [
+            (k, mine[k], theirs[k])
+            for k in mine
+            if mine[k] != theirs[k] and not (any_model and k == "model" and not (mine[k] and theirs[k]))
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -215,8 +251,11 @@ class CandidatesMeta:
         d = read_json_object(path)
         version = d.get("format_version", 1)
         if version != META_FORMAT_VERSION:
-            raise InputError(f"format_version {version!r} is not one this aftune reads ({META_FORMAT_VERSION})",
-                             path, field="format_version")
+            raise InputError(
+                f"format_version {version!r} is not one this aftune reads ({META_FORMAT_VERSION})",
+                path,
+                field="format_version",
+            )
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -25,12 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 
-from aftune.prompting import encode_prompt
 from aftune.modeling import forward_params, forward_with_cache
+from aftune.prompting import encode_prompt
 
 # Logits per LM-head chunk when chunk_size is None: 2**26 = 256 MiB per fp32 [chunk, vocab] tensor; a chunk's
 # backward holds about three of them (tests/test_scoring.py measures ~2.6 rows per position). That is 256 positions
@@ -39,16 +39,24 @@ from aftune.modeling import forward_params, forward_with_cache
 # chunk. Measured (bench/bench_memory.py, vocab 262,144, hidden 640, 1 layer, k=8 responses of 1,165 tokens in all,
 # fp32, 2 CPU threads on a shared host):
 # 64 positions 88 s / 2058 MiB allocator peak, 256: 53 s / 2059 MiB, 1024: 73 s / 4874 MiB (one run each).
-CHUNK_LOGITS = 2 ** 26
+CHUNK_LOGITS = 2**26
 
 # CausalLM class -> what its forward does to lm_head's output before returning logits (read from the
 # transformers 5.x modeling files). Only these take the chunked path: for any other class we cannot know
 # the transform, and a silently different z would be a wrong score.
 _HEADS = {
-    "LlamaForCausalLM": None, "MistralForCausalLM": None, "Qwen2ForCausalLM": None, "Qwen3ForCausalLM": None,
-    "Phi3ForCausalLM": None, "Olmo2ForCausalLM": None, "SmolLM3ForCausalLM": None, "GemmaForCausalLM": None,
-    "Gemma2ForCausalLM": "softcap", "Gemma3ForCausalLM": "softcap",  # cap * tanh(z / cap), cap from config
-    "CohereForCausalLM": "scale", "Cohere2ForCausalLM": "scale",  # z * logit_scale
+    "LlamaForCausalLM": None,
+    "MistralForCausalLM": None,
+    "Qwen2ForCausalLM": None,
+    "Qwen3ForCausalLM": None,
+    "Phi3ForCausalLM": None,
+    "Olmo2ForCausalLM": None,
+    "SmolLM3ForCausalLM": None,
+    "GemmaForCausalLM": None,
+    "Gemma2ForCausalLM": "softcap",
+    "Gemma3ForCausalLM": "softcap",  # cap * tanh(z / cap), cap from config
+    "CohereForCausalLM": "scale",
+    "Cohere2ForCausalLM": "scale",  # z * logit_scale
     "GraniteForCausalLM": "divide",  # z / config.logits_scaling
 }
 
@@ -62,7 +70,9 @@ class Scored:
     @property
     def mean(self) -> torch.Tensor:
         """Length-normalised score s(c) = logp_sum / |c| (0 for an empty response)."""
-        return torch.where(self.n_tokens > 0, self.logp_sum / self.n_tokens.clamp(min=1), torch.zeros_like(self.logp_sum))
+        return torch.where(
+            self.n_tokens > 0, self.logp_sum / self.n_tokens.clamp(min=1), torch.zeros_like(self.logp_sum)
+        )
 
 
 def pad_sequences(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,11 +85,11 @@ def pad_sequences(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch
         if not s:
             continue
         if left:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
         else:
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
     return ids, mask
 
 
@@ -96,6 +106,7 @@ def _keeps_logits(model) -> bool:
 @dataclass
 class _Head:
     """What the chunked path needs from a model: where its final hidden states come out, and its head."""
+
     decoder: torch.nn.Module  # the module whose output.last_hidden_state feeds lm_head
     head: torch.nn.Module  # lm_head (nn.Linear, possibly peft-wrapped; for tied embeddings its weight is shared)
     kind: str | None  # entry of _HEADS
@@ -183,8 +194,13 @@ def _chunk_logps(plan: _Head, h: torch.Tensor, targets: torch.Tensor) -> torch.T
     return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
-def _head_logps(plan: _Head, h: torch.Tensor, targets: torch.Tensor, chunk_size: int | None,
-               autocast: tuple[str, bool, torch.dtype]) -> torch.Tensor:
+def _head_logps(
+    plan: _Head,
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int | None,
+    autocast: tuple[str, bool, torch.dtype],
+) -> torch.Tensor:
     """log p(targets[i]) = z_i[targets[i]] - logsumexp(z_i), z_i = post(lm_head(h[i])), for h [n, H] -> [n] fp32.
 
     chunk_size positions at a time; with grad enabled each chunk is checkpointed, so neither forward nor
@@ -196,7 +212,7 @@ def _head_logps(plan: _Head, h: torch.Tensor, targets: torch.Tensor, chunk_size:
     out = []
     with torch.autocast(dev, dtype=dtype, enabled=enabled):
         for s in range(0, h.shape[0], chunk_size):
-            hc, tc = h[s:s + chunk_size], targets[s:s + chunk_size]
+            hc, tc = h[s : s + chunk_size], targets[s : s + chunk_size]
             if torch.is_grad_enabled():
                 out.append(checkpoint(_chunk_logps, plan, hc, tc, use_reentrant=False))
             else:
@@ -210,8 +226,14 @@ def _masked_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return full.sum(-1)
 
 
-def score_groups(model, prompts: list[list[int]], candidates: list[list[list[int]]], pad_id: int,
-                 share_prefix: bool = True, chunk_size: int | None = None) -> Scored:
+def score_groups(
+    model,
+    prompts: list[list[int]],
+    candidates: list[list[list[int]]],
+    pad_id: int,
+    share_prefix: bool = True,
+    chunk_size: int | None = None,
+) -> Scored:
     """Score every candidate (token ids) of every question (prompt token ids).
 
     Returns flattened per-candidate results in question order; logp_sum[c] = sum_t log p(y_t | prompt, y_<t)
@@ -233,34 +255,43 @@ def score_groups(model, prompts: list[list[int]], candidates: list[list[list[int
     # all-empty responses: nothing to put through the head; the exact path keeps the result in the graph
     plan = _find_head(model) if chunk_size != 0 and any(flat) else None
     if not share_prefix:
-        return Scored(_score_naive(model, [prompts[g] for g in group_index.tolist()], flat, pad_id, device,
-                                   plan, chunk_size), n_tokens, group_index)
+        return Scored(
+            _score_naive(model, [prompts[g] for g in group_index.tolist()], flat, pad_id, device, plan, chunk_size),
+            n_tokens,
+            group_index,
+        )
 
     keep = [i for i, c in enumerate(counts) if c > 0]  # questions without candidates cost nothing
     p_ids, p_mask = pad_sequences([prompts[i] for i in keep], pad_id, left=True)
     p_ids, p_mask = p_ids.to(device), p_mask.to(device)
     p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
-    rows = torch.repeat_interleave(torch.arange(len(keep), device=device),
-                                   torch.tensor([counts[i] for i in keep], device=device))
+    rows = torch.repeat_interleave(
+        torch.arange(len(keep), device=device), torch.tensor([counts[i] for i in keep], device=device)
+    )
     c_ids, c_mask = pad_sequences(flat, pad_id, left=False)
     c_ids, c_mask = c_ids.to(device), c_mask.to(device)
     attn = torch.cat([p_mask[rows], c_mask], dim=1)
     pos = p_mask.sum(-1)[rows].unsqueeze(1) + torch.arange(c_ids.shape[1], device=device)
     if plan is not None:
-        return Scored(_score_shared_chunked(model, plan, chunk_size, p_ids, p_mask, p_pos, rows, c_ids, c_mask,
-                                            attn, pos), n_tokens, group_index)
+        return Scored(
+            _score_shared_chunked(model, plan, chunk_size, p_ids, p_mask, p_pos, rows, c_ids, c_mask, attn, pos),
+            n_tokens,
+            group_index,
+        )
 
     # only the last prompt position's logits are needed (they predict each candidate's first token)
     kw = {"logits_to_keep": 1} if _keeps_logits(model) else {}
-    out, cache = forward_with_cache(model, input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos,
-                                    use_cache=True, **kw)
+    out, cache = forward_with_cache(
+        model, input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, **kw
+    )
     cache.batch_select_indices(rows)  # each question's prompt state, once per candidate; differentiable
     first = _token_logps(out.logits[:, -1][rows], c_ids[:, 0]) * c_mask[:, 0]
     if c_ids.shape[1] > 1:
         # the last position predicts nothing: no LM head there
         kw = {"logits_to_keep": slice(0, -1)} if kw else {}
-        out2, _ = forward_with_cache(model, cache, input_ids=c_ids, attention_mask=attn, position_ids=pos,
-                                     use_cache=False, **kw)
+        out2, _ = forward_with_cache(
+            model, cache, input_ids=c_ids, attention_mask=attn, position_ids=pos, use_cache=False, **kw
+        )
         logits = out2.logits if kw else out2.logits[:, :-1]
         rest = (_token_logps(logits, c_ids[:, 1:]) * c_mask[:, 1:]).sum(-1)
     else:
@@ -270,30 +301,45 @@ def score_groups(model, prompts: list[list[int]], candidates: list[list[list[int
 
 def _score_shared_chunked(model, plan: _Head, chunk_size, p_ids, p_mask, p_pos, rows, c_ids, c_mask, attn, pos):
     """The shared-prompt path with the head chunked: same two forwards, the head skipped in both."""
-    hp, cache, ac = _forward_hidden(model, plan, input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos,
-                                    use_cache=True)
+    hp, cache, ac = _forward_hidden(
+        model, plan, input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True
+    )
     # hidden state predicting candidate token j: the prompt's last position (left-padded: column -1) for
     # j = 0, candidate position j-1 after it
     pred = [hp[:, -1][rows].unsqueeze(1)]
     if c_ids.shape[1] > 1:
         cache.batch_select_indices(rows)
         # the last candidate position predicts nothing, so it is not fed at all (causal: nothing before it changes)
-        hc, _, _ = _forward_hidden(model, plan, cache, input_ids=c_ids[:, :-1], attention_mask=attn[:, :-1],
-                                   position_ids=pos[:, :-1], use_cache=False)
+        hc, _, _ = _forward_hidden(
+            model,
+            plan,
+            cache,
+            input_ids=c_ids[:, :-1],
+            attention_mask=attn[:, :-1],
+            position_ids=pos[:, :-1],
+            use_cache=False,
+        )
         pred.append(hc)
     sel = c_mask.bool()
     h = torch.cat(pred, dim=1)[sel]  # [response tokens, H]: the head runs on these positions only
     return _masked_sums(_head_logps(plan, h, c_ids[sel], chunk_size, ac), sel)
 
 
-def _score_naive(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, device,
-                 plan: _Head | None = None, chunk_size: int | None = None) -> torch.Tensor:
+def _score_naive(
+    model,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    device,
+    plan: _Head | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     seqs = [p + r for p, r in zip(prompts, responses)]
     ids, mask = pad_sequences(seqs, pad_id, left=False)
     ids, mask = ids.to(device), mask.to(device)
     resp = torch.zeros_like(mask)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        resp[i, len(p):len(p) + len(r)] = 1
+        resp[i, len(p) : len(p) + len(r)] = 1
     if plan is not None:
         hidden, _, ac = _forward_hidden(model, plan, input_ids=ids, attention_mask=mask)
         sel = resp[:, 1:].bool()  # position j predicts token j+1
@@ -315,8 +361,9 @@ def to_padded(values: torch.Tensor, group_index: torch.Tensor, n_groups: int) ->
     return out, valid
 
 
-def encode_pair(tokenizer, prompt: str, response: str, max_response_tokens: int | None = None,
-                end: list[int] | None = None) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer, prompt: str, response: str, max_response_tokens: int | None = None, end: list[int] | None = None
+) -> tuple[list[int], list[int]]:
     """Prompt ids and response ids + `end` (default EOS; a chat format's turn end, see aftune.prompting).
     Tokenised separately so the prompt/response boundary is exact; the prompt gets the tokenizer's special
     tokens (e.g. BOS) exactly as the sampler encodes it."""
@@ -324,14 +371,20 @@ def encode_pair(tokenizer, prompt: str, response: str, max_response_tokens: int 
     p = encode_prompt(tokenizer, prompt)
     r = tokenizer(response, add_special_tokens=False)["input_ids"]
     if max_response_tokens is not None:
-        r = r[:max(max_response_tokens - len(end), 0)]
+        r = r[: max(max_response_tokens - len(end), 0)]
     return p, r + end
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, groups, batch_size: int = 16, progress: bool = False,
-                max_response_tokens: int | None = None, end: list[int] | None = None
-                ) -> tuple[list[list[float]], list[float]]:
+def score_texts(
+    model,
+    tokenizer,
+    groups,
+    batch_size: int = 16,
+    progress: bool = False,
+    max_response_tokens: int | None = None,
+    end: list[int] | None = None,
+) -> tuple[list[list[float]], list[float]]:
     """Length-normalised scores of every candidate of every Group, and of each group's reference (`end`: the
     ids closing a response, as in encode_pair)."""
     was_training = model.training
@@ -339,7 +392,7 @@ def score_texts(model, tokenizer, groups, batch_size: int = 16, progress: bool =
     cand_scores: list[list[float]] = []
     ref_scores: list[float] = []
     for i in tqdm(range(0, len(groups), batch_size), desc="scoring", disable=not progress):
-        chunk = groups[i:i + batch_size]
+        chunk = groups[i : i + batch_size]
         prompts, cands = [], []
         for g in chunk:
             texts = [c.text for c in g.candidates] + [g.reference]
@@ -351,6 +404,6 @@ def score_texts(model, tokenizer, groups, batch_size: int = 16, progress: bool =
             n = len(g.candidates)
             cand_scores.append(s[:n])
             ref_scores.append(s[n])
-            s = s[n + 1:]
+            s = s[n + 1 :]
     model.train(was_training)
     return cand_scores, ref_scores

@@ -10,10 +10,22 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from aftune.commands.common import (check_positive, load_examples, load_model_and_tokenizer, load_split,
-                                    read_candidate_files, tasks_for)
-from aftune.commands.training import (check_train_args, peft_config, save_model, shared_resume_point,
-                                      train_or_restore, training_args)
+from aftune.commands.common import (
+    check_positive,
+    load_examples,
+    load_model_and_tokenizer,
+    load_split,
+    read_candidate_files,
+    tasks_for,
+)
+from aftune.commands.training import (
+    check_train_args,
+    peft_config,
+    save_model,
+    shared_resume_point,
+    train_or_restore,
+    training_args,
+)
 from aftune.config import AlignConfig, save_config
 from aftune.evaluation.diagnostics import DiagnosticsCallback
 from aftune.io import InputError, atomic_write_json, file_sha256
@@ -30,8 +42,18 @@ from aftune.training.trainer import AFTTrainer
 def reference_cache(cfg: AlignConfig) -> Path:
     """Where the start model's log-probs of these candidates are cached: next to the candidates, keyed by
     everything they depend on, so runs of one experiment that share candidates compute them once."""
-    key = hashlib.sha256(json.dumps([file_sha256(cfg.candidates), str(Path(cfg.model).resolve()), cfg.max_candidates,
-                                     cfg.include_reference, cfg.max_response_tokens, cfg.seed]).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                file_sha256(cfg.candidates),
+                str(Path(cfg.model).resolve()),
+                cfg.max_candidates,
+                cfg.include_reference,
+                cfg.max_response_tokens,
+                cfg.seed,
+            ]
+        ).encode()
+    ).hexdigest()
     return Path(cfg.candidates).parent / f"reflogps-{key[:16]}.json"
 
 
@@ -44,8 +66,12 @@ def check_prompt_format(candidates: str, fmt: PromptFormat, tokenizer) -> None:
     was = CandidatesMeta.read(path).prompt_format or {"kind": "plain"}
     now = fmt.to_meta(tokenizer)
     if was != now:
-        raise InputError(f"these candidates were sampled with prompt format {was} but this run uses {now}; "
-                         "pass the same --chat-template as `aftune sample`", path, field="prompt_format")
+        raise InputError(
+            f"these candidates were sampled with prompt format {was} but this run uses {now}; "
+            "pass the same --chat-template as `aftune sample`",
+            path,
+            field="prompt_format",
+        )
 
 
 def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
@@ -66,8 +92,9 @@ def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
     names = {t.name for t in tasks}
     for i, g in enumerate(groups):
         if g.task not in names:
-            raise InputError(f"candidates are for task '{g.task}', but --task is '{cfg.task}'", cfg.candidates, i + 1,
-                             "task")
+            raise InputError(
+                f"candidates are for task '{g.task}', but --task is '{cfg.task}'", cfg.candidates, i + 1, "task"
+            )
     model, tok = load_model_and_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     fmt = resolve_prompt_format(cfg.chat_template, tok)
     check_prompt_format(cfg.candidates, fmt, tok)
@@ -76,36 +103,73 @@ def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
     save_config(cfg, out)  # only now: bad candidates or --model leave an existing OUT untouched
     held_out: list[Group] = []
     if cfg.diag_every > 0 and cfg.diag_candidates:
-        held_out = read_candidate_files(cfg.diag_candidates)[:cfg.diag_questions]
+        held_out = read_candidate_files(cfg.diag_candidates)[: cfg.diag_questions]
     elif cfg.diag_every > 0:
-        held_out, groups = groups[-cfg.diag_questions:], groups[:-cfg.diag_questions]
+        held_out, groups = groups[-cfg.diag_questions :], groups[: -cfg.diag_questions]
     # the NLL term draws from the whole training set, not just the sampled questions
     pairs = [(fmt.render(tok, t.prompt(e)), e.reference) for t, e in load_split(tasks, "train", cfg.n_train)]
     if method.nll_data == "rft":
         pairs += rft_pairs(groups)  # the groups' prompts are already in the candidates' format
     nll = NLLDataset.from_texts(tok, pairs, cfg.max_response_tokens, end)
-    ds = AlignDataset(tok, groups, nll, max_candidates=cfg.max_candidates, include_reference=cfg.include_reference,
-                      max_response_tokens=cfg.max_response_tokens, seed=cfg.seed, end=end)
+    ds = AlignDataset(
+        tok,
+        groups,
+        nll,
+        max_candidates=cfg.max_candidates,
+        include_reference=cfg.include_reference,
+        max_response_tokens=cfg.max_response_tokens,
+        seed=cfg.seed,
+        end=end,
+    )
     ckpt = out / "checkpoints"
     args = training_args(cfg, ckpt)
     diag = None
     extra = list(callbacks)
     if held_out:
-        diag = DiagnosticsCallback(tok, held_out, every=cfg.diag_every, threshold=cfg.alarm_threshold,
-                                   max_response_tokens=cfg.max_response_tokens, end=end)
+        diag = DiagnosticsCallback(
+            tok,
+            held_out,
+            every=cfg.diag_every,
+            threshold=cfg.alarm_threshold,
+            max_response_tokens=cfg.max_response_tokens,
+            end=end,
+        )
         extra.append(diag)
     resampler = None
     if cfg.resample_every:
         examples = {(t.name, e.id): (t, e) for t in tasks for e in load_examples(t, "train")}
-        scfg = SamplingConfig(k=cfg.resample_k, max_new_tokens=cfg.resample_max_new_tokens,
-                              temperature=cfg.resample_temperature, top_p=cfg.resample_top_p, seed=cfg.seed,
-                              batch_size=cfg.resample_batch_size,
-                              stop=tuple(dict.fromkeys(x for t in tasks for x in stop_strings(t, fmt, tok))))
-        resampler = ResampleCallback(tok, ds, examples, cfg.resample_every, scfg, out / "resample",
-                                     cfg.max_candidates, cfg.include_reference, cfg.max_response_tokens, cfg.seed, end)
+        scfg = SamplingConfig(
+            k=cfg.resample_k,
+            max_new_tokens=cfg.resample_max_new_tokens,
+            temperature=cfg.resample_temperature,
+            top_p=cfg.resample_top_p,
+            seed=cfg.seed,
+            batch_size=cfg.resample_batch_size,
+            stop=tuple(dict.fromkeys(x for t in tasks for x in stop_strings(t, fmt, tok))),
+        )
+        resampler = ResampleCallback(
+            tok,
+            ds,
+            examples,
+            cfg.resample_every,
+            scfg,
+            out / "resample",
+            cfg.max_candidates,
+            cfg.include_reference,
+            cfg.max_response_tokens,
+            cfg.seed,
+            end,
+        )
         extra.append(resampler)
-    trainer = AFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config(cfg),
-                         reference_cache=reference_cache(cfg), callbacks=extra)
+    trainer = AFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=peft_config(cfg),
+        reference_cache=reference_cache(cfg),
+        callbacks=extra,
+    )
     if diag is not None:
         diag.trainer = trainer
     if resampler is not None:
@@ -114,9 +178,16 @@ def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
     train_or_restore(trainer, shared_resume_point(cfg, ckpt))
     wall = time.time() - t0
     path = save_model(trainer, tok, out, cfg, cfg.model)
-    metrics = {"model": str(path), "method": cfg.method, "train_seconds": round(wall, 1),
-               "steps": trainer.state.global_step, "n_groups": len(groups), "n_nll_examples": len(nll),
-               "log_history": trainer.state.log_history, "compute": training_compute(trainer)}
+    metrics = {
+        "model": str(path),
+        "method": cfg.method,
+        "train_seconds": round(wall, 1),
+        "steps": trainer.state.global_step,
+        "n_groups": len(groups),
+        "n_nll_examples": len(nll),
+        "log_history": trainer.state.log_history,
+        "compute": training_compute(trainer),
+    }
     if cfg.resample_every:
         metrics["resample_every"] = cfg.resample_every
         metrics["resamples"] = resample_history(out / "resample", cfg.resample_every, cfg.max_steps)

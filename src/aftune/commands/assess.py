@@ -16,8 +16,14 @@ from aftune.sampling.store import sample_candidates
 from aftune.scoring import score_texts
 
 
-def assess_models(models: dict[str, tuple], groups: list[Group], out_dir: Path, batch_size: int = 16,
-                  progress: bool = False, chat_template: str = "auto") -> dict[str, dict]:
+def assess_models(
+    models: dict[str, tuple],
+    groups: list[Group],
+    out_dir: Path,
+    batch_size: int = 16,
+    progress: bool = False,
+    chat_template: str = "auto",
+) -> dict[str, dict]:
     """Score the same candidates under each (model, tokenizer) and write assessment.{json,md} + plots."""
     named_metrics, named_scores = {}, {}
     for name, (model, tok) in models.items():
@@ -44,13 +50,27 @@ def run_assess(cfg: AssessConfig) -> dict:
         groups = read_candidate_files(cfg.candidates)
     else:
         task = single_task(cfg)
-        examples = load_examples(task, cfg.split)[:cfg.n_questions]
+        examples = load_examples(task, cfg.split)[: cfg.n_questions]
         model, tok = models[names[0]]
         fmt = resolve_prompt_format(cfg.chat_template, tok)
         path = out / "candidates.jsonl"
-        sample_candidates(model, tok, task, examples, path, SamplingConfig(
-            k=cfg.k, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-            batch_size=cfg.batch_size, stop=stop_strings(task, fmt, tok)), model_name=paths[0], progress=not cfg.quiet,
-            prompt_format=fmt)
+        sample_candidates(
+            model,
+            tok,
+            task,
+            examples,
+            path,
+            SamplingConfig(
+                k=cfg.k,
+                temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens,
+                seed=cfg.seed,
+                batch_size=cfg.batch_size,
+                stop=stop_strings(task, fmt, tok),
+            ),
+            model_name=paths[0],
+            progress=not cfg.quiet,
+            prompt_format=fmt,
+        )
         groups = read_groups(path)
     return assess_models(models, groups, out, cfg.batch_size, progress=not cfg.quiet, chat_template=cfg.chat_template)

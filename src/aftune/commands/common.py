@@ -51,8 +51,9 @@ def tasks_for(cfg) -> list[Task]:
 def single_task(cfg) -> Task:
     tasks = tasks_for(cfg)
     if len(tasks) != 1:
-        raise InputError("sample one task per candidates file (mix them at `aftune align --candidates a,b`)",
-                         field="--task")
+        raise InputError(
+            "sample one task per candidates file (mix them at `aftune align --candidates a,b`)", field="--task"
+        )
     return tasks[0]
 
 

@@ -55,14 +55,51 @@ class DemoPlan:
     diag_every: int = 30  # held-out assessment diagnostics every N alignment steps
 
 
-FULL = DemoPlan(n_train=6000, n_validation=300, n_test=500, n_sample=1200, n_assess=150, k=8, temperature=0.8,
-                vft_steps=1200, vft_batch=32, vft_lr=2e-3, align_steps=150, align_batch=8, align_lr=1e-4,
-                beta=0.5, hidden=192, layers=3, heads=4, vocab=512, max_new_tokens=128,
-                task_args="max_number=20,min_steps=2,max_steps=3")
-QUICK = DemoPlan(n_train=600, n_validation=40, n_test=60, n_sample=32, n_assess=16, k=4, temperature=0.8,
-                 vft_steps=60, vft_batch=16, vft_lr=3e-3, align_steps=10, align_batch=4, align_lr=2e-4,
-                 beta=0.5, hidden=64, layers=2, heads=2, vocab=300, max_new_tokens=64,
-                 task_args="max_number=20,min_steps=2,max_steps=3", diag_every=5)
+FULL = DemoPlan(
+    n_train=6000,
+    n_validation=300,
+    n_test=500,
+    n_sample=1200,
+    n_assess=150,
+    k=8,
+    temperature=0.8,
+    vft_steps=1200,
+    vft_batch=32,
+    vft_lr=2e-3,
+    align_steps=150,
+    align_batch=8,
+    align_lr=1e-4,
+    beta=0.5,
+    hidden=192,
+    layers=3,
+    heads=4,
+    vocab=512,
+    max_new_tokens=128,
+    task_args="max_number=20,min_steps=2,max_steps=3",
+)
+QUICK = DemoPlan(
+    n_train=600,
+    n_validation=40,
+    n_test=60,
+    n_sample=32,
+    n_assess=16,
+    k=4,
+    temperature=0.8,
+    vft_steps=60,
+    vft_batch=16,
+    vft_lr=3e-3,
+    align_steps=10,
+    align_batch=4,
+    align_lr=2e-4,
+    beta=0.5,
+    hidden=64,
+    layers=2,
+    heads=2,
+    vocab=300,
+    max_new_tokens=64,
+    task_args="max_number=20,min_steps=2,max_steps=3",
+    diag_every=5,
+)
 METHODS = {"control": "vft", "AFT-BC": "bc", "RFT": "rft"}
 
 
@@ -84,13 +121,29 @@ def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
     step("VFT", vft / "metrics.json", run_sft, vft_config(plan, common, vft))
     vft_model = str(vft / "model")
 
-    sample_common = dict(**common, model=vft_model, k=plan.k, temperature=plan.temperature,
-                         max_new_tokens=plan.max_new_tokens, batch_size=32)
+    sample_common = dict(
+        **common,
+        model=vft_model,
+        k=plan.k,
+        temperature=plan.temperature,
+        max_new_tokens=plan.max_new_tokens,
+        batch_size=32,
+    )
     cands, assess = out / "candidates.jsonl", out / "assess_candidates.jsonl"
-    step("sample (train)", cands.with_suffix(".done"), run_and_mark, run_sample,
-         SampleConfig(**sample_common, out=str(cands), split="train", n_questions=plan.n_sample))
-    step("sample (assess)", assess.with_suffix(".done"), run_and_mark, run_sample,
-         SampleConfig(**sample_common, out=str(assess), split="validation", n_questions=plan.n_assess))
+    step(
+        "sample (train)",
+        cands.with_suffix(".done"),
+        run_and_mark,
+        run_sample,
+        SampleConfig(**sample_common, out=str(cands), split="train", n_questions=plan.n_sample),
+    )
+    step(
+        "sample (assess)",
+        assess.with_suffix(".done"),
+        run_and_mark,
+        run_sample,
+        SampleConfig(**sample_common, out=str(assess), split="validation", n_questions=plan.n_assess),
+    )
 
     models = {"VFT": vft_model}
     runs = dict(METHODS)
@@ -101,11 +154,25 @@ def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
         models[name] = str(d / "model")
 
     for name, path in models.items():
-        step(f"eval {name}", out / "eval" / f"{name}.json", run_eval, EvalConfig(
-            **common, model=path, split="test", batch_size=64, max_new_tokens=plan.max_new_tokens,
-            out=str(out / "eval" / f"{name}.json")))
+        step(
+            f"eval {name}",
+            out / "eval" / f"{name}.json",
+            run_eval,
+            EvalConfig(
+                **common,
+                model=path,
+                split="test",
+                batch_size=64,
+                max_new_tokens=plan.max_new_tokens,
+                out=str(out / "eval" / f"{name}.json"),
+            ),
+        )
 
-    assessed = json.loads((out / "assess" / "assessment.json").read_text())["models"] if (out / "assess" / "assessment.json").exists() else {}
+    assessed = (
+        json.loads((out / "assess" / "assessment.json").read_text())["models"]
+        if (out / "assess" / "assessment.json").exists()
+        else {}
+    )
     if set(models) - set(assessed):
         t0 = time.time()
         _assess(models, assess, out / "assess")
@@ -119,21 +186,49 @@ def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
 def vft_config(plan: DemoPlan, common: dict, out: Path) -> SFTConfig:
     """VFT of the tiny from-scratch model, cosine-annealed to 0 so alignment starts from a converged model."""
     return SFTConfig(
-        **common, model="tiny", out=str(out), max_steps=plan.vft_steps, batch_size=plan.vft_batch, lr=plan.vft_lr,
-        lr_schedule="cosine", warmup_ratio=0.03, eval_steps=max(plan.vft_steps // 8, 5), save_steps=max(plan.vft_steps // 8, 5),
-        n_validation=plan.n_validation, eval_accuracy=False, tiny_hidden=plan.hidden, tiny_layers=plan.layers,
-        tiny_heads=plan.heads, vocab_size=plan.vocab, logging_steps=max(plan.vft_steps // 20, 1))
+        **common,
+        model="tiny",
+        out=str(out),
+        max_steps=plan.vft_steps,
+        batch_size=plan.vft_batch,
+        lr=plan.vft_lr,
+        lr_schedule="cosine",
+        warmup_ratio=0.03,
+        eval_steps=max(plan.vft_steps // 8, 5),
+        save_steps=max(plan.vft_steps // 8, 5),
+        n_validation=plan.n_validation,
+        eval_accuracy=False,
+        tiny_hidden=plan.hidden,
+        tiny_layers=plan.layers,
+        tiny_heads=plan.heads,
+        vocab_size=plan.vocab,
+        logging_steps=max(plan.vft_steps // 20, 1),
+    )
 
 
-def align_config(plan: DemoPlan, common: dict, vft_model: str, cands: Path, assess: Path, out: Path,
-                 method: str) -> AlignConfig:
+def align_config(
+    plan: DemoPlan, common: dict, vft_model: str, cands: Path, assess: Path, out: Path, method: str
+) -> AlignConfig:
     """One continuation run from the VFT model: every method gets the same steps, batches and diagnostics."""
     return AlignConfig(
-        **common, model=vft_model, candidates=str(cands), out=str(out), method=method, beta=plan.beta,
-        max_steps=plan.align_steps, batch_size=plan.align_batch, lr=plan.align_lr, lr_schedule="cosine",
+        **common,
+        model=vft_model,
+        candidates=str(cands),
+        out=str(out),
+        method=method,
+        beta=plan.beta,
+        max_steps=plan.align_steps,
+        batch_size=plan.align_batch,
+        lr=plan.align_lr,
+        lr_schedule="cosine",
         warmup_ratio=0.1,  # continue from the annealed VFT model gently, and anneal again
-        n_train=plan.n_train, diag_every=plan.diag_every, diag_candidates=str(assess),
-        diag_questions=plan.n_assess, logging_steps=max(plan.align_steps // 10, 1), save_steps=plan.align_steps)
+        n_train=plan.n_train,
+        diag_every=plan.diag_every,
+        diag_candidates=str(assess),
+        diag_questions=plan.n_assess,
+        logging_steps=max(plan.align_steps // 10, 1),
+        save_steps=plan.align_steps,
+    )
 
 
 def extra_methods(spec: str) -> list[str]:

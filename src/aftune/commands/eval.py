@@ -21,8 +21,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     model, tok = load_for_inference(cfg.model, trust_remote_code=cfg.trust_remote_code)
     fmt = resolve_prompt_format(cfg.chat_template, tok)
     t0 = time.time()
-    res = greedy_accuracy(model, tok, items, cfg.max_new_tokens, cfg.batch_size, progress=not cfg.quiet,
-                          prompt_format=fmt)
+    res = greedy_accuracy(
+        model, tok, items, cfg.max_new_tokens, cfg.batch_size, progress=not cfg.quiet, prompt_format=fmt
+    )
     res["eval_seconds"] = round(time.time() - t0, 1)
     out = Path(cfg.out)
     write_jsonl(out.with_suffix(".predictions.jsonl"), res.pop("predictions"))

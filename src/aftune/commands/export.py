@@ -30,6 +30,12 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         if not groups:
             raise InputError("no candidate groups (empty file)", p)
         sources[p] = groups
-    meta = export_groups(sources, cfg.format, cfg.out, max_pairs=cfg.max_pairs_per_question, seed=cfg.seed,
-                         include_reference=cfg.include_reference)
+    meta = export_groups(
+        sources,
+        cfg.format,
+        cfg.out,
+        max_pairs=cfg.max_pairs_per_question,
+        seed=cfg.seed,
+        include_reference=cfg.include_reference,
+    )
     return {**meta, "out": str(Path(cfg.out) / meta["data_file"])}

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import set_seed
 
 from aftune.commands.common import load_model_and_tokenizer, load_split, tasks_for
@@ -60,8 +61,14 @@ class TaskReward:
     def __init__(self, examples: dict[str, tuple[Task, Example]], stop: tuple[str, ...] = ()):
         self.examples, self.stop, self.trainer = examples, tuple(stop), None
 
-    def __call__(self, prompts: list, completions: list, completion_ids: list | None = None,
-                 example_id: list | None = None, **kwargs: Any) -> list[float]:
+    def __call__(
+        self,
+        prompts: list,
+        completions: list,
+        completion_ids: list | None = None,
+        example_id: list | None = None,
+        **kwargs: Any,
+    ) -> list[float]:
         if example_id is None:
             raise ValueError("task_reward needs the dataset's example_id column")
         rewards = []
@@ -80,19 +87,24 @@ def check_grpo(cfg: GRPORunConfig) -> None:
     if cfg.loss_type not in LOSS_TYPES:
         raise InputError(f"expected one of {', '.join(LOSS_TYPES)}, got {cfg.loss_type!r}", field="--loss-type")
     if cfg.scale_rewards not in SCALE_REWARDS:
-        raise InputError(f"expected one of {', '.join(SCALE_REWARDS)}, got {cfg.scale_rewards!r}",
-                         field="--scale-rewards")
+        raise InputError(
+            f"expected one of {', '.join(SCALE_REWARDS)}, got {cfg.scale_rewards!r}", field="--scale-rewards"
+        )
     if cfg.num_generations < 2:
-        raise InputError(f"GRPO needs >= 2 completions per prompt, got {cfg.num_generations}",
-                         field="--num-generations")
+        raise InputError(
+            f"GRPO needs >= 2 completions per prompt, got {cfg.num_generations}", field="--num-generations"
+        )
     for name in ("max_new_tokens", "num_iterations", "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise InputError(f"must be >= 1, got {getattr(cfg, name)}", field="--" + name.replace("_", "-"))
     if not cfg.beta >= 0:
         raise InputError(f"must be >= 0, got {cfg.beta}", field="--beta")
     if cfg.beta > 0 and not Path(cfg.model).is_dir():
-        raise InputError("with --beta > 0 TRL reloads the reference model from the policy's path; give a saved "
-                         "model folder", cfg.model, field="--model")
+        raise InputError(
+            "with --beta > 0 TRL reloads the reference model from the policy's path; give a saved model folder",
+            cfg.model,
+            field="--model",
+        )
 
 
 def grpo_forward_passes(cfg: GRPORunConfig) -> int:
@@ -106,28 +118,48 @@ def grpo_forward_passes(cfg: GRPORunConfig) -> int:
 
 def grpo_args(cfg: GRPORunConfig, out_dir: Path):
     """trl.GRPOConfig of a run. batch_size counts prompts: TRL's per_device_train_batch_size counts completions."""
-    import torch
-    from trl import GRPOConfig
+    from trl import GRPOConfig  # optional dependency (the `grpo` extra): imported when GRPO runs
 
     return GRPOConfig(
-        output_dir=str(out_dir), max_steps=cfg.max_steps,
+        output_dir=str(out_dir),
+        max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size * cfg.num_generations,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_schedule,
-        warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), weight_decay=cfg.weight_decay, optim=cfg.optim,
-        max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        save_strategy="steps", save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16,
-        use_cpu=not torch.cuda.is_available(), report_to=[r for r in cfg.report_to.split(",") if r and r != "none"]
-        or "none", disable_tqdm=cfg.quiet, dataloader_num_workers=0,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_schedule,
+        warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_strategy="steps",
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cfg.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        report_to=[r for r in cfg.report_to.split(",") if r and r != "none"] or "none",
+        disable_tqdm=cfg.quiet,
+        dataloader_num_workers=0,
         **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
-        num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_p=cfg.top_p, loss_type=cfg.loss_type, beta=cfg.beta, epsilon=cfg.epsilon,
-        num_iterations=cfg.num_iterations, scale_rewards=cfg.scale_rewards, remove_unused_columns=False,
-        log_completions=False)
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        loss_type=cfg.loss_type,
+        beta=cfg.beta,
+        epsilon=cfg.epsilon,
+        num_iterations=cfg.num_iterations,
+        scale_rewards=cfg.scale_rewards,
+        remove_unused_columns=False,
+        log_completions=False,
+    )
 
 
 def run_grpo(cfg: GRPORunConfig) -> dict:
     """Train with GRPO, save OUT/model, evaluate it (OUT/eval.json); OUT/metrics.json has the run's compute."""
-    from datasets import Dataset
+    from datasets import Dataset  # optional dependencies (the `grpo` extra): imported when GRPO runs
     from trl import GRPOTrainer
 
     check_grpo(cfg)
@@ -140,12 +172,20 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     examples = {f"{t.name}/{e.id}": (t, e) for t, e in train}
-    ds = Dataset.from_list([{"prompt": fmt.render(tok, t.prompt(e)), "example_id": f"{t.name}/{e.id}"}
-                            for t, e in train])
+    ds = Dataset.from_list(
+        [{"prompt": fmt.render(tok, t.prompt(e)), "example_id": f"{t.name}/{e.id}"} for t, e in train]
+    )
     reward = TaskReward(examples, tuple(dict.fromkeys(s for t in tasks for s in stop_strings(t, fmt, tok))))
     ckpt = out / "checkpoints"
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=grpo_args(cfg, ckpt), train_dataset=ds,
-                          processing_class=tok, peft_config=peft_config(cfg), callbacks=[ComputeCounter()])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=grpo_args(cfg, ckpt),
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=peft_config(cfg),
+        callbacks=[ComputeCounter()],
+    )
     reward.trainer = trainer
     t0 = time.time()
     train_or_restore(trainer, shared_resume_point(cfg, ckpt))
@@ -155,17 +195,36 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     seen = int(trainer.state.num_input_tokens_seen)
     compute["trl_num_input_tokens_seen"] = seen
     compute["tokens_scored"] = seen * grpo_forward_passes(cfg)
-    metrics: dict[str, Any] = {"model": str(path), "method": f"grpo:{cfg.loss_type}", "train_seconds": round(wall, 1),
-                               "steps": trainer.state.global_step, "n_prompts": len(train), "compute": compute,
-                               "log_history": trainer.state.log_history}
+    metrics: dict[str, Any] = {
+        "model": str(path),
+        "method": f"grpo:{cfg.loss_type}",
+        "train_seconds": round(wall, 1),
+        "steps": trainer.state.global_step,
+        "n_prompts": len(train),
+        "compute": compute,
+        "log_history": trainer.state.log_history,
+    }
     if not trainer.is_world_process_zero():
         return metrics
     t0 = time.time()
-    res = run_eval(EvalConfig(task=cfg.task, task_args=cfg.task_args, data_dir=cfg.data_dir, seed=cfg.seed,
-                              trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template, bf16=cfg.bf16,
-                              quiet=cfg.quiet, model=str(path), split=cfg.eval_split, n_questions=cfg.eval_questions,
-                              batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                              out=str(out / "eval.json")))
+    res = run_eval(
+        EvalConfig(
+            task=cfg.task,
+            task_args=cfg.task_args,
+            data_dir=cfg.data_dir,
+            seed=cfg.seed,
+            trust_remote_code=cfg.trust_remote_code,
+            chat_template=cfg.chat_template,
+            bf16=cfg.bf16,
+            quiet=cfg.quiet,
+            model=str(path),
+            split=cfg.eval_split,
+            n_questions=cfg.eval_questions,
+            batch_size=cfg.eval_batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            out=str(out / "eval.json"),
+        )
+    )
     metrics.update(accuracy=res["accuracy"], eval_seconds=round(time.time() - t0, 1))
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

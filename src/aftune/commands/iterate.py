@@ -27,17 +27,24 @@ from aftune.commands.eval import run_eval
 from aftune.commands.resumable import Steps, run_and_mark
 from aftune.commands.sample import run_sample
 from aftune.config import AlignConfig, EvalConfig, IterateConfig, SampleConfig, save_config
+from aftune.evaluation.plots import pyplot, save_figure
 from aftune.evaluation.report import markdown_image, markdown_table, write_report
 from aftune.io import InputError, atomic_write_json
 from aftune.records import CandidatesMeta, meta_path_for
 from aftune.sampling.shards import shard_file
 from aftune.training.compute import sum_compute
-from aftune.evaluation.plots import pyplot, save_figure
 
 
 def _common(cfg: IterateConfig) -> dict[str, Any]:
-    return dict(task=cfg.task, task_args=cfg.task_args, data_dir=cfg.data_dir, trust_remote_code=cfg.trust_remote_code,
-                chat_template=cfg.chat_template, bf16=cfg.bf16, quiet=cfg.quiet)
+    return dict(
+        task=cfg.task,
+        task_args=cfg.task_args,
+        data_dir=cfg.data_dir,
+        trust_remote_code=cfg.trust_remote_code,
+        chat_template=cfg.chat_template,
+        bf16=cfg.bf16,
+        quiet=cfg.quiet,
+    )
 
 
 def check_iterate(cfg: IterateConfig) -> None:
@@ -57,10 +64,20 @@ def sample_config(cfg: IterateConfig, r: int, model: str, out: Path) -> tuple[Sa
     """Round r's `aftune sample` run and the candidates file it writes. Fresh questions: shard r-1 of
     `rounds` of the first rounds x n_questions train questions (questions i with i mod rounds == r-1)."""
     fresh = cfg.fresh_questions
-    scfg = SampleConfig(**_common(cfg), seed=cfg.seed + r, model=model, out=str(out), split="train",
-                        n_questions=cfg.n_questions * cfg.rounds if fresh else cfg.n_questions, k=cfg.k,
-                        temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                        batch_size=cfg.sample_batch_size, shard=f"{r - 1}/{cfg.rounds}" if fresh else "")
+    scfg = SampleConfig(
+        **_common(cfg),
+        seed=cfg.seed + r,
+        model=model,
+        out=str(out),
+        split="train",
+        n_questions=cfg.n_questions * cfg.rounds if fresh else cfg.n_questions,
+        k=cfg.k,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.sample_batch_size,
+        shard=f"{r - 1}/{cfg.rounds}" if fresh else "",
+    )
     return scfg, (shard_file(out, r - 1, cfg.rounds) if fresh else out)
 
 
@@ -72,8 +89,16 @@ def align_config(cfg: IterateConfig, model: str, candidates: Path, out: Path) ->
 
 
 def eval_config(cfg: IterateConfig, model: str, out: Path) -> EvalConfig:
-    return EvalConfig(**_common(cfg), seed=cfg.seed, model=model, split=cfg.eval_split, n_questions=cfg.eval_questions,
-                      batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, out=str(out))
+    return EvalConfig(
+        **_common(cfg),
+        seed=cfg.seed,
+        model=model,
+        split=cfg.eval_split,
+        n_questions=cfg.eval_questions,
+        batch_size=cfg.eval_batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        out=str(out),
+    )
 
 
 def run_iterate(cfg: IterateConfig) -> dict:
@@ -124,17 +149,26 @@ def round_compute(cands: Path, align_metrics: dict, eval_metrics: dict, timings:
         "align_seconds": timings.get(f"round{r} align", 0.0),
         "eval_seconds": timings.get(f"round{r} eval", 0.0),
         "train": train,
-        "sample": {k: stats[k] for k in ("questions", "candidates", "frac_correct", "frac_mixed", "frac_any_correct",
-                                         "wall_s") if k in stats},
+        "sample": {
+            k: stats[k]
+            for k in ("questions", "candidates", "frac_correct", "frac_mixed", "frac_any_correct", "wall_s")
+            if k in stats
+        },
     }
 
 
 def summarize(cfg: IterateConfig, out: Path, timings: dict[str, float]) -> dict:
     """OUT/metrics.json: per round its accuracy, compute, and the cumulative compute up to it."""
     acc0 = json.loads((out / "round0" / "eval.json").read_text())["accuracy"]
-    rounds: list[dict[str, Any]] = [{"round": 0, "model": cfg.model, "accuracy": acc0,
-                                     "compute": {}, "cumulative": {"generated_tokens": 0, "tokens_scored": 0,
-                                                                   "optimizer_steps": 0, "wall_seconds": 0.0}}]
+    rounds: list[dict[str, Any]] = [
+        {
+            "round": 0,
+            "model": cfg.model,
+            "accuracy": acc0,
+            "compute": {},
+            "cumulative": {"generated_tokens": 0, "tokens_scored": 0, "optimizer_steps": 0, "wall_seconds": 0.0},
+        }
+    ]
     for r in range(1, cfg.rounds + 1):
         d = out / f"round{r}"
         align_m = json.loads((d / "metrics.json").read_text())
@@ -142,14 +176,29 @@ def summarize(cfg: IterateConfig, out: Path, timings: dict[str, float]) -> dict:
         comp = round_compute(_candidates_of(cfg, out, r), align_m, eval_m, timings, r)
         prev = rounds[-1]["cumulative"]
         wall = comp["sample_seconds"] + comp["align_seconds"]
-        rounds.append({"round": r, "model": str(d / "model"), "accuracy": eval_m["accuracy"], "compute": comp,
-                       "cumulative": {"generated_tokens": prev["generated_tokens"] + comp["generated_tokens"],
-                                      "tokens_scored": prev["tokens_scored"] + comp["tokens_scored"],
-                                      "optimizer_steps": prev["optimizer_steps"] + comp["optimizer_steps"],
-                                      "wall_seconds": round(prev["wall_seconds"] + wall, 1)}})
+        rounds.append(
+            {
+                "round": r,
+                "model": str(d / "model"),
+                "accuracy": eval_m["accuracy"],
+                "compute": comp,
+                "cumulative": {
+                    "generated_tokens": prev["generated_tokens"] + comp["generated_tokens"],
+                    "tokens_scored": prev["tokens_scored"] + comp["tokens_scored"],
+                    "optimizer_steps": prev["optimizer_steps"] + comp["optimizer_steps"],
+                    "wall_seconds": round(prev["wall_seconds"] + wall, 1),
+                },
+            }
+        )
     total = sum_compute([{k: v for k, v in r_["compute"].items() if not isinstance(v, dict)} for r_ in rounds[1:]])
-    return {"method": cfg.method, "rounds": rounds, "final_accuracy": rounds[-1]["accuracy"], "total": total,
-            "fresh_questions": cfg.fresh_questions, "resample_every": cfg.resample_every}
+    return {
+        "method": cfg.method,
+        "rounds": rounds,
+        "final_accuracy": rounds[-1]["accuracy"],
+        "total": total,
+        "fresh_questions": cfg.fresh_questions,
+        "resample_every": cfg.resample_every,
+    }
 
 
 def plot_rounds(path: Path, rounds: list[dict]) -> Path:
@@ -173,23 +222,41 @@ def write_iterate_report(out: Path, summary: dict) -> Path:
     rows = []
     for r in summary["rounds"]:
         c, cum = r["compute"], r["cumulative"]
-        rows.append({"round": r["round"], "accuracy": r["accuracy"],
-                     "generated tokens": c.get("generated_tokens"), "tokens scored": c.get("tokens_scored"),
-                     "steps": c.get("optimizer_steps"), "sample s": c.get("sample_seconds"),
-                     "align s": c.get("align_seconds"), "cum. generated": cum["generated_tokens"],
-                     "cum. scored": cum["tokens_scored"], "cum. wall s": cum["wall_seconds"]})
+        rows.append(
+            {
+                "round": r["round"],
+                "accuracy": r["accuracy"],
+                "generated tokens": c.get("generated_tokens"),
+                "tokens scored": c.get("tokens_scored"),
+                "steps": c.get("optimizer_steps"),
+                "sample s": c.get("sample_seconds"),
+                "align s": c.get("align_seconds"),
+                "cum. generated": cum["generated_tokens"],
+                "cum. scored": cum["tokens_scored"],
+                "cum. wall s": cum["wall_seconds"],
+            }
+        )
     cols = list(rows[0])
-    table = markdown_table(rows, cols, {"accuracy": ".1%", "sample s": ".1f", "align s": ".1f",
-                                        "cum. wall s": ".1f"})
+    table = markdown_table(rows, cols, {"accuracy": ".1%", "sample s": ".1f", "align s": ".1f", "cum. wall s": ".1f"})
     png = plot_rounds(out / "accuracy.png", summary["rounds"])
-    how = (f"method `{summary['method']}`, {len(summary['rounds']) - 1} rounds, "
-           f"{'fresh questions per round' if summary['fresh_questions'] else 'the same questions every round'}"
-           + (f", semi-online resampling every {summary['resample_every']} steps" if summary["resample_every"]
-              else ""))
-    notes = ("Round 0 is the start model. Generated tokens: every sampled token of the round (the sampling pass "
-             "plus any semi-online resampling). Tokens scored: training forward tokens (NLL + candidates). Wall "
-             "seconds are those of the process that completed each stage (work lost to a kill is not counted). "
-             "See docs/online.md.")
-    return write_report(out / "report.md", "aftune iterate", [
-        ("Setup", how), ("Accuracy and compute per round", table),
-        ("Accuracy per round", markdown_image(png, "accuracy per round", out)), ("Notes", notes)])
+    how = (
+        f"method `{summary['method']}`, {len(summary['rounds']) - 1} rounds, "
+        f"{'fresh questions per round' if summary['fresh_questions'] else 'the same questions every round'}"
+        + (f", semi-online resampling every {summary['resample_every']} steps" if summary["resample_every"] else "")
+    )
+    notes = (
+        "Round 0 is the start model. Generated tokens: every sampled token of the round (the sampling pass "
+        "plus any semi-online resampling). Tokens scored: training forward tokens (NLL + candidates). Wall "
+        "seconds are those of the process that completed each stage (work lost to a kill is not counted). "
+        "See docs/online.md."
+    )
+    return write_report(
+        out / "report.md",
+        "aftune iterate",
+        [
+            ("Setup", how),
+            ("Accuracy and compute per round", table),
+            ("Accuracy per round", markdown_image(png, "accuracy per round", out)),
+            ("Notes", notes),
+        ],
+    )

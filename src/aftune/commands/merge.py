@@ -16,6 +16,9 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         raise InputError("give either --shards N or --inputs a,b,c", field="--shards")
     if cfg.shards < 0:
         raise InputError(f"must be >= 1, got {cfg.shards}", field="--shards")
-    paths = [shard_file(cfg.out, i, cfg.shards) for i in range(cfg.shards)] if cfg.shards else \
-        [Path(p.strip()) for p in cfg.inputs.split(",") if p.strip()]
+    paths = (
+        [shard_file(cfg.out, i, cfg.shards) for i in range(cfg.shards)]
+        if cfg.shards
+        else [Path(p.strip()) for p in cfg.inputs.split(",") if p.strip()]
+    )
     return merge_shards(paths, cfg.out)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aftune.commands.common import check_positive, load_examples, load_for_inference, parse_shard, single_task
 from aftune import gguf
+from aftune.commands.common import check_positive, load_examples, load_for_inference, parse_shard, single_task
 from aftune.config import SampleConfig, save_config
 from aftune.distributed import env_shard
 from aftune.io import InputError
@@ -26,12 +26,12 @@ def run_sample(cfg: SampleConfig) -> dict:
     task = single_task(cfg)
     examples = load_examples(task, cfg.split)
     if cfg.n_questions:
-        examples = examples[:cfg.n_questions]
+        examples = examples[: cfg.n_questions]
     if not examples:
         raise InputError(f"split '{cfg.split}' of task '{task.name}' is empty", field="--split")
     shard = parse_shard(cfg.shard or env_shard())  # under `accelerate launch`, one shard per process
     if shard is not None:
-        examples = examples[shard[0]::shard[1]]
+        examples = examples[shard[0] :: shard[1]]
     out = Path(cfg.out) if shard is None else shard_file(cfg.out, *shard)
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.backend == "vllm":
@@ -39,16 +39,35 @@ def run_sample(cfg: SampleConfig) -> dict:
 
         model, tok = None, load_tokenizer(cfg.model, cfg.trust_remote_code)  # for the meta check; vLLM loads its own
     else:
-        model, tok = load_for_inference(cfg.model, dtype="bfloat16" if cfg.bf16 else "float32",
-                                        trust_remote_code=cfg.trust_remote_code)
+        model, tok = load_for_inference(
+            cfg.model, dtype="bfloat16" if cfg.bf16 else "float32", trust_remote_code=cfg.trust_remote_code
+        )
     fmt = resolve_prompt_format(cfg.chat_template, tok)
-    scfg = SamplingConfig(k=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                          seed=cfg.seed, batch_size=cfg.batch_size, stop=stop_strings(task, fmt, tok))
+    scfg = SamplingConfig(
+        k=cfg.k,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        stop=stop_strings(task, fmt, tok),
+    )
     # vLLM reads a model folder: a .gguf file goes through its cached safetensors conversion
-    generate = (lambda prompts, c: generate_k_vllm(gguf.resolve(cfg.model), prompts, c)) if cfg.backend == "vllm" \
-        else None
-    stats = sample_candidates(model, tok, task, examples, out, scfg, model_name=cfg.model, progress=not cfg.quiet,
-                              generate=generate, prompt_format=fmt)
+    generate = (
+        (lambda prompts, c: generate_k_vllm(gguf.resolve(cfg.model), prompts, c)) if cfg.backend == "vllm" else None
+    )
+    stats = sample_candidates(
+        model,
+        tok,
+        task,
+        examples,
+        out,
+        scfg,
+        model_name=cfg.model,
+        progress=not cfg.quiet,
+        generate=generate,
+        prompt_format=fmt,
+    )
     # Saved once the file is complete: a run refused by the meta check must not overwrite the config
     # that produced the existing candidates.
     save_config(cfg, out.parent, f"{out.stem}.config.yaml")

@@ -30,19 +30,34 @@ def training_args(cfg: TrainCommon, out_dir: Path, **extra) -> AFTConfig:
     """The AFTConfig of a command's run: the shared training flags, the method's own (align), `extra`."""
     method = cfg.alignment_kwargs() if isinstance(cfg, AlignConfig) else {}
     return AFTConfig(
-        output_dir=str(out_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_schedule, warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
-        weight_decay=cfg.weight_decay, optim=cfg.optim, max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        save_strategy="steps", save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16,
+        output_dir=str(out_dir),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_schedule,
+        warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_strategy="steps",
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cfg.bf16,
         report_to=[r for r in cfg.report_to.split(",") if r and r != "none"] or "none",
-        disable_tqdm=cfg.quiet, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=cfg.quiet,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
         max_response_tokens=cfg.max_response_tokens,
         # only when asked: the argument was renamed in transformers 5 (activation_checkpointing)
         **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
         ddp_find_unused_parameters=False,  # every trainable weight gets a gradient each step (NLL term)
-        **{**method, **extra})
+        **{**method, **extra},
+    )
 
 
 def peft_config(cfg: TrainCommon):

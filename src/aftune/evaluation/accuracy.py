@@ -13,12 +13,26 @@ from aftune.tasks import Task
 def prediction_row(task: Task, example: Example, sample: Sample) -> dict:
     """One graded prediction, through the task's one grading path (the same as `aftune sample` labels with)."""
     graded = task.grade(sample.text, example)
-    return {"id": example.id, "task": task.name, "gold": example.answer, "prediction": graded.answer,
-            "correct": graded.correct, "score": sample.score, "completion": sample.text}
+    return {
+        "id": example.id,
+        "task": task.name,
+        "gold": example.answer,
+        "prediction": graded.answer,
+        "correct": graded.correct,
+        "score": sample.score,
+        "completion": sample.text,
+    }
 
 
-def greedy_predictions(model, tokenizer, items: list[tuple[Task, Example]], max_new_tokens: int = 256,
-                       batch_size: int = 64, progress: bool = False, prompt_format: PromptFormat = PLAIN) -> list[dict]:
+def greedy_predictions(
+    model,
+    tokenizer,
+    items: list[tuple[Task, Example]],
+    max_new_tokens: int = 256,
+    batch_size: int = 64,
+    progress: bool = False,
+    prompt_format: PromptFormat = PLAIN,
+) -> list[dict]:
     """Greedy completion of every (task, example), graded; rows in the order of `items`."""
     rows: list[dict | None] = [None] * len(items)
     by_task: dict[str, list[int]] = defaultdict(list)
@@ -26,8 +40,13 @@ def greedy_predictions(model, tokenizer, items: list[tuple[Task, Example]], max_
         by_task[t.name].append(i)
     for idx in by_task.values():  # each task with its own stop strings
         task = items[idx[0]][0]
-        cfg = SamplingConfig(k=1, temperature=0.0, max_new_tokens=max_new_tokens,
-                             stop=stop_strings(task, prompt_format, tokenizer), batch_size=batch_size)
+        cfg = SamplingConfig(
+            k=1,
+            temperature=0.0,
+            max_new_tokens=max_new_tokens,
+            stop=stop_strings(task, prompt_format, tokenizer),
+            batch_size=batch_size,
+        )
         prompts = [prompt_format.render(tokenizer, task.prompt(items[i][1])) for i in idx]
         outs = generate_k(model, tokenizer, prompts, cfg, progress=progress)
         for i, (s,) in zip(idx, outs):
@@ -40,12 +59,22 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         per_task[r["task"]].append(r["correct"])
     acc = sum(r["correct"] for r in rows) / len(rows) if rows else None
-    return {"accuracy": acc, "n": len(rows),
-            "per_task": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in per_task.items()}}
+    return {
+        "accuracy": acc,
+        "n": len(rows),
+        "per_task": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in per_task.items()},
+    }
 
 
-def greedy_accuracy(model, tokenizer, items: list[tuple[Task, Example]], max_new_tokens: int = 256,
-                    batch_size: int = 64, progress: bool = False, prompt_format: PromptFormat = PLAIN) -> dict:
+def greedy_accuracy(
+    model,
+    tokenizer,
+    items: list[tuple[Task, Example]],
+    max_new_tokens: int = 256,
+    batch_size: int = 64,
+    progress: bool = False,
+    prompt_format: PromptFormat = PLAIN,
+) -> dict:
     """{"accuracy", "n", "per_task", "predictions"}: greedy accuracy of `model` on `items`.
 
     Example:

@@ -49,8 +49,9 @@ def _resolve_scores(groups: Sequence[Group], scores: Sequence[Sequence[float]] |
             row = [c.score for c in g.candidates]  # type: ignore[misc]
         for ci, s in enumerate(row):
             if s is None:
-                raise ValueError(f"group {g.id!r}: candidate {ci} has no score "
-                                 "(score the candidates first or pass scores=)")
+                raise ValueError(
+                    f"group {g.id!r}: candidate {ci} has no score (score the candidates first or pass scores=)"
+                )
             if not isinstance(s, (int, float)) or not math.isfinite(s):
                 raise ValueError(f"group {g.id!r}: candidate {ci} has a non-finite score {s!r}")
         out.append([float(s) for s in row])
@@ -76,6 +77,7 @@ def _pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
 
 
 # --- selection rules (each on candidates in their original order) ---------------------------------
+
 
 def _top_index(cands: Sequence[_Cand]) -> int:
     """Index of the top-scored candidate; the first one wins a tie."""
@@ -148,6 +150,7 @@ def _subsets(n: int, k: int, n_subsets: int, rng: random.Random) -> list[tuple[i
 
 # --- per question ---------------------------------------------------------------------------------
 
+
 def _question_row(g: Group, row_scores: list[float], include_reference: bool) -> dict[str, Any]:
     pos = [s for c, s in zip(g.candidates, row_scores) if c.correct and (include_reference or not c.is_reference)]
     neg = [s for c, s in zip(g.candidates, row_scores) if not c.correct and (include_reference or not c.is_reference)]
@@ -173,27 +176,38 @@ def _question_row(g: Group, row_scores: list[float], include_reference: bool) ->
     if sel:
         best = _top_index(sel)
         wv, mv = _weighted_vote(sel), _majority_vote(sel)
-        r.update({
-            "best_of_k_self_answer": sel[best][0],
-            "best_of_k_self_correct": sel[best][1],
-            "best_of_k_self_score": sel[best][2],
-            "weighted_vote_answer": wv[0],
-            "weighted_vote_correct": wv[1],
-            "majority_vote_answer": mv[0],
-            "majority_vote_correct": mv[1],
-            "pass_at_k": any(c[1] for c in sel),
-            "candidate_acc": sum(c[1] for c in sel) / len(sel),
-        })
+        r.update(
+            {
+                "best_of_k_self_answer": sel[best][0],
+                "best_of_k_self_correct": sel[best][1],
+                "best_of_k_self_score": sel[best][2],
+                "weighted_vote_answer": wv[0],
+                "weighted_vote_correct": wv[1],
+                "majority_vote_answer": mv[0],
+                "majority_vote_correct": mv[1],
+                "pass_at_k": any(c[1] for c in sel),
+                "candidate_acc": sum(c[1] for c in sel) / len(sel),
+            }
+        )
     else:
-        for key in ("best_of_k_self_answer", "best_of_k_self_correct", "best_of_k_self_score",
-                    "weighted_vote_answer", "weighted_vote_correct", "majority_vote_answer",
-                    "majority_vote_correct", "pass_at_k", "candidate_acc"):
+        for key in (
+            "best_of_k_self_answer",
+            "best_of_k_self_correct",
+            "best_of_k_self_score",
+            "weighted_vote_answer",
+            "weighted_vote_correct",
+            "majority_vote_answer",
+            "majority_vote_correct",
+            "pass_at_k",
+            "candidate_acc",
+        ):
             r[key] = None
     return r
 
 
-def per_question(groups: Sequence[Group], scores: Sequence[Sequence[float]] | None = None, *,
-                 include_reference: bool = False) -> list[dict[str, Any]]:
+def per_question(
+    groups: Sequence[Group], scores: Sequence[Sequence[float]] | None = None, *, include_reference: bool = False
+) -> list[dict[str, Any]]:
     """One row per question: its assessment accuracy and what each selection rule predicts.
 
     Rows keep the input order, so two models' rows pair up for paired significance tests.
@@ -223,9 +237,13 @@ def _default_ks(max_n: int) -> list[int]:
     return ks
 
 
-def acc_vs_k(groups: Sequence[Group], scores: Sequence[Sequence[float]] | None = None,
-             ks: Sequence[int] | None = None, n_subsets: int = DEFAULT_SUBSETS,
-             seed: int = DEFAULT_SEED) -> dict[str, list[Any]]:
+def acc_vs_k(
+    groups: Sequence[Group],
+    scores: Sequence[Sequence[float]] | None = None,
+    ks: Sequence[int] | None = None,
+    n_subsets: int = DEFAULT_SUBSETS,
+    seed: int = DEFAULT_SEED,
+) -> dict[str, list[Any]]:
     """Expected accuracy of each selection rule when every question keeps only k of its candidates.
 
     pass@k uses the unbiased estimator 1 - C(n-c,k)/C(n,k). The other rules are averaged over the
@@ -253,18 +271,27 @@ def acc_vs_k(groups: Sequence[Group], scores: Sequence[Sequence[float]] | None =
             tot["pass_at_k"] += _pass_at_k_unbiased(n, sum(c[1] for c in sel), k)
             rng = random.Random(f"{seed}|{qid}|{k}")  # str seeds hash deterministically (sha512)
             subs = _subsets(n, k, n_subsets, rng)
-            for rule, fn in (("best_of_k_self", _self_select), ("weighted_vote", _weighted_vote),
-                             ("majority_vote", _majority_vote)):
+            for rule, fn in (
+                ("best_of_k_self", _self_select),
+                ("weighted_vote", _weighted_vote),
+                ("majority_vote", _majority_vote),
+            ):
                 tot[rule] += sum(fn([sel[i] for i in sub])[1] for sub in subs) / len(subs)
         for rule in RULES:
             out[rule].append(tot[rule] / len(qs))
     return out
 
 
-def assessment_metrics(groups: Sequence[Group], scores: Sequence[Sequence[float]] | None = None,
-                       reference_scores: Sequence[float | None] | None = None,
-                       ks: Sequence[int] | None = None, *, include_reference: bool = False,
-                       n_subsets: int = DEFAULT_SUBSETS, seed: int = DEFAULT_SEED) -> dict[str, Any]:
+def assessment_metrics(
+    groups: Sequence[Group],
+    scores: Sequence[Sequence[float]] | None = None,
+    reference_scores: Sequence[float | None] | None = None,
+    ks: Sequence[int] | None = None,
+    *,
+    include_reference: bool = False,
+    n_subsets: int = DEFAULT_SUBSETS,
+    seed: int = DEFAULT_SEED,
+) -> dict[str, Any]:
     """All assessment diagnostics as one JSON-serialisable dict (scalars plus the `acc_vs_k` curves).
 
     assessment_acc_macro / _micro: fraction of (positive, negative) pairs with s_p > s_n (ties = 1/2),
@@ -343,8 +370,9 @@ def displacement_alarm(history: Sequence[dict[str, Any]], key: str, threshold: f
     """
     if not (isinstance(threshold, (int, float)) and threshold >= 0):
         raise ValueError(f"threshold must be a non-negative number of nats per token, got {threshold!r}")
-    points = [(h.get("step"), float(h[key])) for h in history
-              if h.get(key) is not None and not math.isnan(float(h[key]))]
+    points = [
+        (h.get("step"), float(h[key])) for h in history if h.get(key) is not None and not math.isnan(float(h[key]))
+    ]
     if len(points) < 2:
         return None
     (start_step, start), (step, current) = points[0], points[-1]
@@ -359,6 +387,8 @@ def displacement_alarm(history: Sequence[dict[str, Any]], key: str, threshold: f
         "value": current,
         "drop": drop,
         "threshold": threshold,
-        "message": (f"likelihood displacement: {key} fell {drop:.4f} nats/token below its first value "
-                    f"({start:.4f} at step {start_step} -> {current:.4f} at step {step}; threshold {threshold})"),
+        "message": (
+            f"likelihood displacement: {key} fell {drop:.4f} nats/token below its first value "
+            f"({start:.4f} at step {start_step} -> {current:.4f} at step {step}; threshold {threshold})"
+        ),
     }

@@ -17,8 +17,15 @@ WATCHED = ("mean_score_positive", "mean_score_reference")
 
 
 class DiagnosticsCallback(TrainerCallback):
-    def __init__(self, tokenizer, groups: list[Group], every: int, threshold: float = 0.05,
-                 max_response_tokens: int | None = None, end: list[int] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        groups: list[Group],
+        every: int,
+        threshold: float = 0.05,
+        max_response_tokens: int | None = None,
+        end: list[int] | None = None,
+    ):
         self.tokenizer, self.groups, self.every, self.threshold = tokenizer, groups, every, threshold
         self.max_response_tokens, self.end = max_response_tokens, end
         self.history: list[dict] = []
@@ -26,11 +33,23 @@ class DiagnosticsCallback(TrainerCallback):
         self.trainer = None  # set by the runner so diagnostics go through Trainer.log -> report_to
 
     def measure(self, model, step: int) -> dict:
-        scores, refs = score_texts(model, self.tokenizer, self.groups, max_response_tokens=self.max_response_tokens,
-                                   end=self.end)
+        scores, refs = score_texts(
+            model, self.tokenizer, self.groups, max_response_tokens=self.max_response_tokens, end=self.end
+        )
         m = assessment_metrics(self.groups, scores, refs)
-        row = {"step": step, **{k: m[k] for k in ("assessment_acc_macro", "assessment_acc_micro", "mean_score_positive",
-                                                  "mean_score_negative", "mean_score_reference")}}
+        row = {
+            "step": step,
+            **{
+                k: m[k]
+                for k in (
+                    "assessment_acc_macro",
+                    "assessment_acc_micro",
+                    "mean_score_positive",
+                    "mean_score_negative",
+                    "mean_score_reference",
+                )
+            },
+        }
         self.history.append(row)
         for key in WATCHED:
             alarm = displacement_alarm(self.history, key, self.threshold)

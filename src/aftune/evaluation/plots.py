@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 DPI = 120
 SCORE_LABEL = "score (nats/token)"
@@ -60,8 +61,7 @@ def _metric_label(key: str) -> str:
     return key
 
 
-def shared_bin_edges(named_scores: dict[str, tuple[Sequence[float], Sequence[float]]],
-                     bins: int = 30) -> list[float]:
+def shared_bin_edges(named_scores: dict[str, tuple[Sequence[float], Sequence[float]]], bins: int = 30) -> list[float]:
     """Equal-width bin edges spanning every model's positive and negative scores."""
     allv = [v for pos, neg in named_scores.values() for v in _finite(list(pos) + list(neg))]
     lo, hi = (min(allv), max(allv)) if allv else (-1.0, 0.0)
@@ -78,9 +78,9 @@ def _axis_unit(key: str) -> str:
     return "value"
 
 
-def plot_score_histograms(path: str | os.PathLike,
-                          named_scores: dict[str, tuple[Sequence[float], Sequence[float]]],
-                          bins: int = 30) -> Path:
+def plot_score_histograms(
+    path: str | os.PathLike, named_scores: dict[str, tuple[Sequence[float], Sequence[float]]], bins: int = 30
+) -> Path:
     """One subplot per model: positive vs negative candidate scores, same bins and x axis for all.
 
     Sharing the bins across models is what makes a before/after comparison on the same candidates
@@ -91,8 +91,7 @@ def plot_score_histograms(path: str | os.PathLike,
     plt = pyplot()
     names = list(named_scores) or ["(no models)"]
     edges = shared_bin_edges(named_scores, bins)
-    fig, axes = plt.subplots(len(names), 1, sharex=True, squeeze=False,
-                             figsize=(7.5, 2.6 * len(names) + 0.8))
+    fig, axes = plt.subplots(len(names), 1, sharex=True, squeeze=False, figsize=(7.5, 2.6 * len(names) + 0.8))
     for ax, name in zip(axes[:, 0], names):
         pos, neg = (_finite(v) for v in named_scores.get(name, ([], [])))
         if pos:
@@ -113,8 +112,9 @@ def plot_score_histograms(path: str | os.PathLike,
     return save_figure(fig, path)
 
 
-def plot_acc_vs_k(path: str | os.PathLike, named_curves: dict[str, dict[str, Sequence[Any]]],
-                  rules: Sequence[str] | None = None) -> Path:
+def plot_acc_vs_k(
+    path: str | os.PathLike, named_curves: dict[str, dict[str, Sequence[Any]]], rules: Sequence[str] | None = None
+) -> Path:
     """Accuracy vs k per selection rule: colour per rule, line style per model.
 
     Each curve dict is `assessment_metrics(...)["acc_vs_k"]`: {"k": [...], rule: [acc, ...]}.
@@ -139,8 +139,16 @@ def plot_acc_vs_k(path: str | os.PathLike, named_curves: dict[str, dict[str, Seq
                 continue
             all_k.update(k for k, _ in pts)
             label = RULE_LABELS.get(rule, rule) + (f" — {model}" if several else "")
-            ax.plot([k for k, _ in pts], [100 * y for _, y in pts], marker=markers[rule], markersize=5,
-                    markerfacecolor="none", color=colors[rule], linestyle=_LINESTYLES[mi % len(_LINESTYLES)], label=label)
+            ax.plot(
+                [k for k, _ in pts],
+                [100 * y for _, y in pts],
+                marker=markers[rule],
+                markersize=5,
+                markerfacecolor="none",
+                color=colors[rule],
+                linestyle=_LINESTYLES[mi % len(_LINESTYLES)],
+                label=label,
+            )
     if all_k:
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(all_k))
@@ -159,8 +167,12 @@ def plot_acc_vs_k(path: str | os.PathLike, named_curves: dict[str, dict[str, Seq
     return save_figure(fig, path)
 
 
-def plot_metric_bars(path: str | os.PathLike, table: dict[str, dict[str, float | None]],
-                     metrics: Sequence[str], title: str = "Model comparison") -> Path:
+def plot_metric_bars(
+    path: str | os.PathLike,
+    table: dict[str, dict[str, float | None]],
+    metrics: Sequence[str],
+    title: str = "Model comparison",
+) -> Path:
     """Grouped bars: one group per metric, one bar per model, value printed on each bar.
 
     Metrics on different scales each get their own subplot row when mixing accuracies (0..1) with
@@ -187,8 +199,13 @@ def plot_metric_bars(path: str | os.PathLike, table: dict[str, dict[str, float |
     if not panels:
         panels = [[]]
     widths = [max(1.0, len(p)) for p in panels]
-    fig, axes = plt.subplots(1, len(panels), squeeze=False, gridspec_kw={"width_ratios": widths},
-                             figsize=(min(12.0, max(6.0, 0.8 * len(models) * len(metrics) + 2.5)), 4.8))
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        squeeze=False,
+        gridspec_kw={"width_ratios": widths},
+        figsize=(min(12.0, max(6.0, 0.8 * len(models) * len(metrics) + 2.5)), 4.8),
+    )
     w = 0.8 / max(1, len(models))
     for ax, pm in zip(axes[0], panels):
         x = np.arange(len(pm))
@@ -200,11 +217,14 @@ def plot_metric_bars(path: str | os.PathLike, table: dict[str, dict[str, float |
                     ax.text(xpos, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
                     continue
                 ax.bar(xpos, float(v), width=w, color=f"C{i}", label=model if j == 0 else None)
-                ax.text(xpos, float(v), f"{float(v):.3g}", ha="center",
-                        va="bottom" if v >= 0 else "top", fontsize=7)
+                ax.text(xpos, float(v), f"{float(v):.3g}", ha="center", va="bottom" if v >= 0 else "top", fontsize=7)
         ax.set_xticks(x)
-        ax.set_xticklabels([_metric_label(mt) for mt in pm], rotation=20 if len(pm) > 2 else 0,
-                           ha="right" if len(pm) > 2 else "center", fontsize=8)
+        ax.set_xticklabels(
+            [_metric_label(mt) for mt in pm],
+            rotation=20 if len(pm) > 2 else 0,
+            ha="right" if len(pm) > 2 else "center",
+            fontsize=8,
+        )
         ax.set_ylabel("fraction (0-1)" if pm is unit else _axis_unit(pm[0]))
         ax.grid(axis="y", alpha=0.3)
         ax.axhline(0, color="black", linewidth=0.6)
@@ -217,8 +237,15 @@ def plot_metric_bars(path: str | os.PathLike, table: dict[str, dict[str, float |
                 labels.append(ll)
     fig.suptitle(title)
     if handles:  # one row under the title: close to every panel, never over a bar
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.94), ncol=len(handles),
-                   fontsize=8, frameon=False)
+        fig.legend(
+            handles,
+            labels,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.94),
+            ncol=len(handles),
+            fontsize=8,
+            frameon=False,
+        )
     fig.tight_layout(rect=(0, 0, 1, 0.88 if handles else 1))
     return save_figure(fig, path)
 
@@ -234,12 +261,21 @@ def _plot_self_select_many(plt, path, named_curves) -> Path:
     for i, (model, curve) in enumerate(named_curves.items()):
         pts = [(k, y) for k, y in zip(curve.get("k", []), curve.get("best_of_k_self", [])) if y is not None]
         ks_all.update(k for k, _ in pts)
-        ax.plot([k for k, _ in pts], [100 * y for _, y in pts], color=cmap(i % 20), marker=_MARKERS[i % len(_MARKERS)],
-                markersize=4, linestyle=_LINESTYLES[(i // 20) % len(_LINESTYLES)], label=model)
+        ax.plot(
+            [k for k, _ in pts],
+            [100 * y for _, y in pts],
+            color=cmap(i % 20),
+            marker=_MARKERS[i % len(_MARKERS)],
+            markersize=4,
+            linestyle=_LINESTYLES[(i // 20) % len(_LINESTYLES)],
+            label=model,
+        )
     first = next(iter(named_curves.values()))
     oracle = [(k, y) for k, y in zip(first.get("k", []), first.get("pass_at_k", [])) if y is not None]
     if oracle:
-        ax.plot([k for k, _ in oracle], [100 * y for _, y in oracle], color="black", linestyle=":", label="pass@k (oracle)")
+        ax.plot(
+            [k for k, _ in oracle], [100 * y for _, y in oracle], color="black", linestyle=":", label="pass@k (oracle)"
+        )
     if ks_all:
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(ks_all))
@@ -256,15 +292,22 @@ def _plot_self_select_many(plt, path, named_curves) -> Path:
 def _metric_barh_many(plt, path, table, metrics, title) -> Path:
     """Many models: one panel per metric, one horizontal bar per model (names on the y axis)."""
     models = list(table)
-    fig, axes = plt.subplots(1, max(1, len(metrics)), squeeze=False, sharey=True,
-                             figsize=(min(16.0, 3.0 * max(1, len(metrics)) + 1.5), 0.28 * len(models) + 1.6))
+    fig, axes = plt.subplots(
+        1,
+        max(1, len(metrics)),
+        squeeze=False,
+        sharey=True,
+        figsize=(min(16.0, 3.0 * max(1, len(metrics)) + 1.5), 0.28 * len(models) + 1.6),
+    )
     y = list(range(len(models)))
     for ax, mt in zip(axes[0], metrics):
         vals = [table[m].get(mt) for m in models]
         finite = [float(v) if v is not None and math.isfinite(float(v)) else 0.0 for v in vals]
         ax.barh(y, finite, color=["C0" if v is not None else "lightgrey" for v in vals])
         for yi, v in zip(y, vals):
-            ax.text(0 if v is None else float(v), yi, " n/a" if v is None else f" {float(v):.3f}", va="center", fontsize=7)
+            ax.text(
+                0 if v is None else float(v), yi, " n/a" if v is None else f" {float(v):.3f}", va="center", fontsize=7
+            )
         ax.set_title(_metric_label(mt), fontsize=9)
         ax.set_xlabel(_axis_unit(mt), fontsize=8)
         ax.grid(axis="x", alpha=0.3)
@@ -278,15 +321,22 @@ def _metric_barh_many(plt, path, table, metrics, title) -> Path:
     return save_figure(fig, path)
 
 
-def plot_training_curves(path: str | os.PathLike, history: Sequence[dict[str, Any]],
-                         keys: Sequence[str], title: str = "Training diagnostics") -> Path:
+def plot_training_curves(
+    path: str | os.PathLike,
+    history: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    title: str = "Training diagnostics",
+) -> Path:
     """Each diagnostic vs step in its own panel (shared step axis): scales differ across keys."""
     plt = pyplot()
     keys = list(keys) or ["(no keys)"]
     fig, axes = plt.subplots(len(keys), 1, sharex=True, squeeze=False, figsize=(7.5, 2.2 * len(keys) + 0.8))
     for ax, key in zip(axes[:, 0], keys):
-        pts = [(h["step"], float(h[key])) for h in history
-               if h.get(key) is not None and h.get("step") is not None and math.isfinite(float(h[key]))]
+        pts = [
+            (h["step"], float(h[key]))
+            for h in history
+            if h.get(key) is not None and h.get("step") is not None and math.isfinite(float(h[key]))
+        ]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=key)
             ax.axhline(pts[0][1], color="gray", linestyle=":", linewidth=1, label="first value")
@@ -315,8 +365,13 @@ def plot_experiment(root: Path, cells: list[dict], name: str, control_cell: str)
 
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(cells) + 2), 4.5))
     names = [c["cell"] for c in cells if acc[c["cell"]]["mean"] is not None]
-    ax.bar(range(len(names)), [100 * acc[n]["mean"] for n in names], yerr=[err(acc[n]) for n in names], capsize=3,
-           color=["tab:gray" if n in ("VFT", CONTROL) else "tab:blue" for n in names])
+    ax.bar(
+        range(len(names)),
+        [100 * acc[n]["mean"] for n in names],
+        yerr=[err(acc[n]) for n in names],
+        capsize=3,
+        color=["tab:gray" if n in ("VFT", CONTROL) else "tab:blue" for n in names],
+    )
     if control is not None:
         ax.axhline(100 * control, color="black", linestyle="--", linewidth=1, label="control mean")
         ax.legend(fontsize=8)
@@ -327,7 +382,12 @@ def plot_experiment(root: Path, cells: list[dict], name: str, control_cell: str)
     ax.set_title(f"{name}: accuracy per run configuration")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    out.append((save_figure(fig, root / "plots" / "accuracy.png"), "test accuracy per configuration (error bars: std over seeds)"))
+    out.append(
+        (
+            save_figure(fig, root / "plots" / "accuracy.png"),
+            "test accuracy per configuration (error bars: std over seeds)",
+        )
+    )
 
     # The paired view: seeds differ far more from each other than methods from their seed's control, so
     # the std bars above hide what the study measures. Per cell: pooled difference to the control with a
@@ -340,8 +400,10 @@ def plot_experiment(root: Path, cells: list[dict], name: str, control_cell: str)
     if paired:
         fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(paired) + 2), 4.5))
         x = range(len(paired))
-        colors = ["tab:gray" if c["cell"] == "VFT" else "tab:green" if d - e > 0 else "tab:red" if d + e < 0
-                  else "tab:blue" for c, (d, e) in paired]  # green / red: the interval excludes 0
+        colors = [
+            "tab:gray" if c["cell"] == "VFT" else "tab:green" if d - e > 0 else "tab:red" if d + e < 0 else "tab:blue"
+            for c, (d, e) in paired
+        ]  # green / red: the interval excludes 0
         ax.bar(x, [d for _, (d, _) in paired], yerr=[e for _, (_, e) in paired], capsize=3, color=colors)
         for i, (c, _) in enumerate(paired):
             per = [100 * v for v in c["vs_control"]["diff_per_seed"] if v is not None]
@@ -353,8 +415,12 @@ def plot_experiment(root: Path, cells: list[dict], name: str, control_cell: str)
         ax.set_title(f"{name}: paired difference to the control (bars: pooled ± 95% CI; dots: seeds)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        out.append((save_figure(fig, root / "plots" / "delta_vs_control.png"),
-                    "difference to the same seed's control (pooled over seeds, 95% interval; dots: single seeds)"))
+        out.append(
+            (
+                save_figure(fig, root / "plots" / "delta_vs_control.png"),
+                "difference to the same seed's control (pooled over seeds, 95% interval; dots: single seeds)",
+            )
+        )
 
     def lines(axis: str, path: str, title: str, xlabel: str, log: bool) -> None:
         # paired differences to the control (see delta_vs_control.png): seed spread would swamp raw accuracy
@@ -376,10 +442,20 @@ def plot_experiment(root: Path, cells: list[dict], name: str, control_cell: str)
             return
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         for i, (g, pts) in enumerate(groups.items()):
-            label = " ".join(f"{a}={v}" for a, v in zip(("method",) + tuple(a for a in ("k", "beta", "lambda") if a != axis), g)
-                             if v is not None)
-            ax.errorbar([x for x, _ in pts], [d for _, (d, _) in pts], yerr=[e for _, (_, e) in pts],
-                        marker="o", capsize=3, color=f"C{i % 10}", label=label)
+            label = " ".join(
+                f"{a}={v}"
+                for a, v in zip(("method",) + tuple(a for a in ("k", "beta", "lambda") if a != axis), g)
+                if v is not None
+            )
+            ax.errorbar(
+                [x for x, _ in pts],
+                [d for _, (d, _) in pts],
+                yerr=[e for _, (_, e) in pts],
+                marker="o",
+                capsize=3,
+                color=f"C{i % 10}",
+                label=label,
+            )
         for j, (name, (d, e)) in enumerate(flat.items()):
             color = f"C{(len(groups) + j) % 10}"
             ax.axhline(d, color=color, linestyle=":", linewidth=1.2, label=f"{name} (± {e:.1f})")
@@ -398,5 +474,11 @@ def plot_experiment(root: Path, cells: list[dict], name: str, control_cell: str)
         out.append((save_figure(fig, root / "plots" / path), title))
 
     lines("k", "accuracy_vs_k.png", "Accuracy vs k: difference to the control", "k", True)
-    lines("beta", "accuracy_vs_beta.png", "Accuracy vs beta: difference to the control", "beta (nats per token, log scale)", True)
+    lines(
+        "beta",
+        "accuracy_vs_beta.png",
+        "Accuracy vs beta: difference to the control",
+        "beta (nats per token, log scale)",
+        True,
+    )
     return out

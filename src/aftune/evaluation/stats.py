@@ -12,7 +12,7 @@ def mcnemar_exact(b: int, c: int) -> float:
     n = b + c
     if n == 0:
         return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n)
 
 
 def paired_test(pairs: list[tuple[dict[str, bool], dict[str, bool]]]) -> dict:
@@ -32,11 +32,15 @@ def paired_test(pairs: list[tuple[dict[str, bool], dict[str, bool]]]) -> dict:
         b, c, n = b + bs, c + cs, n + len(method)
         per_seed.append((bs - cs) / len(method) if method else None)
     mean = (b - c) / n if n else None
-    se = math.sqrt(((b + c) - n * mean ** 2) / (n - 1) / n) if n > 1 else None
+    se = math.sqrt(((b + c) - n * mean**2) / (n - 1) / n) if n > 1 else None
     return {"b": b, "c": c, "n": n, "diff": mean, "se": se, "p": mcnemar_exact(b, c), "diff_per_seed": per_seed}
 
 
 def summary(values: list[float | None]) -> dict:
     vals = [v for v in values if v is not None]
-    return {"mean": statistics.fmean(vals) if vals else None,
-            "std": statistics.stdev(vals) if len(vals) > 1 else None, "n": len(vals), "values": values}
+    return {
+        "mean": statistics.fmean(vals) if vals else None,
+        "std": statistics.stdev(vals) if len(vals) > 1 else None,
+        "n": len(vals),
+        "values": values,
+    }

@@ -92,18 +92,19 @@ class _PreallocatedLayer(DynamicLayer):
         self._sync()
 
     def _sync(self) -> None:
-        self.keys = self._k[:, :, :self._n]
-        self.values = self._v[:, :, :self._n]
+        self.keys = self._k[:, :, : self._n]
+        self.values = self._v[:, :, : self._n]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         m = key_states.shape[-2]
         if self._n + m > self._k.shape[-2]:  # outgrew the estimate: double, like a list
             cap = max(2 * self._k.shape[-2], self._n + m)
             grow = lambda t: torch.cat([t, t.new_empty((*t.shape[:2], cap - t.shape[2], t.shape[3]))], 2)  # noqa: E731
             self._k, self._v = grow(self._k), grow(self._v)
-        self._k[:, :, self._n:self._n + m] = key_states
-        self._v[:, :, self._n:self._n + m] = value_states
+        self._k[:, :, self._n : self._n + m] = key_states
+        self._v[:, :, self._n : self._n + m] = value_states
         self._n += m
         self._sync()
         return self.keys, self.values
@@ -130,8 +131,13 @@ class _PreallocatedLayer(DynamicLayer):
 def _expand_cache(cache, k: int, capacity: int, preallocate: bool) -> None:
     """Give each question k rows of its prompt cache, in a preallocated buffer where the layer type allows."""
     layers = getattr(cache, "layers", None)
-    if (preallocate and isinstance(cache, DynamicCache) and not getattr(cache, "offloading", False) and layers
-            and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)):
+    if (
+        preallocate
+        and isinstance(cache, DynamicCache)
+        and not getattr(cache, "offloading", False)
+        and layers
+        and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+    ):
         cache.layers = [_PreallocatedLayer(layer.keys, layer.values, k, capacity) for layer in layers]
     elif k > 1:  # sliding-window, hybrid or custom caches: the model's own generic expansion
         cache.batch_repeat_interleave(k)
@@ -139,8 +145,10 @@ def _expand_cache(cache, k: int, capacity: int, preallocate: bool) -> None:
 
 def _eos_ids(model, tokenizer) -> list[int]:
     ids: set[int] = set()
-    for src in (getattr(tokenizer, "eos_token_id", None),
-                getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+    for src in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
         if src is None:
             continue
         ids.update([src] if isinstance(src, int) else list(src))
@@ -178,9 +186,18 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def _generate_batch(model, prompt_ids: list[list[int]], cfg: SamplingConfig, eos: list[int], pad_id: int,
-                    gen: torch.Generator, tokenizer, compact_at: float, stats: dict[str, int],
-                    preallocate_cache: bool) -> list[list[Sample]]:
+def _generate_batch(
+    model,
+    prompt_ids: list[list[int]],
+    cfg: SamplingConfig,
+    eos: list[int],
+    pad_id: int,
+    gen: torch.Generator,
+    tokenizer,
+    compact_at: float,
+    stats: dict[str, int],
+    preallocate_cache: bool,
+) -> list[list[Sample]]:
     device = next(model.parameters()).device
     B, k, T = len(prompt_ids), cfg.k, cfg.max_new_tokens
     lens = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
@@ -227,7 +244,7 @@ def _generate_batch(model, prompt_ids: list[list[int]], cfg: SamplingConfig, eos
             # Stop strings are checked on decoded text (a stop may span several tokens).
             for j in torch.nonzero(live & ~finished).flatten().tolist():
                 r = int(alive[j])
-                text = tokenizer.decode(tokens[r, :t + 1].tolist(), skip_special_tokens=True)
+                text = tokenizer.decode(tokens[r, : t + 1].tolist(), skip_special_tokens=True)
                 if _cut_at_stop(text, cfg.stop)[1]:
                     finished[j] = True
         newly = alive[finished]
@@ -246,8 +263,14 @@ def _generate_batch(model, prompt_ids: list[list[int]], cfg: SamplingConfig, eos
         step_ids = tok.unsqueeze(-1)
         if padded:
             mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=-1)
-        out = model(input_ids=step_ids, attention_mask=mask if padded else None,
-                    position_ids=next_pos.unsqueeze(-1), use_cache=True, **{cache_kw: cache}, **extra)
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask if padded else None,
+            position_ids=next_pos.unsqueeze(-1),
+            use_cache=True,
+            **{cache_kw: cache},
+            **extra,
+        )
         returned = returned_cache(out)
         cache = returned if returned is not None else cache
         logits = out.logits[:, -1, :].float()
@@ -266,15 +289,24 @@ def _generate_batch(model, prompt_ids: list[list[int]], cfg: SamplingConfig, eos
             text = tokenizer.decode(body, skip_special_tokens=True)
             if cfg.stop:
                 text = _cut_at_stop(text, cfg.stop)[0]
-            samples.append(Sample(text=text, token_ids=tid, logprob_sum=float(lps_l[r, :n].double().sum()),
-                                  n_tokens=n))
+            samples.append(
+                Sample(text=text, token_ids=tid, logprob_sum=float(lps_l[r, :n].double().sum()), n_tokens=n)
+            )
         result.append(samples)
     return result
 
 
-def generate_k(model, tokenizer, prompts: list[str], cfg: SamplingConfig, progress: bool = False,
-               *, compact_at: float = 0.5, stats: dict[str, int] | None = None,
-               preallocate_cache: bool = True) -> list[list[Sample]]:
+def generate_k(
+    model,
+    tokenizer,
+    prompts: list[str],
+    cfg: SamplingConfig,
+    progress: bool = False,
+    *,
+    compact_at: float = 0.5,
+    stats: dict[str, int] | None = None,
+    preallocate_cache: bool = True,
+) -> list[list[Sample]]:
     """For each prompt, cfg.k samples (in prompt order).
 
     Prompts are tokenized as aftune.prompting.encode_prompt does (special tokens added, unless a rendered chat
@@ -306,10 +338,20 @@ def generate_k(model, tokenizer, prompts: list[str], cfg: SamplingConfig, progre
     model.eval()
     try:
         with torch.inference_mode():
-            batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+            batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
             for batch in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
-                out = _generate_batch(model, [enc[i] for i in batch], cfg, eos, pad_id, gen, tokenizer,
-                                      compact_at, stats, preallocate_cache)
+                out = _generate_batch(
+                    model,
+                    [enc[i] for i in batch],
+                    cfg,
+                    eos,
+                    pad_id,
+                    gen,
+                    tokenizer,
+                    compact_at,
+                    stats,
+                    preallocate_cache,
+                )
                 for i, s in zip(batch, out):
                     results[i] = s
     finally:

@@ -44,12 +44,17 @@ def _check_shard_names(paths: list[Path]) -> int | None:
     idx = [int(m.group(1)) for m in parsed]
     missing = sorted(set(range(n)) - set(idx))
     if missing:
-        raise InputError(f"missing shard(s) {', '.join(f'{i}/{n}' for i in missing)}: run "
-                         f"`aftune sample --shard i/{n}` for them first", paths[0])
+        raise InputError(
+            f"missing shard(s) {', '.join(f'{i}/{n}' for i in missing)}: run "
+            f"`aftune sample --shard i/{n}` for them first",
+            paths[0],
+        )
     return n
 
 
-def merge_shards(paths: list[str | os.PathLike], out: str | os.PathLike, require_complete: bool = True) -> dict[str, Any]:
+def merge_shards(
+    paths: list[str | os.PathLike], out: str | os.PathLike, require_complete: bool = True
+) -> dict[str, Any]:
     """Merge shard files into `out` (JSONL + meta sidecar, each written atomically). Every question appears
     once: a group present in two inputs with identical content is kept once; with different content it is
     an error. Returns the merged file's stats."""
@@ -70,11 +75,18 @@ def merge_shards(paths: list[str | os.PathLike], out: str | os.PathLike, require
     first = metas[0]
     for p, meta in zip(paths, metas):
         if require_complete and meta.status != "complete":
-            raise InputError(f"shard is not complete (status {meta.status!r}); rerun its `aftune sample` "
-                             "command to finish it (it resumes)", p)
+            raise InputError(
+                f"shard is not complete (status {meta.status!r}); rerun its `aftune sample` "
+                "command to finish it (it resumes)",
+                p,
+            )
         for key, value, ref_value in meta.mismatches(first)[:1]:
-            raise InputError(f"{key}={value!r} but {paths[0].name} has {ref_value!r}; shards must come from "
-                             "one sampling configuration", meta_path_for(p), field=key)
+            raise InputError(
+                f"{key}={value!r} but {paths[0].name} has {ref_value!r}; shards must come from "
+                "one sampling configuration",
+                meta_path_for(p),
+                field=key,
+            )
 
     merged: list[dict[str, Any]] = []
     where: dict[str, tuple[Path, dict]] = {}
@@ -82,7 +94,9 @@ def merge_shards(paths: list[str | os.PathLike], out: str | os.PathLike, require
     for p in paths:
         for g in read_groups(p):
             if g.task != first.task:
-                raise InputError(f"group {g.id!r} is for task {g.task!r}, the meta says {first.task!r}", p, field="task")
+                raise InputError(
+                    f"group {g.id!r} is for task {g.task!r}, the meta says {first.task!r}", p, field="task"
+                )
             d = g.to_dict()
             if g.id in where:
                 if where[g.id][1] != d:
@@ -95,6 +109,14 @@ def merge_shards(paths: list[str | os.PathLike], out: str | os.PathLike, require
     stats = group_stats([Group.from_dict(d) for d in merged])
     stats.update({"shards": len(paths), "duplicates_dropped": dropped})
     write_jsonl(out, merged)
-    CandidatesMeta(task=first.task, model=first.model, tokenizer=first.tokenizer, sampling=first.sampling,
-                   status="complete", stats=stats, merged_from=[p.name for p in paths], n_shards=n).write(meta_path_for(out))
+    CandidatesMeta(
+        task=first.task,
+        model=first.model,
+        tokenizer=first.tokenizer,
+        sampling=first.sampling,
+        status="complete",
+        stats=stats,
+        merged_from=[p.name for p in paths],
+        n_shards=n,
+    ).write(meta_path_for(out))
     return stats

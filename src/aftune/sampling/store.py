@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Any
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -34,9 +35,12 @@ def tokenizer_info(tokenizer) -> dict[str, Any]:
 
 def _check_meta(meta_path: Path, old: CandidatesMeta, new: CandidatesMeta) -> None:
     for name, was, now in old.mismatches(new, any_model=True)[:1]:
-        raise InputError(f"this file was sampled with {name}={was!r} but this run uses {now!r}; "
-                         "use a new output path (or delete the old file) instead of mixing them",
-                         meta_path, field=name)
+        raise InputError(
+            f"this file was sampled with {name}={was!r} but this run uses {now!r}; "
+            "use a new output path (or delete the old file) instead of mixing them",
+            meta_path,
+            field=name,
+        )
 
 
 def _done_ids(out_path: Path) -> set[str]:
@@ -69,11 +73,25 @@ def build_group(task, example: Example, prompt: str, samples: list[Sample], k: i
     candidates = []
     for s in kept:
         graded = task.grade(s.text, example)
-        candidates.append(Candidate(text=s.text, answer=graded.answer, correct=graded.correct,
-                                    wrong_steps=task.wrong_steps(s.text), score=s.score))
+        candidates.append(
+            Candidate(
+                text=s.text,
+                answer=graded.answer,
+                correct=graded.correct,
+                wrong_steps=task.wrong_steps(s.text),
+                score=s.score,
+            )
+        )
     assign_ranks(candidates)
-    return Group(id=example.id, task=task.name, prompt=prompt, reference=example.reference, answer=example.answer,
-                 candidates=candidates, meta={"k": k, "n_duplicates": n_dup})
+    return Group(
+        id=example.id,
+        task=task.name,
+        prompt=prompt,
+        reference=example.reference,
+        answer=example.answer,
+        candidates=candidates,
+        meta={"k": k, "n_duplicates": n_dup},
+    )
 
 
 def group_stats(groups: list[Group]) -> dict[str, Any]:
@@ -91,10 +109,18 @@ def group_stats(groups: list[Group]) -> dict[str, Any]:
     }
 
 
-def sample_candidates(model, tokenizer, task, examples: list[Example], out_path: str | os.PathLike,
-                      cfg: SamplingConfig, model_name: str = "", progress: bool = True,
-                      generate: Callable[[list[str], SamplingConfig], list[list[Sample]]] | None = None,
-                      prompt_format: PromptFormat = PLAIN) -> dict[str, Any]:
+def sample_candidates(
+    model,
+    tokenizer,
+    task,
+    examples: list[Example],
+    out_path: str | os.PathLike,
+    cfg: SamplingConfig,
+    model_name: str = "",
+    progress: bool = True,
+    generate: Callable[[list[str], SamplingConfig], list[list[Sample]]] | None = None,
+    prompt_format: PromptFormat = PLAIN,
+) -> dict[str, Any]:
     """Sample, label and append one Group per example to `out_path` (JSONL), resuming a partial file.
 
     Questions are processed in order of prompt length (less padding), so the file's line order is not the
@@ -108,14 +134,24 @@ def sample_candidates(model, tokenizer, task, examples: list[Example], out_path:
             raise InputError(f"duplicate example id {ex.id!r} in the input", field="id")
         seen_ids.add(ex.id)
 
-    meta = CandidatesMeta(task=task.name, model=model_name, tokenizer=tokenizer_info(tokenizer),
-                          sampling=cfg.to_dict(), prompt_format=prompt_format.to_meta(tokenizer))
+    meta = CandidatesMeta(
+        task=task.name,
+        model=model_name,
+        tokenizer=tokenizer_info(tokenizer),
+        sampling=cfg.to_dict(),
+        prompt_format=prompt_format.to_meta(tokenizer),
+    )
     has_data = out_path.exists() and out_path.stat().st_size > 0
     if has_data and meta_path.exists():
-        _check_meta(meta_path, CandidatesMeta.read(meta_path), meta)  # before touching the data file: a mismatch leaves it as it was
+        _check_meta(
+            meta_path, CandidatesMeta.read(meta_path), meta
+        )  # before touching the data file: a mismatch leaves it as it was
     elif has_data:
-        raise InputError(f"has candidates but no {meta_path.name} to check them against; refusing to append "
-                         "samples of unknown origin (use a new output path)", out_path)
+        raise InputError(
+            f"has candidates but no {meta_path.name} to check them against; refusing to append "
+            "samples of unknown origin (use a new output path)",
+            out_path,
+        )
 
     truncate_torn_tail(out_path)
     done = _done_ids(out_path)
@@ -130,13 +166,16 @@ def sample_candidates(model, tokenizer, task, examples: list[Example], out_path:
     n_samples = n_tokens = 0
     with tqdm(total=len(todo), desc=f"sampling {task.name}", unit="q", disable=not progress) as bar:
         for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start:start + cfg.batch_size]
+            batch = todo[start : start + cfg.batch_size]
             # A seed per batch keyed by its first question: distinct streams per batch, reproducible reruns.
             seed = zlib.crc32(f"{cfg.seed}:{batch[0].id}".encode())
             batch_prompts, batch_cfg = [prompts[ex.id] for ex in batch], replace(cfg, seed=seed)
             # `generate` swaps the engine (e.g. vLLM); labelling, resume and the file format stay the same
-            samples = (generate(batch_prompts, batch_cfg) if generate is not None
-                       else generate_k(model, tokenizer, batch_prompts, batch_cfg))
+            samples = (
+                generate(batch_prompts, batch_cfg)
+                if generate is not None
+                else generate_k(model, tokenizer, batch_prompts, batch_cfg)
+            )
             groups = [build_group(task, ex, prompts[ex.id], s, cfg.k) for ex, s in zip(batch, samples)]
             for g, s in zip(groups, samples):  # compute accounting: every sampled token, duplicates included
                 g.meta["generated_tokens"] = sum(x.n_tokens for x in s)
@@ -148,11 +187,18 @@ def sample_candidates(model, tokenizer, task, examples: list[Example], out_path:
 
     groups = read_groups(out_path) if out_path.exists() else []
     stats = group_stats(groups)
-    stats.update({"new_questions": len(todo), "resumed_questions": len(done), "new_samples": n_samples,
-                  "wall_s": round(wall, 3), "samples_per_s": n_samples / wall if wall > 0 else 0.0,
-                  # the whole file's (exact under resume: each group records its own), and this run's
-                  "generated_tokens": sum(int(g.meta.get("generated_tokens", 0)) for g in groups),
-                  "new_generated_tokens": n_tokens})
+    stats.update(
+        {
+            "new_questions": len(todo),
+            "resumed_questions": len(done),
+            "new_samples": n_samples,
+            "wall_s": round(wall, 3),
+            "samples_per_s": n_samples / wall if wall > 0 else 0.0,
+            # the whole file's (exact under resume: each group records its own), and this run's
+            "generated_tokens": sum(int(g.meta.get("generated_tokens", 0)) for g in groups),
+            "new_generated_tokens": n_tokens,
+        }
+    )
     replace(meta, status="complete", stats=stats).write(meta_path)
     return stats
 

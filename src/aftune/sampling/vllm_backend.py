@@ -12,8 +12,10 @@ from typing import Any
 
 from aftune.sampling.sampler import Sample, SamplingConfig
 
-INSTALL_HINT = ("the vLLM backend needs the optional dependency vllm (CUDA only): "
-                "pip install 'aftune[vllm]'  (or use the default HF backend)")
+INSTALL_HINT = (
+    "the vLLM backend needs the optional dependency vllm (CUDA only): "
+    "pip install 'aftune[vllm]'  (or use the default HF backend)"
+)
 
 
 def _import_vllm():
@@ -38,8 +40,13 @@ def _sample_from_output(completion: Any) -> Sample:
 _ENGINES: dict = {}
 
 
-def generate_k_vllm(model_path: str | os.PathLike, prompts: list[str], cfg: SamplingConfig,
-                    tensor_parallel_size: int = 1, **llm_kwargs: Any) -> list[list[Sample]]:
+def generate_k_vllm(
+    model_path: str | os.PathLike,
+    prompts: list[str],
+    cfg: SamplingConfig,
+    tensor_parallel_size: int = 1,
+    **llm_kwargs: Any,
+) -> list[list[Sample]]:
     """k samples per prompt with vLLM; same `Sample` semantics as `generate_k` (EOS in token_ids, not text)."""
     LLM, SamplingParams = _import_vllm()
     if not prompts:
@@ -47,17 +54,32 @@ def generate_k_vllm(model_path: str | os.PathLike, prompts: list[str], cfg: Samp
     key = (str(model_path), tensor_parallel_size, tuple(sorted(llm_kwargs.items())))
     llm = _ENGINES.get(key)  # one engine per model: `aftune sample` calls this once per batch
     if llm is None:
-        kwargs = {"model": str(model_path), "tensor_parallel_size": tensor_parallel_size, "seed": cfg.seed,
-                  "logprobs_mode": "raw_logprobs", **llm_kwargs}
+        kwargs = {
+            "model": str(model_path),
+            "tensor_parallel_size": tensor_parallel_size,
+            "seed": cfg.seed,
+            "logprobs_mode": "raw_logprobs",
+            **llm_kwargs,
+        }
         try:
             llm = LLM(**kwargs)
         except TypeError:  # engines before logprobs_mode existed
             kwargs.pop("logprobs_mode")
-            warnings.warn("this vLLM version has no logprobs_mode; its V0 engine reports logprobs after "
-                          "temperature, so scores may differ from the HF backend's", stacklevel=2)
+            warnings.warn(
+                "this vLLM version has no logprobs_mode; its V0 engine reports logprobs after "
+                "temperature, so scores may differ from the HF backend's",
+                stacklevel=2,
+            )
             llm = LLM(**kwargs)
         _ENGINES[key] = llm
-    params = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                            stop=list(cfg.stop) or None, seed=cfg.seed, logprobs=0)
+    params = SamplingParams(
+        n=cfg.k,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_tokens=cfg.max_new_tokens,
+        stop=list(cfg.stop) or None,
+        seed=cfg.seed,
+        logprobs=0,
+    )
     outputs = llm.generate(list(prompts), params)
     return [[_sample_from_output(c) for c in out.outputs] for out in outputs]

@@ -75,8 +75,9 @@ def get_tasks(spec: str, task_args: dict | None = None, data_dir: str | None = N
         kwargs = {k: v for k, v in (task_args or {}).items() if k in accepted}
         unknown = set(task_args or {}) - set(accepted) if len(names) == 1 else set()
         if unknown:
-            raise ValueError(f"task '{name}' has no option(s) {', '.join(sorted(unknown))}; "
-                             f"it takes: {', '.join(accepted)}")
+            raise ValueError(
+                f"task '{name}' has no option(s) {', '.join(sorted(unknown))}; it takes: {', '.join(accepted)}"
+            )
         if data_dir is not None and "data_dir" in accepted:
             kwargs["data_dir"] = data_dir
         tasks.append(cls(name, **kwargs) if is_file else cls(**kwargs))
@@ -177,5 +178,15 @@ def format_task_list(infos: list[TaskInfo]) -> list[str]:
     return lines
 
 
-__all__ = ["Graded", "Task", "TaskInfo", "describe_tasks", "format_task_list", "get_task", "get_tasks",
-           "list_tasks", "register_task", "task_class"]
+__all__ = [
+    "Graded",
+    "Task",
+    "TaskInfo",
+    "describe_tasks",
+    "format_task_list",
+    "get_task",
+    "get_tasks",
+    "list_tasks",
+    "register_task",
+    "task_class",
+]

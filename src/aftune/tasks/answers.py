@@ -23,8 +23,15 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
 __all__ = [
-    "normalize_number", "extract_number", "numbers_equal", "to_fraction", "safe_eval",
-    "parse_annotations", "check_annotations", "equation_list", "DEFAULT_MARKERS",
+    "normalize_number",
+    "extract_number",
+    "numbers_equal",
+    "to_fraction",
+    "safe_eval",
+    "parse_annotations",
+    "check_annotations",
+    "equation_list",
+    "DEFAULT_MARKERS",
 ]
 
 DEFAULT_MARKERS: tuple[str, ...] = ("####", "The answer is", "the answer is")
@@ -36,9 +43,7 @@ _MAX_NUMBER_CHARS = 64  # longer "numbers" are garbage, not answers
 _SIGN = r"[-+\u2212]"
 _CUR = r"[$€£]"
 _DIGITS = r"(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
-_NUMBER_RE = re.compile(
-    rf"(?P<pre>(?:{_SIGN})?(?:{_CUR}\s?)?(?:{_SIGN})?)(?P<num>(?<![\d.]){_DIGITS})"
-)
+_NUMBER_RE = re.compile(rf"(?P<pre>(?:{_SIGN})?(?:{_CUR}\s?)?(?:{_SIGN})?)(?P<num>(?<![\d.]){_DIGITS})")
 _FULL_RE = re.compile(
     rf"^(?P<s1>{_SIGN})?\s*(?:{_CUR})?\s*(?P<s2>{_SIGN})?\s*(?P<num>{_DIGITS})\s*%?"
     r"(?:\s*[A-Za-z]+(?:\s+[A-Za-z]+)*)?\s*[.,;:!?]*$"
@@ -98,8 +103,7 @@ _GLUED_BEFORE = re.compile(r"\d(?:[/:,]|[eE][-+]?)$")
 
 def _is_piece(m: re.Match) -> bool:
     start = m.start("num")
-    return bool(_GLUED_AFTER.match(m.string, m.end())
-                or _GLUED_BEFORE.search(m.string, max(0, start - 3), start))
+    return bool(_GLUED_AFTER.match(m.string, m.end()) or _GLUED_BEFORE.search(m.string, max(0, start - 3), start))
 
 
 def _numbers(text: str) -> list[re.Match]:
@@ -162,7 +166,9 @@ MAX_DENOMINATOR = 10**15
 MAX_DEPTH = 32
 MAX_EXPONENT = 32
 
-_TOKEN_RE = re.compile(r"\s*(?:(?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)|(?P<op>\*\*|[-+*/()x×÷X\u2212·]))")
+_TOKEN_RE = re.compile(
+    r"\s*(?:(?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)|(?P<op>\*\*|[-+*/()x×÷X\u2212·]))"
+)
 _OP_ALIASES = {"x": "*", "X": "*", "×": "*", "·": "*", "÷": "/", "\u2212": "-"}
 
 

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 from aftune.io import InputError, require
 from aftune.records import Example
-from aftune.tasks.choices import LETTERS, MultipleChoiceTask, normalize_text, answer_line
+from aftune.tasks.choices import LETTERS, MultipleChoiceTask, answer_line, normalize_text
 from aftune.tasks.hub import DatasetTask, hub_rows, local_rows
 
-_LOCAL_FILES = {"train": "aqua/flan_cot/aqua_train_flan.jsonl", "validation": "aqua/dev.jsonl",
-                "test": "aqua/test.jsonl"}
+_LOCAL_FILES = {
+    "train": "aqua/flan_cot/aqua_train_flan.jsonl",
+    "validation": "aqua/dev.jsonl",
+    "test": "aqua/test.jsonl",
+}
 _HUB_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
 
 _OPTION = re.compile(r"^\s*\(?([A-E])\)\s*(.*?)\s*$", re.DOTALL)
@@ -34,11 +37,15 @@ _PREFIX = r"(?:(?:so|thus|hence|therefore)\s*,?\s+)?"
 _CLOSING_KEYWORD = re.compile(
     rf"^{_PREFIX}(?:the\s+)?(?:correct\s+|right\s+|final\s+)?(?:answer|ans|option|choice)"
     r"(?:\s+(?:is|will\s+be|should\s+be|would\s+be))?\s*[:=\-.,]?\s*(?:(?:option|choice)\s*:?\s*)?"
-    r"\(?(?P<l>[A-E])\b\)?(?P<rest>.*)$", re.IGNORECASE)
+    r"\(?(?P<l>[A-E])\b\)?(?P<rest>.*)$",
+    re.IGNORECASE,
+)
 # "D is the answer", "Hence (C) is the correct answer", "Option B is correct"
 _CLOSING_IS = re.compile(
     rf"^{_PREFIX}(?:(?:option|choice)\s+)?\(?(?P<l>[A-E])\)?\s+is\s+(?:the\s+)?(?:correct|right)?\s*"
-    r"(?:answer|option|choice)?\s*[.!]?$", re.IGNORECASE)
+    r"(?:answer|option|choice)?\s*[.!]?$",
+    re.IGNORECASE,
+)
 _BARE = re.compile(r"^\(?(?P<l>[A-E])\)?[.)]?$")
 
 
@@ -68,8 +75,9 @@ def closing_letter(line: str, options: Mapping[str, str]) -> str | None:
     letter = m.group("l").upper()
     rest = m.groupdict().get("rest") or ""
     rest = re.sub(r"^[\s).:,-]+|[\s.]+$", "", rest)
-    rest = re.sub(r"^is\s+(?:the\s+)?(?:correct|right)(?:\s+(?:answer|option|choice))?$", "", rest,
-                  flags=re.IGNORECASE)
+    rest = re.sub(
+        r"^is\s+(?:the\s+)?(?:correct|right)(?:\s+(?:answer|option|choice))?$", "", rest, flags=re.IGNORECASE
+    )
     if rest and normalize_text(rest) != normalize_text(options.get(letter, "")):
         return None
     return letter
@@ -116,5 +124,4 @@ class AquaTask(MultipleChoiceTask, DatasetTask):
             raise InputError(f"expected one letter A-E, got {correct!r}", source, line, "correct")
         reference, dropped = build_reference(rationale, correct, options)
         self.dropped_closing_lines += dropped
-        return Example(id=ex_id, question=question, reference=reference, answer=correct,
-                       options=options)
+        return Example(id=ex_id, question=question, reference=reference, answer=correct, options=options)

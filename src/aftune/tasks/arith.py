@@ -21,8 +21,14 @@ from aftune.records import Example
 from aftune.tasks.answers import extract_number, numbers_equal
 from aftune.tasks.base import Task
 
-NAMES = (("Ann", "she", "her"), ("Mia", "she", "her"), ("Lily", "she", "her"),
-         ("Ben", "he", "him"), ("Sam", "he", "him"), ("Tom", "he", "him"))
+NAMES = (
+    ("Ann", "she", "her"),
+    ("Mia", "she", "her"),
+    ("Lily", "she", "her"),
+    ("Ben", "he", "him"),
+    ("Sam", "he", "him"),
+    ("Tom", "he", "him"),
+)
 ITEMS = ("apples", "eggs", "cards", "pens", "stickers", "marbles")
 CONTAINERS = ("bags", "boxes", "packs")
 MAX_ATTEMPTS = 200  # rejection-sampling tries per problem before giving up on a draw
@@ -30,6 +36,7 @@ MAX_VALUE = 1000  # bound on every intermediate value of every solution path (ke
 
 
 # ---------------------------------------------------------------- problem generation
+
 
 def _term_text(t: dict[str, Any], p: dict[str, Any]) -> str:
     """Question sentence for one term."""
@@ -51,8 +58,9 @@ def _act(sign: int, p: dict[str, Any], rng: random.Random, first: bool) -> str:
     return rng.choice((f"{subj} sells", f"{subj} gives {p['friend']}", f"{subj} loses"))
 
 
-def generate_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4, max_number: int = 30,
-                     ops: str = "+-*") -> dict[str, Any]:
+def generate_problem(
+    rng: random.Random, min_steps: int = 2, max_steps: int = 4, max_number: int = 30, ops: str = "+-*"
+) -> dict[str, Any]:
     """One random problem as a JSON-able dict (see module doc); its answer is `problem["answer"]`."""
     lo = 2 if max_number >= 2 else 1
     for _ in range(MAX_ATTEMPTS):
@@ -64,16 +72,27 @@ def generate_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4,
         n_terms = rest - n_mul + 1
         name, pron, obj = rng.choice(NAMES)
         friend = rng.choice([n for n, _, _ in NAMES if n != name])
-        p: dict[str, Any] = {"name": name, "pron": pron, "obj": obj, "friend": friend,
-                             "item": rng.choice(ITEMS), "terms": [], "final": None}
+        p: dict[str, Any] = {
+            "name": name,
+            "pron": pron,
+            "obj": obj,
+            "friend": friend,
+            "item": rng.choice(ITEMS),
+            "terms": [],
+            "final": None,
+        }
         containers = rng.sample(CONTAINERS, len(CONTAINERS))
         mul_at = set(rng.sample(range(n_terms), n_mul))
         total = 0
         for i in range(n_terms):
             sign = 1 if i == 0 or "-" not in ops or rng.random() < 0.5 else -1
             if i in mul_at:
-                t = {"kind": "mul", "a": rng.randint(lo, max_number), "b": rng.randint(lo, max_number),
-                     "container": containers.pop()}
+                t = {
+                    "kind": "mul",
+                    "a": rng.randint(lo, max_number),
+                    "b": rng.randint(lo, max_number),
+                    "container": containers.pop(),
+                }
                 value = t["a"] * t["b"]
             else:
                 t = {"kind": "lit", "a": rng.randint(lo, max_number)}
@@ -105,8 +124,9 @@ def generate_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4,
         p["answer"] = total
         p["question"] = _question(p, rng)
         return p
-    raise ValueError(f"could not generate a problem with steps {min_steps}-{max_steps}, "
-                     f"max_number={max_number}, ops={ops!r}")
+    raise ValueError(
+        f"could not generate a problem with steps {min_steps}-{max_steps}, max_number={max_number}, ops={ops!r}"
+    )
 
 
 def _question(p: dict[str, Any], rng: random.Random) -> str:
@@ -125,6 +145,7 @@ def _question(p: dict[str, Any], rng: random.Random) -> str:
 
 
 # ---------------------------------------------------------------- solution paths
+
 
 def _eq(x: int, op: str, y: int, r: int) -> str:
     return f"{x} {op} {y} = <<{x}{op}{y}={r}>>{r}"
@@ -150,12 +171,16 @@ def sample_solution(problem: dict[str, Any], rng: random.Random) -> str:
         r = t["a"] * t["b"]
         e = _eq(x, "*", y, r)
         act = t["act"]
-        lines.append(rng.choice((
-            f"{act} {e} {item}.",
-            f"{t['a']} {t['container']} of {t['b']} is {e} {item}.",
-            f"The {t['container']} hold {e} {item}.",
-            f"{act} {t['a']} {t['container']} of {t['b']}, so {e} {item}.",
-        )))
+        lines.append(
+            rng.choice(
+                (
+                    f"{act} {e} {item}.",
+                    f"{t['a']} {t['container']} of {t['b']} is {e} {item}.",
+                    f"The {t['container']} hold {e} {item}.",
+                    f"{act} {t['a']} {t['container']} of {t['b']}, so {e} {item}.",
+                )
+            )
+        )
         ready[i] = [t["sign"], r, i == 0]
         pending_mul.discard(i)
 
@@ -190,19 +215,40 @@ def sample_solution(problem: dict[str, Any], rng: random.Random) -> str:
             else:
                 r = base[1] - other[1]
                 e = _eq(base[1], "-", other[1], r)
-            lines.append(rng.choice((f"Now {p['pron']} has {e} {item}.", f"{P} then has {e} {item}.",
-                                     f"That leaves {e} {item}." if other[0] < 0 else f"That makes {e} {item}.")))
+            lines.append(
+                rng.choice(
+                    (
+                        f"Now {p['pron']} has {e} {item}.",
+                        f"{P} then has {e} {item}.",
+                        f"That leaves {e} {item}." if other[0] < 0 else f"That makes {e} {item}.",
+                    )
+                )
+            )
             ready[min(ai, bi)] = [1, r, True]
         else:
             x, y = _commute(a[1], b[1], rng)
             r = a[1] + b[1]
             e = _eq(x, "+", y, r)
             if a[0] > 0:
-                lines.append(rng.choice((f"In all {p['pron']} gets {e} more {item}.",
-                                         f"{P} gains {e} {item} in total.", f"Together that is {e} more {item}.")))
+                lines.append(
+                    rng.choice(
+                        (
+                            f"In all {p['pron']} gets {e} more {item}.",
+                            f"{P} gains {e} {item} in total.",
+                            f"Together that is {e} more {item}.",
+                        )
+                    )
+                )
             else:
-                lines.append(rng.choice((f"In all {p['pron']} loses {e} {item}.",
-                                         f"{P} parts with {e} {item} in total.", f"Together {e} {item} go.")))
+                lines.append(
+                    rng.choice(
+                        (
+                            f"In all {p['pron']} loses {e} {item}.",
+                            f"{P} parts with {e} {item} in total.",
+                            f"Together {e} {item} go.",
+                        )
+                    )
+                )
             ready[min(ai, bi)] = [a[0], r, False]
     total = next(iter(ready.values()))[1]
     f = p["final"]
@@ -210,14 +256,22 @@ def sample_solution(problem: dict[str, Any], rng: random.Random) -> str:
         x, y = _commute(total, f["k"], rng)
         total *= f["k"]
         e = _eq(x, "*", y, total)
-        lines.append(rng.choice((f"They are worth {e} dollars.", f"That is {e} dollars.",
-                                 f"So the {item} cost {e} dollars.")))
+        lines.append(
+            rng.choice((f"They are worth {e} dollars.", f"That is {e} dollars.", f"So the {item} cost {e} dollars."))
+        )
     elif f is not None:
         r = total // f["k"]
         e = _eq(total, "/", f["k"], r)
         total = r
-        lines.append(rng.choice((f"Each friend gets {e} {item}.", f"That is {e} {item} per friend.",
-                                 f"So {e} {item} go to each friend.")))
+        lines.append(
+            rng.choice(
+                (
+                    f"Each friend gets {e} {item}.",
+                    f"That is {e} {item} per friend.",
+                    f"So {e} {item} go to each friend.",
+                )
+            )
+        )
     assert total == p["answer"], "solution path disagrees with the problem's answer"
     lines.append(f"#### {total}")
     return "\n".join(lines)
@@ -225,21 +279,37 @@ def sample_solution(problem: dict[str, Any], rng: random.Random) -> str:
 
 # ---------------------------------------------------------------- the task
 
+
 class ArithTask(Task):
     """Synthetic GSM8K-shaped arithmetic; splits are deterministic in `seed` and disjoint."""
 
     name = "arith"
     description = "seeded multi-step arithmetic word problems in GSM8K's format (built in, no data needed)"
 
-    def __init__(self, seed: int = 0, n_train: int = 8000, n_validation: int = 300, n_test: int = 500,
-                 min_steps: int = 2, max_steps: int = 4, max_number: int = 30, ops: str = "+-*"):
+    def __init__(
+        self,
+        seed: int = 0,
+        n_train: int = 8000,
+        n_validation: int = 300,
+        n_test: int = 500,
+        min_steps: int = 2,
+        max_steps: int = 4,
+        max_number: int = 30,
+        ops: str = "+-*",
+    ):
         if not ops or set(ops) - set("+-*/") or "+" not in ops:
             raise ValueError(f"ops must be a subset of '+-*/' containing '+', got {ops!r}")
         if not 1 <= min_steps <= max_steps <= 8:
             raise ValueError(f"need 1 <= min_steps <= max_steps <= 8, got {min_steps}, {max_steps}")
         if max_number < 2:
             raise ValueError(f"max_number must be >= 2, got {max_number}")
-        self.seed, self.min_steps, self.max_steps, self.max_number, self.ops = seed, min_steps, max_steps, max_number, ops
+        self.seed, self.min_steps, self.max_steps, self.max_number, self.ops = (
+            seed,
+            min_steps,
+            max_steps,
+            max_number,
+            ops,
+        )
         self.sizes = {"train": n_train, "validation": n_validation, "test": n_test}
         self._cache: dict[str, list[Example]] | None = None
 
@@ -263,8 +333,15 @@ class ArithTask(Task):
                 seen.add(key)
                 seen.add(p["question"])  # type: ignore[arg-type]
                 ref = sample_solution(p, rng)
-                exs.append(Example(id=f"arith-{split}-{len(exs):05d}", question=p["question"], reference=ref,
-                                   answer=str(p["answer"]), meta={"steps": p["steps"], "problem": p}))
+                exs.append(
+                    Example(
+                        id=f"arith-{split}-{len(exs):05d}",
+                        question=p["question"],
+                        reference=ref,
+                        answer=str(p["answer"]),
+                        meta={"steps": p["steps"], "problem": p},
+                    )
+                )
             out[split] = exs
         return out
 

@@ -25,7 +25,7 @@ Traps handled on purpose (each has a case in tests/corpora):
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 from aftune.records import Example
 from aftune.tasks.answers import normalize_number, numbers_equal
@@ -34,8 +34,26 @@ from aftune.tasks.base import Task
 LETTERS: tuple[str, ...] = ("A", "B", "C", "D", "E")
 
 # Words that may follow "answer is A" without making the `A` an article.
-_CONNECTORS = frozenset({"because", "since", "as", "which", "so", "and", "or", "with", "for", "here",
-                         "is", "seems", "would", "should", "must", "will"})
+_CONNECTORS = frozenset(
+    {
+        "because",
+        "since",
+        "as",
+        "which",
+        "so",
+        "and",
+        "or",
+        "with",
+        "for",
+        "here",
+        "is",
+        "seems",
+        "would",
+        "should",
+        "must",
+        "will",
+    }
+)
 
 _STRICT_MARKER = re.compile(r"####|\bthe answer is\b", re.IGNORECASE)
 _LEAD = re.compile(r"[\s:=*,]*(?:(?:option|choice)\b[\s:]*)?")
@@ -46,12 +64,16 @@ _CONTEXTS: tuple[re.Pattern[str], ...] = (
     re.compile(r"\*\*\s*\(?(?P<l>[A-Ea-e])\)?[.:]?\s*\*\*"),  # **C**, **(c)**
     re.compile(r"(?<![A-Za-z0-9])\((?P<l>[A-E])\)"),  # (C)
     re.compile(r"(?<![A-Za-z0-9(])(?P<l>[A-E])\)"),  # C)
-    re.compile(r"\b(?:answer|ans|option|choice)s?\b"
-               r"(?:\s+(?:is|would\s+be|will\s+be|should\s+be|must\s+be))?\s*(?:[:=\-\u2013,]\s*)?"
-               r"(?:(?:option|choice)\b\s*[:\-]?\s*)?\(?(?P<l>[A-Ea-e])(?![A-Za-z0-9']|\.[A-Za-z])",
-               re.IGNORECASE),  # answer: C / answer is c / option C / correct choice is (C)
-    re.compile(r"(?<![A-Za-z0-9(])\(?(?P<l>[A-E])\)?\s+is\s+(?:the\s+)?"
-               r"(?:correct|right|answer)\b"),  # D is the answer / (C) is correct
+    re.compile(
+        r"\b(?:answer|ans|option|choice)s?\b"
+        r"(?:\s+(?:is|would\s+be|will\s+be|should\s+be|must\s+be))?\s*(?:[:=\-\u2013,]\s*)?"
+        r"(?:(?:option|choice)\b\s*[:\-]?\s*)?\(?(?P<l>[A-Ea-e])(?![A-Za-z0-9']|\.[A-Za-z])",
+        re.IGNORECASE,
+    ),  # answer: C / answer is c / option C / correct choice is (C)
+    re.compile(
+        r"(?<![A-Za-z0-9(])\(?(?P<l>[A-E])\)?\s+is\s+(?:the\s+)?"
+        r"(?:correct|right|answer)\b"
+    ),  # D is the answer / (C) is correct
     re.compile(r"^[ \t]*\(?(?P<l>[A-E])\)?[.:]?[ \t]*$", re.MULTILINE),  # a line holding only "C"
     re.compile(r"(?<![A-Za-z0-9'.])(?P<l>[A-E])[.!]?\**\s*$"),  # the last token: "So it is B." (not "U.S.A.")
 )
@@ -88,8 +110,9 @@ def _listing_spans(text: str) -> list[tuple[int, int]]:
     i = 0
     while i < len(marks):
         j = i
-        while (j + 1 < len(marks) and marks[j + 1][2] == marks[j][2] + 1
-               and marks[j + 1][0] - marks[j][1] <= _LISTING_GAP):
+        while (
+            j + 1 < len(marks) and marks[j + 1][2] == marks[j][2] + 1 and marks[j + 1][0] - marks[j][1] <= _LISTING_GAP
+        ):
             j += 1
         if j - i + 1 >= 3:
             spans.append((marks[i][0], marks[j][1]))
@@ -139,9 +162,11 @@ def option_mentions(text: str, options: Mapping[str, str]) -> list[tuple[str, in
             for letter, value in numeric.items():
                 if numbers_equal(m.group(0), value):
                     found.append((letter, m.start(), m.end()))
-    return [f for f in found
-            if not any(g[0] != f[0] and g[1] <= f[1] and f[2] <= g[2] and (g[2] - g[1]) > (f[2] - f[1])
-                       for g in found)]
+    return [
+        f
+        for f in found
+        if not any(g[0] != f[0] and g[1] <= f[1] and f[2] <= g[2] and (g[2] - g[1]) > (f[2] - f[1]) for g in found)
+    ]
 
 
 def _unique_mention(text: str, options: Mapping[str, str] | None) -> tuple[str, int] | None:
@@ -160,7 +185,7 @@ def _last_sentence(text: str) -> tuple[str, int]:
     stripped = text.rstrip()
     cut = 0
     for m in re.finditer(r"[.!?](?=\s)|\n", stripped):
-        if stripped[m.end():].strip():
+        if stripped[m.end() :].strip():
             cut = m.end()
     return stripped[cut:], cut
 
@@ -180,8 +205,7 @@ def _after_marker(text: str, options: Mapping[str, str] | None) -> str | None:
     return hit[0] if hit else None
 
 
-def extract_choice(completion: str, strict: bool = False,
-                   options: Mapping[str, str] | None = None) -> str | None:
+def extract_choice(completion: str, strict: bool = False, options: Mapping[str, str] | None = None) -> str | None:
     """The option letter a completion commits to, or None (rules: module doc).
 
     `options` maps letters to option texts; without it, only letters are recognised.
@@ -189,7 +213,7 @@ def extract_choice(completion: str, strict: bool = False,
     if not isinstance(completion, str) or not completion.strip():
         return None
     for m in reversed(list(_STRICT_MARKER.finditer(completion))):
-        got = _after_marker(completion[m.end():], options)
+        got = _after_marker(completion[m.end() :], options)
         if got is not None:
             return got
     if strict:

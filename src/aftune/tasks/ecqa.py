@@ -22,12 +22,11 @@ import os
 from aftune.io import InputError, require
 from aftune.records import Example
 from aftune.tasks.choices import LETTERS, MultipleChoiceTask, answer_line
-from aftune.tasks.hub import DatasetTask, HUB_IDS, hub_rows, local_rows
+from aftune.tasks.hub import HUB_IDS, DatasetTask, hub_rows, local_rows
 
 log = logging.getLogger(__name__)
 
-_LOCAL_FILES = {"train": "ecqa/ecqa_train.jsonl", "validation": "ecqa/ecqa_val.jsonl",
-                "test": "ecqa/ecqa_test.jsonl"}
+_LOCAL_FILES = {"train": "ecqa/ecqa_train.jsonl", "validation": "ecqa/ecqa_val.jsonl", "test": "ecqa/ecqa_test.jsonl"}
 COT_FIELD = "cot_positives_flan"
 
 
@@ -39,10 +38,18 @@ def _parse_choices(raw: object, source: str, line: int) -> dict[str, str]:
         raise InputError("expected 5 choices", source, line, "choices")
     out: dict[str, str] = {}
     for want, item in zip(LETTERS, raw):
-        if (not isinstance(item, dict) or item.get("label") != want or not isinstance(item.get("text"), str)
-                or not item["text"].strip()):
-            raise InputError(f"choice {want}: expected {{'label': '{want}', 'text': <non-empty str>}}, "
-                             f"got {item!r}", source, line, "choices")
+        if (
+            not isinstance(item, dict)
+            or item.get("label") != want
+            or not isinstance(item.get("text"), str)
+            or not item["text"].strip()
+        ):
+            raise InputError(
+                f"choice {want}: expected {{'label': '{want}', 'text': <non-empty str>}}, got {item!r}",
+                source,
+                line,
+                "choices",
+            )
         out[want] = item["text"].strip()
     return out
 
@@ -63,11 +70,15 @@ class ECQATask(MultipleChoiceTask, DatasetTask):
         else:
             hub_id = HUB_IDS["ecqa"][0]
             if split == "train":
-                raise InputError(f"ECQA train needs chains of thought, which are not on the hub ({hub_id} "
-                                 "has questions only); set data_dir or AFTUNE_DATA to a local ECQA copy")
+                raise InputError(
+                    f"ECQA train needs chains of thought, which are not on the hub ({hub_id} "
+                    "has questions only); set data_dir or AFTUNE_DATA to a local ECQA copy"
+                )
             if split == "test":
-                raise InputError(f"the hub test split of {hub_id} has no public labels; use 'validation', "
-                                 "or set data_dir or AFTUNE_DATA to a local ECQA copy")
+                raise InputError(
+                    f"the hub test split of {hub_id} has no public labels; use 'validation', "
+                    "or set data_dir or AFTUNE_DATA to a local ECQA copy"
+                )
             source, rows = hub_rows("ecqa", "validation")
         out: list[Example] = []
         self.skipped_without_cot = 0
@@ -78,8 +89,13 @@ class ECQATask(MultipleChoiceTask, DatasetTask):
                 continue
             out.append(ex)
         if self.skipped_without_cot:
-            log.info("ecqa %s: skipped %d of %d examples without a chain of thought (%s)", split,
-                     self.skipped_without_cot, self.skipped_without_cot + len(out), source)
+            log.info(
+                "ecqa %s: skipped %d of %d examples without a chain of thought (%s)",
+                split,
+                self.skipped_without_cot,
+                self.skipped_without_cot + len(out),
+                source,
+            )
         return out
 
     @staticmethod
@@ -96,5 +112,11 @@ class ECQATask(MultipleChoiceTask, DatasetTask):
         cot = (cot or "").strip()
         reference = f"{cot}\n{answer_line(key)}" if cot else answer_line(key)
         # ECQA's author split lists some ids in two splits, so ids are qualified by split.
-        return Example(id=f"ecqa-{split}-{ex_id}", question=question, reference=reference, answer=key,
-                       options=options, meta={"has_cot": bool(cot), "csqa_id": ex_id})
+        return Example(
+            id=f"ecqa-{split}-{ex_id}",
+            question=question,
+            reference=reference,
+            answer=key,
+            options=options,
+            meta={"has_cot": bool(cot), "csqa_id": ex_id},
+        )

@@ -46,8 +46,18 @@ DEFAULT_PROMPT = "Question: {question}\nAnswer:\n"
 DEFAULT_CHOICE_PROMPT = "Question: {question}\n{options}\nAnswer:\n"
 DEFAULT_STOP = ("\nQuestion:",)
 
-_TOP_KEYS = ("name", "description", "data", "fields", "answer_type", "answer_from", "answer_marker", "prompt",
-             "reference", "stop")
+_TOP_KEYS = (
+    "name",
+    "description",
+    "data",
+    "fields",
+    "answer_type",
+    "answer_from",
+    "answer_marker",
+    "prompt",
+    "reference",
+    "stop",
+)
 _DATA_KEYS = (*SPLITS, "hub", "validation_from_train")
 _HUB_KEYS = ("path", "name", "revision", "splits")
 _FIELD_KEYS = ("question", "solution", "answer", "options", "id")
@@ -185,8 +195,11 @@ def template_fields(template: str, key: str, reader: _Reader) -> tuple[str, ...]
             continue
         if not name.isidentifier() or spec or conversion:
             shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-            raise reader.error(key, "only {name} substitutions are allowed (no attribute access, indexing, "
-                                    f"conversion or format spec), got '{shown}'")
+            raise reader.error(
+                key,
+                "only {name} substitutions are allowed (no attribute access, indexing, "
+                f"conversion or format spec), got '{shown}'",
+            )
         names.append(name)
     return tuple(dict.fromkeys(names))
 
@@ -205,8 +218,9 @@ def read_task_spec(path: str | os.PathLike) -> TaskSpec:
         raise InputError(f"not UTF-8 text ({e})", shown) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise InputError(f"not valid YAML ({getattr(e, 'problem', None) or e})", shown,
-                         None if mark is None else mark.line + 1) from None
+        raise InputError(
+            f"not valid YAML ({getattr(e, 'problem', None) or e})", shown, None if mark is None else mark.line + 1
+        ) from None
     r = _Reader(shown, data, lines)
     if not isinstance(data, dict):
         raise InputError(f"expected a mapping of keys to values, got {_type_name(data)}", shown)
@@ -214,8 +228,9 @@ def read_task_spec(path: str | os.PathLike) -> TaskSpec:
 
     name = r.string("name", data.get("name"), required=True)
     if not _NAME_RE.fullmatch(name):
-        raise r.error("name", f"expected letters, digits, '_', '-' or '.' (it is part of every example id), "
-                              f"got {name!r}")
+        raise r.error(
+            "name", f"expected letters, digits, '_', '-' or '.' (it is part of every example id), got {name!r}"
+        )
     description = r.string("description", data.get("description"), nonempty=False) or ""
     answer_type = r.choice("answer_type", data.get("answer_type"), ANSWER_TYPES)
 
@@ -228,14 +243,23 @@ def read_task_spec(path: str | os.PathLike) -> TaskSpec:
     id_field = r.string("fields.id", fields.get("id"))
     options_field = _options_field(r, fields.get("options"))
 
-    answer_from = r.choice("answer_from", data.get("answer_from"), ANSWER_FROM,
-                           default="field" if answer_field is not None else "after_marker")
+    answer_from = r.choice(
+        "answer_from",
+        data.get("answer_from"),
+        ANSWER_FROM,
+        default="field" if answer_field is not None else "after_marker",
+    )
     if answer_from == "field" and answer_field is None:
-        raise r.error("fields.answer", "missing: answer_from is 'field', so fields.answer must name the column "
-                                       "that holds the gold answer")
+        raise r.error(
+            "fields.answer",
+            "missing: answer_from is 'field', so fields.answer must name the column that holds the gold answer",
+        )
     if answer_from != "field" and answer_field is not None:
-        raise r.error("fields.answer", f"not used with answer_from '{answer_from}' (the answer comes from the "
-                                       "solution); remove it or set answer_from: field")
+        raise r.error(
+            "fields.answer",
+            f"not used with answer_from '{answer_from}' (the answer comes from the "
+            "solution); remove it or set answer_from: field",
+        )
     if answer_from != "field" and solution_field is None:
         raise r.error("fields.solution", f"missing: answer_from '{answer_from}' reads the answer from the solution")
     if "answer_marker" in data and answer_from == "last_boxed":
@@ -254,8 +278,10 @@ def read_task_spec(path: str | os.PathLike) -> TaskSpec:
     if "options" in used and answer_type != "choice":
         raise r.error("prompt", "{options} is only available with answer_type 'choice'")
     if {"solution", "answer"} & set(used):
-        raise r.error("prompt", "the prompt must not contain {solution} or {answer}: it would show the model "
-                                "what it is asked to produce")
+        raise r.error(
+            "prompt",
+            "the prompt must not contain {solution} or {answer}: it would show the model what it is asked to produce",
+        )
     reference = r.string("reference", data.get("reference")) if "reference" in data else None
     reference = reference if reference is not None else "{solution}"
     ref_used = template_fields(reference, "reference", r)
@@ -267,11 +293,28 @@ def read_task_spec(path: str | os.PathLike) -> TaskSpec:
 
     stop = _stop(r, data.get("stop", list(DEFAULT_STOP)))
     files, hub, holdout = _data(r, p, data.get("data"))
-    return TaskSpec(path=shown, name=name, description=description, answer_type=answer_type,
-                    answer_from=answer_from, answer_marker=answer_marker, prompt=prompt, reference=reference,
-                    prompt_fields=used, reference_fields=ref_used, stop=stop, question_field=question_field,
-                    solution_field=solution_field, answer_field=answer_field, options_field=options_field,
-                    id_field=id_field, files=files, hub=hub, validation_from_train=holdout, lines=lines)
+    return TaskSpec(
+        path=shown,
+        name=name,
+        description=description,
+        answer_type=answer_type,
+        answer_from=answer_from,
+        answer_marker=answer_marker,
+        prompt=prompt,
+        reference=reference,
+        prompt_fields=used,
+        reference_fields=ref_used,
+        stop=stop,
+        question_field=question_field,
+        solution_field=solution_field,
+        answer_field=answer_field,
+        options_field=options_field,
+        id_field=id_field,
+        files=files,
+        hub=hub,
+        validation_from_train=holdout,
+        lines=lines,
+    )
 
 
 def _options_field(r: _Reader, value: Any) -> str | tuple[str, ...] | None:
@@ -281,8 +324,11 @@ def _options_field(r: _Reader, value: Any) -> str | tuple[str, ...] | None:
         for i, v in enumerate(value):
             r.string(f"fields.options.{i}", v, required=True)
         return tuple(value)
-    raise r.error("fields.options", f"expected one column name, or a list of 2-{len(LETTERS)} column names "
-                                    f"(one per option, in letter order), got {value!r}")
+    raise r.error(
+        "fields.options",
+        f"expected one column name, or a list of 2-{len(LETTERS)} column names "
+        f"(one per option, in letter order), got {value!r}",
+    )
 
 
 def _stop(r: _Reader, value: Any) -> tuple[str, ...]:
@@ -308,8 +354,11 @@ def _data(r: _Reader, task_path: Path, value: Any) -> tuple[dict[str, str], dict
         raise r.error("data", "expected data files (train, validation, test) or a hub dataset (hub)")
     if files and hub is not None:
         if not any(f.startswith(DATA_VAR) for f in files.values()):
-            raise r.error("data.hub", f"give data files or a hub dataset, not both (the hub is the fallback only for "
-                                      f"files under {DATA_VAR}, as for the built-in tasks)")
+            raise r.error(
+                "data.hub",
+                f"give data files or a hub dataset, not both (the hub is the fallback only for "
+                f"files under {DATA_VAR}, as for the built-in tasks)",
+            )
         if set(files) != set(hub["splits"]):
             raise r.error("data.hub.splits", f"must name the same splits as the data files ({', '.join(files)})")
     holdout = data.get("validation_from_train", 0)
@@ -339,9 +388,11 @@ def _data_path(r: _Reader, task_path: Path, key: str, value: Any) -> str:
 
 def _hub(r: _Reader, value: Any) -> dict[str, Any]:
     hub = r.mapping("data.hub", value, _HUB_KEYS)
-    out = {"path": r.string("data.hub.path", hub.get("path"), required=True),
-           "name": r.string("data.hub.name", hub.get("name")),
-           "revision": r.string("data.hub.revision", hub.get("revision"))}
+    out = {
+        "path": r.string("data.hub.path", hub.get("path"), required=True),
+        "name": r.string("data.hub.name", hub.get("name")),
+        "revision": r.string("data.hub.revision", hub.get("revision")),
+    }
     if "splits" not in hub:
         raise r.error("data.hub.splits", "missing required key (e.g. {train: train, test: test})")
     splits = r.mapping("data.hub.splits", hub["splits"], SPLITS)
@@ -414,8 +465,9 @@ def parse_options(raw: Any, source: str, line: int, column: str) -> dict[str, st
         else:
             label, text = want, item
         if label != want or not isinstance(text, (str, int, float)) or isinstance(text, bool) or not str(text).strip():
-            raise InputError(f"option {want}: expected a non-empty text labelled {want}, got {item!r}", source, line,
-                             column)
+            raise InputError(
+                f"option {want}: expected a non-empty text labelled {want}, got {item!r}", source, line, column
+            )
         out[want] = str(text).strip()
     return out
 
@@ -453,8 +505,10 @@ class FileTask(DatasetTask):
         # The built-in tasks' order: data_dir, else AFTUNE_DATA, else the hub.
         self.use_hub = self.spec.hub is not None and (not self.spec.files or (uses_var and self.data_dir is None))
         if uses_var and self.data_dir is None and not self.use_hub:
-            raise self.spec.error(f"data.{uses_var[0]}", f"uses {DATA_VAR}, but neither --data-dir (data_dir) nor "
-                                                          "the AFTUNE_DATA environment variable is set")
+            raise self.spec.error(
+                f"data.{uses_var[0]}",
+                f"uses {DATA_VAR}, but neither --data-dir (data_dir) nor the AFTUNE_DATA environment variable is set",
+            )
         self._cache: dict[str, list[Example]] = {}
         markers = DEFAULT_MARKERS
         if self.spec.answer_from != "last_boxed" and self.spec.answer_marker not in markers:
@@ -467,7 +521,7 @@ class FileTask(DatasetTask):
         raw = self.spec.files[split]
         if raw.startswith(DATA_VAR):
             assert self.data_dir is not None  # checked in __init__
-            return self.data_dir / raw[len(DATA_VAR) + 1:]
+            return self.data_dir / raw[len(DATA_VAR) + 1 :]
         return Path(raw)
 
     def _rows(self, split: str) -> tuple[str, Rows]:
@@ -485,8 +539,9 @@ class FileTask(DatasetTask):
             for i, (line, obj) in enumerate(rows):
                 ex = self._parse(obj, source, line, split, i)
                 if ex.id in seen:  # only possible with fields.id; sampling and merging key on ids
-                    raise InputError(f"duplicate id {ex.id!r} (first at line {seen[ex.id]})", source, line,
-                                     self.spec.id_field)
+                    raise InputError(
+                        f"duplicate id {ex.id!r} (first at line {seen[ex.id]})", source, line, self.spec.id_field
+                    )
                 seen[ex.id] = line
                 examples.append(ex)
             self._cache[split] = examples
@@ -498,8 +553,10 @@ class FileTask(DatasetTask):
         if n and split in ("train", "validation"):
             train = self._load_file_split("train")
             if n >= len(train):
-                raise self.spec.error("data.validation_from_train", f"holding out {n} rows leaves no training "
-                                                                    f"rows (the train split has {len(train)})")
+                raise self.spec.error(
+                    "data.validation_from_train",
+                    f"holding out {n} rows leaves no training rows (the train split has {len(train)})",
+                )
             return list(train[:-n] if split == "train" else train[-n:])
         return list(self._load_file_split(split))
 
@@ -513,15 +570,18 @@ class FileTask(DatasetTask):
             ex_id = _scalar_text(obj, spec.id_field, source, line)
         else:
             ex_id = f"{spec.name}-{file_split}-{index}"
-        values = {"question": question, "solution": solution or "", "answer": answer,
-                  "options": format_options(options or {})}
+        values = {
+            "question": question,
+            "solution": solution or "",
+            "answer": answer,
+            "options": format_options(options or {}),
+        }
         extra: dict[str, str] = {}
         for name in (*spec.prompt_fields, *spec.reference_fields):
             if name in ("question", "options", "solution", "answer") or name in extra:
                 continue
             if name not in obj:
-                raise InputError("missing field (a template of the task file uses {" + name + "})", source, line,
-                                 name)
+                raise InputError("missing field (a template of the task file uses {" + name + "})", source, line, name)
             extra[name] = _scalar_text(obj, name, source, line)
         reference = spec.reference.format_map({**extra, **values})
         # The prompt template's other columns ride along in meta, where prompt() reads them back.
@@ -548,8 +608,12 @@ class FileTask(DatasetTask):
             column = spec.solution_field
             count = solution.count(spec.answer_marker)
             if count != 1:
-                raise InputError(f"expected the answer marker {spec.answer_marker!r} exactly once, found it "
-                                 f"{count} times", source, line, column)
+                raise InputError(
+                    f"expected the answer marker {spec.answer_marker!r} exactly once, found it {count} times",
+                    source,
+                    line,
+                    column,
+                )
             raw = solution.split(spec.answer_marker, 1)[1]
         else:
             column = spec.solution_field
@@ -564,8 +628,12 @@ class FileTask(DatasetTask):
         elif kind == "choice":
             gold = normalize_letter(raw)
             if gold is None or gold not in (options or {}):
-                raise InputError(f"expected one of the option letters {', '.join(options or {})}, got "
-                                 f"{raw.strip()!r}", source, line, column)
+                raise InputError(
+                    f"expected one of the option letters {', '.join(options or {})}, got {raw.strip()!r}",
+                    source,
+                    line,
+                    column,
+                )
         else:
             gold = _ws(raw)
             if not gold:
@@ -603,7 +671,7 @@ class FileTask(DatasetTask):
             return None
         pos = completion.rfind(self.spec.answer_marker)
         if pos >= 0:
-            text = completion[pos + len(self.spec.answer_marker):].lstrip(" \t:").split("\n", 1)[0]
+            text = completion[pos + len(self.spec.answer_marker) :].lstrip(" \t:").split("\n", 1)[0]
         elif strict:
             return None
         else:

@@ -39,8 +39,7 @@ class GSM8KTask(DatasetTask):
             source, rows = local_rows(self.local_path(f"gsm8k/{file_split}.jsonl"))
         else:
             source, rows = hub_rows("gsm8k", file_split)
-        examples = [self._parse(obj, source, line, f"gsm8k-{file_split}-{i}")
-                    for i, (line, obj) in enumerate(rows)]
+        examples = [self._parse(obj, source, line, f"gsm8k-{file_split}-{i}") for i, (line, obj) in enumerate(rows)]
         if split == "train":
             return examples[:-VALIDATION_SIZE]
         if split == "validation":

@@ -11,8 +11,9 @@ Also holds `DatasetTask`, the base of the benchmark tasks: split checking and fe
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from aftune.io import InputError, iter_jsonl
 from aftune.records import Example
@@ -38,8 +39,10 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
         return None
     root = Path(data_dir)
     if not root.is_dir():
-        raise InputError("data directory does not exist (set data_dir or AFTUNE_DATA, or unset both "
-                         "to use the Hugging Face hub)", root)
+        raise InputError(
+            "data directory does not exist (set data_dir or AFTUNE_DATA, or unset both to use the Hugging Face hub)",
+            root,
+        )
     return root
 
 

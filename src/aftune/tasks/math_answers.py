@@ -45,7 +45,12 @@ import time
 from collections.abc import Iterable, Sequence
 
 __all__ = [
-    "extract_math_answer", "math_equal", "math_equal_many", "normalize_math_answer", "start_worker", "shutdown_worker",
+    "extract_math_answer",
+    "math_equal",
+    "math_equal_many",
+    "normalize_math_answer",
+    "start_worker",
+    "shutdown_worker",
 ]
 
 # Answers longer than this are graded False without a comparison: no MATH answer is that long, and
@@ -106,7 +111,7 @@ def _last_box(text: str) -> tuple[bool, str | None]:
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return True, text[i + 1:j]
+                return True, text[i + 1 : j]
         j += 1
     return True, None  # truncated: the box never closes
 
@@ -197,7 +202,7 @@ def _strip_braced_command(s: str, names: Sequence[str]) -> str:
         if s[i] == "\\":
             name = next((n for n in names if s.startswith(n + "{", i + 1) and i + 1 + len(n) in closing), None)
             if name is None:
-                out.append(s[i:i + 2])
+                out.append(s[i : i + 2])
                 i += 2
                 continue
             open_at = i + 1 + len(name)
@@ -311,8 +316,12 @@ class _Worker:
         # next to the caller can shadow sympy or math-verify; a new session keeps Ctrl-C to the caller.
         self.proc = subprocess.Popen(
             [sys.executable, "-I", os.path.abspath(__file__), "--worker", str(int(memory_bytes))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            bufsize=0, start_new_session=True, close_fds=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            bufsize=0,
+            start_new_session=True,
+            close_fds=True,
         )
         self.owner = os.getpid()
         self.ready = False
@@ -566,9 +575,14 @@ def _worker_main(memory_bytes: int) -> None:
                 # Our alarm, a little before the caller's deadline, usually saves a restart; math-verify's
                 # own alarms are off (None) since they would reset ours.
                 signal.setitimer(signal.ITIMER_REAL, max(float(req["soft"]), 0.05))
-                ok = bool(verify(parse(f"\\boxed{{{req['gold']}}}", parsing_timeout=None),
-                                 parse(f"\\boxed{{{req['pred']}}}", parsing_timeout=None),
-                                 timeout_seconds=None, allow_set_relation_comp=True))
+                ok = bool(
+                    verify(
+                        parse(f"\\boxed{{{req['gold']}}}", parsing_timeout=None),
+                        parse(f"\\boxed{{{req['pred']}}}", parsing_timeout=None),
+                        timeout_seconds=None,
+                        allow_set_relation_comp=True,
+                    )
+                )
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except _SoftTimeout:

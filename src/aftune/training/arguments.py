@@ -8,8 +8,8 @@ Kept free of torch / transformers imports: the CLI reads these fields before it 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Callable
 
 from aftune.io import InputError
 
@@ -22,7 +22,9 @@ def _opt(default, help: str):
 class AlignmentArguments:
     """Which loss and its hyperparameters (see docs/method.md for the formulas)."""
 
-    method: str = _opt("bc", "vft (control) | rft | align | dc | bc | rbc | rrhf | pro | dpo | dpo-pl | ... (see docs)")
+    method: str = _opt(
+        "bc", "vft (control) | rft | align | dc | bc | rbc | rrhf | pro | dpo | dpo-pl | ... (see docs)"
+    )
     beta: float = _opt(0.5, "boundary margin, nats per token (bc, rbc, *-bc); with --beta-auto gap: the factor")
     beta_auto: str = _opt("", "'' (one beta) | gap: per-question beta = max(beta_floor, beta x median VFT score gap)")
     beta_floor: float = _opt(0.02, "with --beta-auto gap: the smallest per-question beta")
@@ -47,13 +49,15 @@ class AlignmentArguments:
         if not self.lambda_ >= 0:
             raise InputError(f"must be >= 0, got {self.lambda_}", field=name("lambda_"))
         if self.max_candidates < 2:
-            raise InputError(f"must be >= 2 to have anything to compare, got {self.max_candidates}",
-                             field=name("max_candidates"))
+            raise InputError(
+                f"must be >= 2 to have anything to compare, got {self.max_candidates}", field=name("max_candidates")
+            )
         if self.beta_auto not in ("", "gap"):
             raise InputError(f"expected '' or 'gap', got {self.beta_auto!r}", field=name("beta_auto"))
         if self.beta_auto and not auto_beta_eligible(method):
-            raise InputError(f"method '{self.method}' takes no per-question beta (BC-style methods do)",
-                             field=name("beta_auto"))
+            raise InputError(
+                f"method '{self.method}' takes no per-question beta (BC-style methods do)", field=name("beta_auto")
+            )
 
     def alignment_kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(AlignmentArguments)}

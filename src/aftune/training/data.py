@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
-import torch
 from torch.utils.data import Dataset
 
 from aftune.io import InputError
-from aftune.records import Candidate, Group, read_groups
 from aftune.prompting import encode_prompt
+from aftune.records import Candidate, Group, read_groups
 from aftune.scoring import encode_pair, pad_sequences
 from aftune.tasks.feedback import rft_select
 
@@ -32,8 +32,13 @@ class NLLDataset(Dataset):
         self.pairs = pairs
 
     @classmethod
-    def from_texts(cls, tokenizer, pairs: Iterable[tuple[str, str]], max_response_tokens: int | None = None,
-                   end: list[int] | None = None):
+    def from_texts(
+        cls,
+        tokenizer,
+        pairs: Iterable[tuple[str, str]],
+        max_response_tokens: int | None = None,
+        end: list[int] | None = None,
+    ):
         """Tokenise (prompt, response) texts; `end` closes each response (default EOS, see encode_pair)."""
         return cls([encode_pair(tokenizer, p, r, max_response_tokens, end) for p, r in pairs])
 
@@ -65,8 +70,11 @@ def select_candidates(group: Group, max_candidates: int, include_reference: bool
     rng.shuffle(neg)
     chosen = []
     if include_reference and group.reference:
-        chosen.append(Candidate(text=group.reference, answer=group.answer, correct=True, rank=0, wrong_steps=0,
-                                is_reference=True))
+        chosen.append(
+            Candidate(
+                text=group.reference, answer=group.answer, correct=True, rank=0, wrong_steps=0, is_reference=True
+            )
+        )
     while (pos or neg) and len(chosen) < max_candidates:
         for pool in (pos, neg):
             if pool and len(chosen) < max_candidates:
@@ -77,9 +85,18 @@ def select_candidates(group: Group, max_candidates: int, include_reference: bool
 class AlignDataset(Dataset):
     """Item i = group i (candidates tokenised) + NLL example perm[i mod N] of the whole training set."""
 
-    def __init__(self, tokenizer, groups: list[Group], nll: NLLDataset, max_candidates: int = 8,
-                 include_reference: bool = True, max_response_tokens: int | None = None, seed: int = 0,
-                 nll_per_item: int = 1, end: list[int] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        groups: list[Group],
+        nll: NLLDataset,
+        max_candidates: int = 8,
+        include_reference: bool = True,
+        max_response_tokens: int | None = None,
+        seed: int = 0,
+        nll_per_item: int = 1,
+        end: list[int] | None = None,
+    ):
         rng = random.Random(seed)
         self.items: list[GroupItem] = []
         self.groups = groups
@@ -94,8 +111,9 @@ class AlignDataset(Dataset):
                 # of the samples are dense among themselves, so all-wrong groups start at 0 as well.
                 any_correct = any(c.correct for c in chosen[1:])
                 ranks[0] = min(ranks[1:]) - (0 if any_correct else 1)
-            self.items.append(GroupItem(prompt, cands, [c.correct for c in chosen], ranks,
-                                        [c.is_reference for c in chosen]))
+            self.items.append(
+                GroupItem(prompt, cands, [c.correct for c in chosen], ranks, [c.is_reference for c in chosen])
+            )
         self.nll = nll
         self.nll_per_item = nll_per_item
         self.perm = list(range(len(nll)))
@@ -106,7 +124,9 @@ class AlignDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         n = len(self.perm)
-        nll = [self.nll.pairs[self.perm[(i * self.nll_per_item + j) % n]] for j in range(self.nll_per_item)] if n else []
+        nll = (
+            [self.nll.pairs[self.perm[(i * self.nll_per_item + j) % n]] for j in range(self.nll_per_item)] if n else []
+        )
         return {"nll": nll, "group": self.items[i]}
 
 
@@ -156,8 +176,12 @@ def groups_from_unpaired(rows: Iterable[dict[str, Any]], task: str = "custom", s
                 raise InputError("missing field", source, i + 1, col)
         prompt, completion, label = row["prompt"], row["completion"], row["label"]
         if not isinstance(prompt, str) or not isinstance(completion, str):
-            raise InputError("conversational rows (lists of messages) need a chat template; give prompt and "
-                             "completion as text", source, i + 1, "prompt" if not isinstance(prompt, str) else "completion")
+            raise InputError(
+                "conversational rows (lists of messages) need a chat template; give prompt and completion as text",
+                source,
+                i + 1,
+                "prompt" if not isinstance(prompt, str) else "completion",
+            )
         if not isinstance(label, bool):
             raise InputError(f"expected bool, got {type(label).__name__}", source, i + 1, "label")
         g = by_prompt.get(prompt)
@@ -180,5 +204,8 @@ def to_groups(data: Any, source: str | None = None) -> list[Group]:
         return groups_from_unpaired(data, source=where)
     if "candidates" in columns:
         return [Group.from_dict(dict(row), where, i + 1) for i, row in enumerate(data)]
-    raise InputError(f"expected candidates records (id, task, prompt, reference, answer, candidates) or TRL's "
-                     f"unpaired format ({', '.join(UNPAIRED_COLUMNS)}); got columns {sorted(columns)}", where)
+    raise InputError(
+        f"expected candidates records (id, task, prompt, reference, answer, candidates) or TRL's "
+        f"unpaired format ({', '.join(UNPAIRED_COLUMNS)}); got columns {sorted(columns)}",
+        where,
+    )

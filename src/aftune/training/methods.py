@@ -12,8 +12,8 @@ candidate); for DPO it is an added NLL term, which the paper's setting shares wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -73,36 +73,75 @@ _CONSTRAINT = {"": "none", "-dc": "detach", "-bc": "boundary"}
 
 METHODS: dict[str, Method] = {
     "vft": Method("vft", "control: NLL on the same batches, no alignment term"),
-    "rft": Method("rft", "rejection-sampling fine-tuning: NLL on references + distinct correct samples", nll_data="rft"),
-    "align": Method("align", "L_A: alignment without constraint (ablation; degrades the model)",
-                    _binary(losses.alignment_loss, False)),
+    "rft": Method(
+        "rft", "rejection-sampling fine-tuning: NLL on references + distinct correct samples", nll_data="rft"
+    ),
+    "align": Method(
+        "align",
+        "L_A: alignment without constraint (ablation; degrades the model)",
+        _binary(losses.alignment_loss, False),
+    ),
     "dc": Method("dc", "AFT with detached constraint", _binary(losses.detached_constraint_loss, False)),
-    "bc": Method("bc", "AFT with boundary constraint (beta)", _binary(losses.boundary_constraint_loss, True),
-                 uses_beta=True),
-    "rft-dc": Method("rft-dc", "DC on top of RFT's NLL data", _binary(losses.detached_constraint_loss, False),
-                     nll_data="rft"),
-    "rft-bc": Method("rft-bc", "BC on top of RFT's NLL data", _binary(losses.boundary_constraint_loss, True),
-                     uses_beta=True, nll_data="rft"),
-    "ra": Method("ra", "ranking alignment loss without constraint", _ranked(losses.ranked_alignment_loss),
-                 feedback="rank"),
-    "rdc": Method("rdc", "ranking AFT, detached constraint", _ranked(losses.ranked_detached_constraint_loss),
-                  feedback="rank"),
-    "rbc": Method("rbc", "ranking AFT, boundary constraint (L_RBC)",
-                  _ranked(losses.ranked_boundary_constraint_loss, uses_beta=True), feedback="rank", uses_beta=True),
+    "bc": Method(
+        "bc", "AFT with boundary constraint (beta)", _binary(losses.boundary_constraint_loss, True), uses_beta=True
+    ),
+    "rft-dc": Method(
+        "rft-dc", "DC on top of RFT's NLL data", _binary(losses.detached_constraint_loss, False), nll_data="rft"
+    ),
+    "rft-bc": Method(
+        "rft-bc",
+        "BC on top of RFT's NLL data",
+        _binary(losses.boundary_constraint_loss, True),
+        uses_beta=True,
+        nll_data="rft",
+    ),
+    "ra": Method(
+        "ra", "ranking alignment loss without constraint", _ranked(losses.ranked_alignment_loss), feedback="rank"
+    ),
+    "rdc": Method(
+        "rdc", "ranking AFT, detached constraint", _ranked(losses.ranked_detached_constraint_loss), feedback="rank"
+    ),
+    "rbc": Method(
+        "rbc",
+        "ranking AFT, boundary constraint (L_RBC)",
+        _ranked(losses.ranked_boundary_constraint_loss, uses_beta=True),
+        feedback="rank",
+        uses_beta=True,
+    ),
 }
 for _suffix, _c in _CONSTRAINT.items():
     _tag = {"none": "", "detach": " with detached constraint", "boundary": " with boundary constraint"}[_c]
     _bc = _c == "boundary"
-    METHODS[f"rrhf{_suffix}"] = Method(f"rrhf{_suffix}", f"RRHF ranking hinge{_tag}",
-                                       _ranked(losses.rrhf_loss, _c, uses_beta=True), feedback="rank", uses_beta=_bc)
-    METHODS[f"pro{_suffix}"] = Method(f"pro{_suffix}", f"PRO listwise loss{_tag}",
-                                      _ranked(losses.pro_loss, _c, uses_beta=True), feedback="rank", uses_beta=_bc)
-    METHODS[f"dpo{_suffix}"] = Method(f"dpo{_suffix}", f"DPO over all (better, worse) pairs{_tag}",
-                                      _dpo(losses.dpo_loss, _c), feedback="rank", needs_reference_logps=True,
-                                      uses_beta=_bc)
-    METHODS[f"dpo-pl{_suffix}"] = Method(f"dpo-pl{_suffix}", f"DPO Plackett-Luce ranking form{_tag}",
-                                         _dpo(losses.dpo_plackett_luce_loss, _c), feedback="rank",
-                                         needs_reference_logps=True, uses_beta=_bc)
+    METHODS[f"rrhf{_suffix}"] = Method(
+        f"rrhf{_suffix}",
+        f"RRHF ranking hinge{_tag}",
+        _ranked(losses.rrhf_loss, _c, uses_beta=True),
+        feedback="rank",
+        uses_beta=_bc,
+    )
+    METHODS[f"pro{_suffix}"] = Method(
+        f"pro{_suffix}",
+        f"PRO listwise loss{_tag}",
+        _ranked(losses.pro_loss, _c, uses_beta=True),
+        feedback="rank",
+        uses_beta=_bc,
+    )
+    METHODS[f"dpo{_suffix}"] = Method(
+        f"dpo{_suffix}",
+        f"DPO over all (better, worse) pairs{_tag}",
+        _dpo(losses.dpo_loss, _c),
+        feedback="rank",
+        needs_reference_logps=True,
+        uses_beta=_bc,
+    )
+    METHODS[f"dpo-pl{_suffix}"] = Method(
+        f"dpo-pl{_suffix}",
+        f"DPO Plackett-Luce ranking form{_tag}",
+        _dpo(losses.dpo_plackett_luce_loss, _c),
+        feedback="rank",
+        needs_reference_logps=True,
+        uses_beta=_bc,
+    )
 
 
 def get_method(name: str) -> Method:

@@ -47,15 +47,22 @@ def check_semi_online(method, beta_auto: str, world_size: int, every: int, field
     if every == 0:
         return
     if method.needs_reference_logps or beta_auto:
-        raise InputError(f"method '{method.name}' (or --beta-auto) needs the start model's log-probs of the "
-                         "candidates, which semi-online resampling would have to recompute every round; use it "
-                         "offline (or in `aftune iterate` rounds)", field=field)
+        raise InputError(
+            f"method '{method.name}' (or --beta-auto) needs the start model's log-probs of the "
+            "candidates, which semi-online resampling would have to recompute every round; use it "
+            "offline (or in `aftune iterate` rounds)",
+            field=field,
+        )
     if method.loss is None:
-        raise InputError(f"method '{method.name}' has no candidate loss, so resampling changes nothing it trains on",
-                         field=field)
+        raise InputError(
+            f"method '{method.name}' has no candidate loss, so resampling changes nothing it trains on", field=field
+        )
     if method.nll_data == "rft":
-        raise InputError(f"method '{method.name}' trains its NLL term on the sampled candidates; semi-online "
-                         "resampling supports methods whose candidates enter only the alignment loss", field=field)
+        raise InputError(
+            f"method '{method.name}' trains its NLL term on the sampled candidates; semi-online "
+            "resampling supports methods whose candidates enter only the alignment loss",
+            field=field,
+        )
     if world_size > 1:
         raise InputError("semi-online resampling runs in one process (the sampler is not sharded)", field=field)
 
@@ -80,13 +87,26 @@ class ResampleCallback(TrainerCallback):
         seed: the run's seed.
     """
 
-    def __init__(self, tokenizer, dataset: AlignDataset, examples: dict[tuple[str, str], tuple[Any, Example]],
-                 every: int, sampling: SamplingConfig, out_dir: str | os.PathLike, max_candidates: int,
-                 include_reference: bool, max_response_tokens: int | None, seed: int, end: list[int] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        dataset: AlignDataset,
+        examples: dict[tuple[str, str], tuple[Any, Example]],
+        every: int,
+        sampling: SamplingConfig,
+        out_dir: str | os.PathLike,
+        max_candidates: int,
+        include_reference: bool,
+        max_response_tokens: int | None,
+        seed: int,
+        end: list[int] | None = None,
+    ):
         missing = [g.id for g in dataset.groups if (g.task, g.id) not in examples]
         if missing:
-            raise InputError(f"question {missing[0]!r} is not in the task's train split, so it cannot be regraded "
-                             "when resampling", field="--resample-every")
+            raise InputError(
+                f"question {missing[0]!r} is not in the task's train split, so it cannot be regraded when resampling",
+                field="--resample-every",
+            )
         self.tok, self.ds, self.examples, self.every = tokenizer, dataset, examples, every
         self.sampling, self.dir = sampling, Path(out_dir)
         self.max_candidates, self.include_reference = max_candidates, include_reference
@@ -101,8 +121,11 @@ class ResampleCallback(TrainerCallback):
         if done:  # resumed past a resampling: train on the candidates that run was training on
             path = self.path(done[-1])
             if not path.exists():
-                raise InputError(f"resuming at step {state.global_step}, but the candidates resampled at step "
-                                 f"{done[-1]} are missing", path)
+                raise InputError(
+                    f"resuming at step {state.global_step}, but the candidates resampled at step "
+                    f"{done[-1]} are missing",
+                    path,
+                )
             self._install(read_groups(path), done[-1])
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -142,11 +165,19 @@ class ResampleCallback(TrainerCallback):
 
     def _install(self, groups: list[Group], step: int) -> None:
         if [(g.task, g.id) for g in groups] != [(g.task, g.id) for g in self.ds.groups]:
-            raise InputError(f"resampled candidates of step {step} are for other questions than this run's",
-                             self.path(step))
-        fresh = AlignDataset(self.tok, groups, self.ds.nll, max_candidates=self.max_candidates,
-                             include_reference=self.include_reference, max_response_tokens=self.max_response_tokens,
-                             seed=zlib.crc32(f"{self.seed}:select:{step}".encode()), end=self.end)
+            raise InputError(
+                f"resampled candidates of step {step} are for other questions than this run's", self.path(step)
+            )
+        fresh = AlignDataset(
+            self.tok,
+            groups,
+            self.ds.nll,
+            max_candidates=self.max_candidates,
+            include_reference=self.include_reference,
+            max_response_tokens=self.max_response_tokens,
+            seed=zlib.crc32(f"{self.seed}:select:{step}".encode()),
+            end=self.end,
+        )
         for item, new in zip(self.ds.items, fresh.items):
             item.prompt, item.candidates, item.positive = new.prompt, new.candidates, new.positive
             item.ranks, item.is_reference, item.ref_logps, item.beta = new.ranks, new.is_reference, None, None
@@ -161,6 +192,11 @@ def resample_history(out_dir: str | os.PathLike, every: int, max_steps: int) -> 
         if not path.exists():
             continue
         groups = read_groups(path)
-        rows.append({"step": t, "generated_tokens": sum(int(g.meta.get("generated_tokens", 0)) for g in groups),
-                     **group_stats(groups)})
+        rows.append(
+            {
+                "step": t,
+                "generated_tokens": sum(int(g.meta.get("generated_tokens", 0)) for g in groups),
+                **group_stats(groups),
+            }
+        )
     return rows

@@ -20,8 +20,14 @@ from aftune.scoring import score_groups
 from aftune.training.data import AlignDataset
 
 
-def reference_logps(model, tokenizer, ds: AlignDataset, cache: str | Path | None = None, batch_size: int = 16,
-                    device: torch.device | str | None = None) -> None:
+def reference_logps(
+    model,
+    tokenizer,
+    ds: AlignDataset,
+    cache: str | Path | None = None,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+) -> None:
     """Set `item.ref_logps` of every item: summed log-probs of its candidates under `model` as it is now.
 
     With `cache`, the values are computed once (sharded over processes, on `device`) and stored there; a
@@ -34,13 +40,14 @@ def reference_logps(model, tokenizer, ds: AlignDataset, cache: str | Path | None
         model.to(device or home).eval()
         with torch.no_grad():
             for i in range(0, len(indices), batch_size):
-                items = [ds.items[j] for j in indices[i:i + batch_size]]
-                s = score_groups(model, [it.prompt for it in items], [it.candidates for it in items],
-                                 tokenizer.pad_token_id)
+                items = [ds.items[j] for j in indices[i : i + batch_size]]
+                s = score_groups(
+                    model, [it.prompt for it in items], [it.candidates for it in items], tokenizer.pad_token_id
+                )
                 flat = s.logp_sum.tolist()
                 for it in items:
-                    values.append(flat[:len(it.candidates)])
-                    flat = flat[len(it.candidates):]
+                    values.append(flat[: len(it.candidates)])
+                    flat = flat[len(it.candidates) :]
         model.to(home).train(was_training)
         return values
 
@@ -73,5 +80,6 @@ def question_betas(ds: AlignDataset, factor: float, floor: float) -> None:
             raise ValueError("question_betas needs reference log-probs (call reference_logps first)")
         per_token = [lp / len(c) for lp, c in zip(it.ref_logps, it.candidates) if c]
         flags = [p for p, c in zip(it.positive, it.candidates) if c]
-        it.beta = gap_beta([s for s, p in zip(per_token, flags) if p], [s for s, p in zip(per_token, flags) if not p],
-                           factor, floor)
+        it.beta = gap_beta(
+            [s for s, p in zip(per_token, flags) if p], [s for s, p in zip(per_token, flags) if not p], factor, floor
+        )

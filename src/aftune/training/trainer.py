@@ -65,10 +65,20 @@ class AFTTrainer(Trainer):
     # compute_loss normalises by the whole optimiser step's counts (see _get_num_items_in_batch)
     loss_is_scaled_for_ga = True
 
-    def __init__(self, model, args: AFTConfig | None = None, train_dataset: Any = None, eval_dataset: Any = None,
-                 processing_class=None, peft_config=None, nll_dataset: Any = None,
-                 reference_cache: str | os.PathLike | None = None, prompt_format: PromptFormat | None = None,
-                 data_collator=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        args: AFTConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class=None,
+        peft_config=None,
+        nll_dataset: Any = None,
+        reference_cache: str | os.PathLike | None = None,
+        prompt_format: PromptFormat | None = None,
+        data_collator=None,
+        **kwargs,
+    ):
         if isinstance(model, (str, os.PathLike)):
             processing_class = processing_class or load_tokenizer(str(model))
             model = load_model(str(model))
@@ -93,10 +103,15 @@ class AFTTrainer(Trainer):
             from peft import get_peft_model  # optional dependency (the `lora` extra)
 
             model = get_peft_model(model, peft_config)
-        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processing_class,
-                         data_collator=data_collator or partial(collate, pad_id=processing_class.pad_token_id),
-                         **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            data_collator=data_collator or partial(collate, pad_id=processing_class.pad_token_id),
+            **kwargs,
+        )
         self.model_accepts_loss_kwargs = False  # the model is never given num_items_in_batch
         if find_counter(self) is None:  # tokens scored, saved in checkpoints (aftune.training.compute)
             self.add_callback(ComputeCounter())
@@ -110,14 +125,27 @@ class AFTTrainer(Trainer):
         if isinstance(nll_data, NLLDataset):
             nll = nll_data
         else:
-            pairs = default_nll_pairs(groups) if nll_data is None else [
-                (r["prompt"], r["completion"]) if isinstance(r, dict) else tuple(r) for r in nll_data]
+            pairs = (
+                default_nll_pairs(groups)
+                if nll_data is None
+                else [(r["prompt"], r["completion"]) if isinstance(r, dict) else tuple(r) for r in nll_data]
+            )
             nll = NLLDataset.from_texts(tokenizer, pairs, args.max_response_tokens, end)
         if len(nll) == 0 and get_method(args.method).loss is None:
-            raise ValueError(f"{name}: method '{args.method}' trains on NLL data only, and there is none (no "
-                             "references, no correct candidates); pass nll_dataset")
-        return AlignDataset(tokenizer, groups, nll, args.max_candidates, args.include_reference,
-                            args.max_response_tokens, seed=args.seed, end=end)
+            raise ValueError(
+                f"{name}: method '{args.method}' trains on NLL data only, and there is none (no "
+                "references, no correct candidates); pass nll_dataset"
+            )
+        return AlignDataset(
+            tokenizer,
+            groups,
+            nll,
+            args.max_candidates,
+            args.include_reference,
+            args.max_response_tokens,
+            seed=args.seed,
+            end=end,
+        )
 
     # Trainer would drop the `nll` / `groups` keys of our items (they are not model.forward arguments).
     def _remove_unused_columns(self, dataset, description=None):
@@ -143,12 +171,17 @@ class AFTTrainer(Trainer):
         pad = self.processing_class.pad_token_id
         # gradient checkpointing turns the KV cache off in training, so the shared prompt cannot be reused
         checkpointing = getattr(self.args, "activation_checkpointing", None) or getattr(
-            self.args, "gradient_checkpointing", False)
+            self.args, "gradient_checkpointing", False
+        )
         share = self.args.share_prefix and not (model.training and checkpointing)
-        scored = score_groups(model, [g.prompt for g in groups], [g.candidates for g in groups], pad, share_prefix=share)
+        scored = score_groups(
+            model, [g.prompt for g in groups], [g.candidates for g in groups], pad, share_prefix=share
+        )
         if model.training:
-            self._count("candidate_tokens_scored",
-                        sum(candidate_tokens(len(g.prompt), [len(c) for c in g.candidates], share) for g in groups))
+            self._count(
+                "candidate_tokens_scored",
+                sum(candidate_tokens(len(g.prompt), [len(c) for c in g.candidates], share) for g in groups),
+            )
         b, index = len(groups), scored.group_index
         mean, valid = to_padded(scored.mean, index, b)
         dev = mean.device
@@ -159,16 +192,24 @@ class AFTTrainer(Trainer):
         ref = None
         if self.method.needs_reference_logps or self.args.beta_auto:
             if any(g.ref_logps is None for g in groups):
-                raise ValueError(f"method '{self.method.name}' needs reference log-probs (AFTTrainer computes "
-                                 "them for the datasets it is given)")
+                raise ValueError(
+                    f"method '{self.method.name}' needs reference log-probs (AFTTrainer computes "
+                    "them for the datasets it is given)"
+                )
             ref = padded([x for g in groups for x in g.ref_logps])
         beta: float | torch.Tensor = self.args.beta
         if self.args.beta_auto:
             beta = torch.tensor([g.beta for g in groups], device=dev, dtype=mean.dtype)
-        return CandidateBatch(mean=mean, sum=to_padded(scored.logp_sum, index, b)[0],
-                              positive=padded([p for g in groups for p in g.positive]).bool() & valid,
-                              ranks=padded([r for g in groups for r in g.ranks]).long(), valid=valid, ref_logps=ref,
-                              beta=beta, dpo_beta=self.args.dpo_beta)
+        return CandidateBatch(
+            mean=mean,
+            sum=to_padded(scored.logp_sum, index, b)[0],
+            positive=padded([p for g in groups for p in g.positive]).bool() & valid,
+            ranks=padded([r for g in groups for r in g.ranks]).long(),
+            valid=valid,
+            ref_logps=ref,
+            beta=beta,
+            dpo_beta=self.args.dpo_beta,
+        )
 
     def alignment_terms(self, model, groups) -> tuple[torch.Tensor, dict[str, float]]:
         """Per-question alignment loss [B] of the method, and the mean scores of positives / negatives."""
@@ -209,7 +250,8 @@ class AFTTrainer(Trainer):
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss.item()} at step {self.state.global_step}; stopping. The last saved checkpoint "
-                f"in {self.args.output_dir} is intact. Try a lower learning rate, bf16 off, or a smaller lambda.")
+                f"in {self.args.output_dir} is intact. Try a lower learning rate, bf16 off, or a smaller lambda."
+            )
         return (loss, None) if return_outputs else loss
 
     def _count(self, key: str, n: int) -> None:
@@ -224,7 +266,8 @@ class AFTTrainer(Trainer):
         if bad:
             raise TrainingDiverged(
                 f"parameter {bad[0]} became non-finite at step {self.state.global_step}; stopping without saving. "
-                f"The last saved checkpoint in {self.args.output_dir} is intact. Try a lower learning rate.")
+                f"The last saved checkpoint in {self.args.output_dir} is intact. Try a lower learning rate."
+            )
         return super()._save_checkpoint(model, trial)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

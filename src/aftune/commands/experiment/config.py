@@ -15,8 +15,20 @@ from aftune.training.methods import METHODS
 
 CONTROL = "vft"
 GRID_KEYS = ("methods", "k", "beta", "lambda", "beta_auto")
-TOP_KEYS = ("name", "out", "report", "base", "data_seed", "plan", "seeds", *GRID_KEYS, "grids", "sample_k",
-            "diag_every", "bf16")
+TOP_KEYS = (
+    "name",
+    "out",
+    "report",
+    "base",
+    "data_seed",
+    "plan",
+    "seeds",
+    *GRID_KEYS,
+    "grids",
+    "sample_k",
+    "diag_every",
+    "bf16",
+)
 AUTO_KEYS = ("mode", "factors", "floor")
 
 
@@ -29,6 +41,7 @@ class AutoBeta:
 @dataclass(frozen=True)
 class Grid:
     """One product of axes; an experiment runs the union of its grids (shared runs once)."""
+
     methods: tuple[str, ...]
     ks: tuple[int, ...]
     betas: tuple[float, ...]
@@ -114,16 +127,28 @@ def load_experiment(path: str | Path) -> Experiment:
     report = data.get("report")
     if report is not None and not isinstance(report, str):
         raise err("report", f"expected a folder path, got {type(report).__name__}")
-    return Experiment(name=name, out=str(out), plan=plan, seeds=seeds, grids=grids,
-                      data_seed=int(data.get("data_seed", 0)), diag_every=int(data.get("diag_every", 0)),
-                      bf16=bool(data.get("bf16", False)), report=report, sample_k=sample_k)
+    return Experiment(
+        name=name,
+        out=str(out),
+        plan=plan,
+        seeds=seeds,
+        grids=grids,
+        data_seed=int(data.get("data_seed", 0)),
+        diag_every=int(data.get("diag_every", 0)),
+        bf16=bool(data.get("bf16", False)),
+        report=report,
+        sample_k=sample_k,
+    )
 
 
 def _num_list(data: dict, key: str, kind: type, default: list, err, where: str = "") -> tuple:
     v = data.get(key, default)
     v = v if isinstance(v, list) else [v]
-    ok = (lambda x: isinstance(x, int) and not isinstance(x, bool)) if kind is int else \
-        (lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
+    ok = (
+        (lambda x: isinstance(x, int) and not isinstance(x, bool))
+        if kind is int
+        else (lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
+    )
     if not v or not all(ok(x) for x in v):
         raise err(where + key, f"expected a non-empty list of {kind.__name__}s, got {v!r}")
     if len(set(v)) != len(v):
@@ -171,16 +196,20 @@ def _grid(data: dict, where: str, err, inherit: Grid) -> Grid:
             factors = spec.get("factors", [2.0])
             factors = factors if isinstance(factors, list) else [factors]
             floor = spec.get("floor", 0.02)
-            if not factors or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors):
+            if not factors or not all(
+                isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors
+            ):
                 raise err(where + "beta_auto.factors", f"expected a list of numbers > 0, got {factors!r}")
             if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor > 0:
                 raise err(where + "beta_auto.floor", f"expected a number > 0, got {floor!r}")
             auto = AutoBeta(tuple(float(f) for f in factors), float(floor))
     if auto is not None and not any(auto_eligible(m) for m in methods):
-        raise err(where + "beta_auto", "no method in the grid takes a per-question beta "
-                  f"(one of: {', '.join(m for m in METHODS if auto_eligible(m))})")
+        raise err(
+            where + "beta_auto",
+            "no method in the grid takes a per-question beta "
+            f"(one of: {', '.join(m for m in METHODS if auto_eligible(m))})",
+        )
     return Grid(tuple(methods), ks, betas, lambdas, auto)
-
 
 
 def auto_eligible(name: str) -> bool:

@@ -28,14 +28,26 @@ METRICS = {  # results column -> (source, key)
 def auto_beta_summary(candidates: Path, factor: float, floor: float) -> dict:
     """The per-question betas a factor gives on a candidates file (scores there are under the VFT model;
     sampled candidates only, so the reference's score is not in the min)."""
-    betas = [gap_beta([c.score for c in g.candidates if c.correct and c.score is not None],
-                      [c.score for c in g.candidates if not c.correct and c.score is not None], factor, floor)
-             for g in read_groups(candidates) if g.mixed]
+    betas = [
+        gap_beta(
+            [c.score for c in g.candidates if c.correct and c.score is not None],
+            [c.score for c in g.candidates if not c.correct and c.score is not None],
+            factor,
+            floor,
+        )
+        for g in read_groups(candidates)
+        if g.mixed
+    ]
     if not betas:
         return {"n_mixed": 0}
     q = statistics.quantiles(betas, n=4) if len(betas) > 1 else [betas[0]] * 3
-    return {"n_mixed": len(betas), "median": statistics.median(betas), "q1": q[0], "q3": q[2],
-            "frac_at_floor": sum(b == floor for b in betas) / len(betas)}
+    return {
+        "n_mixed": len(betas),
+        "median": statistics.median(betas),
+        "q1": q[0],
+        "q3": q[2],
+        "frac_at_floor": sum(b == floor for b in betas) / len(betas),
+    }
 
 
 def _predictions(eval_json: Path) -> dict[str, bool]:
@@ -58,25 +70,46 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
 
     def cell_entry(name: str, method: str, evals: dict[int, Path], r: Run | None) -> dict:
         per_seed = {s: _metrics(p) for s, p in evals.items()}
-        entry = {"cell": name, "method": method, "k": r.k if r else None, "beta": r.beta_label if r else None,
-                 "lambda": r.lam if r else None, "seeds": list(evals),
-                 "metrics": {col: summary([per_seed[s][col] for s in evals]) for col in METRICS}}
+        entry = {
+            "cell": name,
+            "method": method,
+            "k": r.k if r else None,
+            "beta": r.beta_label if r else None,
+            "lambda": r.lam if r else None,
+            "seeds": list(evals),
+            "metrics": {col: summary([per_seed[s][col] for s in evals]) for col in METRICS},
+        }
         if name != CONTROL:
-            entry["vs_control"] = paired_test([(_predictions(p), _predictions(control_eval[s])) for s, p in evals.items()])
+            entry["vs_control"] = paired_test(
+                [(_predictions(p), _predictions(control_eval[s])) for s, p in evals.items()]
+            )
         return entry
 
-    out_cells.append(cell_entry("VFT", "VFT (start)", {s: root / f"seed{s}" / "eval" / "VFT.json" for s in exp.seeds}, None))
+    out_cells.append(
+        cell_entry("VFT", "VFT (start)", {s: root / f"seed{s}" / "eval" / "VFT.json" for s in exp.seeds}, None)
+    )
     for name, rs in cells.items():
-        out_cells.append(cell_entry(name, rs[0].method, {r.seed: root / f"seed{r.seed}" / "runs" / name / "eval.json"
-                                                       for r in rs}, rs[0]))
+        out_cells.append(
+            cell_entry(
+                name, rs[0].method, {r.seed: root / f"seed{r.seed}" / "runs" / name / "eval.json" for r in rs}, rs[0]
+            )
+        )
 
     auto = {}
     kmax = exp.kmax
     for f, floor in sorted({(r.beta, r.floor) for r in runs if r.auto}):
         auto[f"gap x{f:g}, floor {floor:g}"] = {
-            f"seed{s}": auto_beta_summary(root / f"seed{s}" / f"candidates.k{kmax}.jsonl", f, floor) for s in exp.seeds}
-    results = {"name": exp.name, "plan": dataclasses.asdict(exp.plan), "seeds": list(exp.seeds),
-               "data_seed": exp.data_seed, "control": CONTROL, "cells": out_cells, "auto_beta": auto}
+            f"seed{s}": auto_beta_summary(root / f"seed{s}" / f"candidates.k{kmax}.jsonl", f, floor) for s in exp.seeds
+        }
+    results = {
+        "name": exp.name,
+        "plan": dataclasses.asdict(exp.plan),
+        "seeds": list(exp.seeds),
+        "data_seed": exp.data_seed,
+        "control": CONTROL,
+        "cells": out_cells,
+        "auto_beta": auto,
+    }
     atomic_write_json(report / "results.json", results)
 
     def pm(m: dict, scale: float = 1.0, fmt: str = ".1f") -> str | None:
@@ -88,16 +121,33 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
     rows = []
     for c in out_cells:
         m, t = c["metrics"], c.get("vs_control")
-        rows.append({"cell": c["cell"], "method": c["method"], "k": c["k"], "beta": c["beta"], "lambda": c["lambda"],
-                     "seeds": len(c["seeds"]), "test acc %": pm(m["test_acc"], 100), "assess acc %": pm(m["assess_acc"], 100),
-                     "self-rerank %": pm(m["self_rerank"], 100), "ppl pos": pm(m["ppl_pos"], fmt=".3f"),
-                     "ppl neg": pm(m["ppl_neg"], fmt=".3f"),
-                     "Δ vs control (pts)": None if not t or t["diff"] is None else f"{100 * t['diff']:+.1f} ± {100 * (t['se'] or 0):.1f}",
-                     "b / c": None if not t else f"{t['b']} / {t['c']}",
-                     "p (McNemar)": None if not t else f"{t['p']:.3g}"})
+        rows.append(
+            {
+                "cell": c["cell"],
+                "method": c["method"],
+                "k": c["k"],
+                "beta": c["beta"],
+                "lambda": c["lambda"],
+                "seeds": len(c["seeds"]),
+                "test acc %": pm(m["test_acc"], 100),
+                "assess acc %": pm(m["assess_acc"], 100),
+                "self-rerank %": pm(m["self_rerank"], 100),
+                "ppl pos": pm(m["ppl_pos"], fmt=".3f"),
+                "ppl neg": pm(m["ppl_neg"], fmt=".3f"),
+                "Δ vs control (pts)": None
+                if not t or t["diff"] is None
+                else f"{100 * t['diff']:+.1f} ± {100 * (t['se'] or 0):.1f}",
+                "b / c": None if not t else f"{t['b']} / {t['c']}",
+                "p (McNemar)": None if not t else f"{t['p']:.3g}",
+            }
+        )
     cols = list(rows[0])
     plots = plot_experiment(report, out_cells, exp.name, CONTROL)
-    sections = [("Results", markdown_table(rows, cols, {"lambda": "g"}) + f"""
+    sections = [
+        (
+            "Results",
+            markdown_table(rows, cols, {"lambda": "g"})
+            + f"""
 Mean ± std over {len(exp.seeds)} VFT seed(s) {list(exp.seeds)} (data seed {exp.data_seed}: every seed sees the same
 questions). **test acc**: greedy accuracy on {exp.plan.n_test} test questions. **assess acc**: assessment accuracy
 (macro) on held-out candidates sampled from that seed's VFT model; **self-rerank**: accuracy when the model picks its
@@ -105,15 +155,25 @@ own top-scored held-out candidate; **ppl pos / neg**: mean perplexity of correct
 **Δ vs control**: mean per-question accuracy difference to the control (`vft`: same steps and NLL batches, no
 alignment term) of the same seed, pooled over seeds, ± its standard error; **b / c**: questions only the method /
 only the control got right; **p**: exact two-sided McNemar test on the pooled discordant counts. The `VFT` row is the
-start checkpoint (compared with the control it shows what the extra steps alone bring)."""),
-                ("Plots", "\n\n".join(markdown_image(p, alt, report) for p, alt in plots) or "None.")]
+start checkpoint (compared with the control it shows what the extra steps alone bring).""",
+        ),
+        ("Plots", "\n\n".join(markdown_image(p, alt, report) for p, alt in plots) or "None."),
+    ]
     if auto:
         arows = [{"factor": f, "seed": s, **v} for f, per in auto.items() for s, v in per.items()]
-        sections.append(("Per-question beta (beta_auto: gap)", markdown_table(
-            arows, ["factor", "seed", "n_mixed", "median", "q1", "q3", "frac_at_floor"], {"frac_at_floor": ".0%"})
-            + "\nbeta_q = max(floor, factor x median over negatives of (weakest positive - negative)) "
-              "under the VFT model, on mixed training questions (sampled candidates; in training the reference also "
-              "counts as a positive)."))
+        sections.append(
+            (
+                "Per-question beta (beta_auto: gap)",
+                markdown_table(
+                    arows,
+                    ["factor", "seed", "n_mixed", "median", "q1", "q3", "frac_at_floor"],
+                    {"frac_at_floor": ".0%"},
+                )
+                + "\nbeta_q = max(floor, factor x median over negatives of (weakest positive - negative)) "
+                "under the VFT model, on mixed training questions (sampled candidates; in training the reference also "
+                "counts as a positive).",
+            )
+        )
     sections.append(("Plan", "```\n" + json.dumps(dataclasses.asdict(exp.plan), indent=1) + "\n```"))
     write_report(report / "results.md", f"aftune experiment: {exp.name}", sections)
     return results
