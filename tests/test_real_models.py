@@ -450,6 +450,41 @@ def test_real_prefix_shared_scoring_equals_per_sequence(loaded):
             p.requires_grad_(flags[n])
 
 
+# Gemma's instruction-tuned chat format (the base model ships without a template; users of -it models get it)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+@pytest.mark.real
+def test_real_chat_template_boundary_is_exact(loaded):
+    """With a chat template on the Gemma tokenizer: the prompt is the user turn plus the generation prompt, one
+    BOS, and prompt ids + response ids (ending with <end_of_turn>) are exactly the tokens of the conversation."""
+    from aftune.prompting import PromptFormat, resolve_prompt_format
+    from aftune.scoring import encode_pair
+
+    _, tok = loaded
+    tok.chat_template = GEMMA_TEMPLATE
+    try:
+        fmt = resolve_prompt_format("auto", tok)
+        assert fmt == PromptFormat("chat")
+        response = "She sold 48 / 2 = <<48/2=24>>24 clips in May.\n48 + 24 = <<48+24=72>>72\n#### 72"
+        prompt = fmt.render(tok, NATALIA)
+        assert prompt.startswith("<bos><start_of_turn>user\nQuestion: Natalia") and prompt.endswith(
+            "<start_of_turn>model\n"
+        )
+        assert fmt.turn_end(tok) == "<end_of_turn>"
+        p, r = encode_pair(tok, prompt, response, end=fmt.response_end(tok))
+        assert p.count(tok.bos_token_id) == 1 and r[-1] == tok.convert_tokens_to_ids("<end_of_turn>")
+        full = tok.apply_chat_template(
+            [{"role": "user", "content": NATALIA}, {"role": "assistant", "content": response}], tokenize=False
+        )
+        assert p + r == tok(full.rstrip(), add_special_tokens=False)["input_ids"]
+    finally:
+        tok.chat_template = None
+
+
 @pytest.mark.real
 def test_real_lora_reference_is_adapter_disabled(real):
     """align computes DPO's reference log-probs before LoRA wraps the model; they must equal the
