@@ -443,3 +443,40 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(aftune.interop)
     assert result.attempted >= 10 and result.failed == 0
+
+
+def test_chat_sampled_candidates_export_as_conversational_rows(tmp_path):
+    """Candidates sampled with a chat template (`meta.messages` holds the user turn) become TRL's conversational
+    format: a user-message prompt and assistant-message completions, which TRL renders with its own template."""
+    import datasets
+
+    from aftune.interop import export_groups, to_pairwise, to_unpaired
+    from aftune.records import Candidate, Group
+
+    user = [{"role": "user", "content": "Question: 2+3?\nAnswer:"}]
+    g = Group(
+        "q1",
+        "arith",
+        "<bos>[user]Question: 2+3?\nAnswer:<eot>\n[assistant]",
+        "2+3=5\n#### 5",
+        "5",
+        [Candidate("2+3=6\n#### 6", "6", False)],
+        meta={"messages": user},
+    )
+    rows = to_unpaired([g])
+    assert rows[0] == {
+        "prompt": user,
+        "completion": [{"role": "assistant", "content": "2+3=5\n#### 5"}],
+        "label": True,
+    }
+    (pair,) = to_pairwise([g])
+    assert pair["rejected"] == [{"role": "assistant", "content": "2+3=6\n#### 6"}]
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps(g.to_dict()) + "\n")
+    meta = export_groups({str(src): [g]}, "unpaired", tmp_path / "out")
+    assert meta["conversational"] is True
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "train.parquet"), split="train")
+    assert ds[0]["prompt"] == user and ds[1]["completion"][0]["role"] == "assistant"
+    plain = Group("q2", "arith", "Q", "r", "5", [Candidate("x", None, False)])
+    with pytest.raises(InputError, match="some candidates were sampled with a chat template"):
+        export_groups({str(src): [g, plain]}, "unpaired", tmp_path / "mixed")

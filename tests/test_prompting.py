@@ -102,6 +102,10 @@ def test_chat_template_through_the_pipeline(tmp_path):
     assert r.code == 2 and "field 'prompt_format'" in r.error_lines[0]
     group = json.loads(cands.read_text().splitlines()[0])
     assert group["prompt"].startswith("[user]Question:") and group["prompt"].endswith("[assistant]")
+    # the user turn is kept as a message too, so `aftune export` writes TRL's conversational format
+    assert group["meta"]["messages"][0]["role"] == "user" and group["meta"]["messages"][0]["content"].startswith(
+        "Question:"
+    )
     align = [
         "align",
         "--model",

@@ -1,7 +1,8 @@
 """Data in and out of TRL (docs/trl-interop.md): candidates as TRL's datasets, and TRL-style datasets as
 candidates files.
 
-Formats (TRL 1.16's names; plain text only, see the doc for conversational data):
+Formats (TRL 1.16's names; conversational, with {role, content} messages, when the candidates were sampled
+with a chat template):
 
 - unpaired preference: one row per completion, `prompt`, `completion`, `label` (bool): what `KTOTrainer`
   reads, and AFT's binary feedback (rows sharing a prompt are one question).
@@ -43,6 +44,20 @@ _CONVERSATIONAL = "conversational rows (lists of messages) need a chat template;
 # --------------------------------------------------------------------------- candidates -> rows
 
 
+def _conversational(group: Group) -> bool:
+    """Sampled with a chat template: `aftune sample` kept the user turn as `meta.messages`."""
+    return isinstance(group.meta.get("messages"), list)
+
+
+def _prompt(group: Group) -> str | list[dict[str, str]]:
+    return group.meta["messages"] if _conversational(group) else group.prompt
+
+
+def _completion(group: Group, text: str) -> str | list[dict[str, str]]:
+    """TRL's conversational rows pair a user-message prompt with an assistant-message completion."""
+    return [{"role": "assistant", "content": text}] if _conversational(group) else text
+
+
 def _positives(group: Group, include_reference: bool) -> list[str]:
     """Texts of the group's correct completions; the reference first when included (unless a candidate
     already is the reference, or has its text up to whitespace)."""
@@ -71,8 +86,10 @@ def to_unpaired(groups: Iterable[Group], include_reference: bool = True) -> list
     for g in groups:
         texts = _positives(g, include_reference)
         if len(texts) > g.n_positive:  # the reference joined the positives
-            rows.append({"prompt": g.prompt, "completion": texts[0], "label": True})
-        rows += [{"prompt": g.prompt, "completion": c.text, "label": c.correct} for c in g.candidates]
+            rows.append({"prompt": _prompt(g), "completion": _completion(g, texts[0]), "label": True})
+        rows += [
+            {"prompt": _prompt(g), "completion": _completion(g, c.text), "label": c.correct} for c in g.candidates
+        ]
     return rows
 
 
@@ -107,7 +124,7 @@ def to_pairwise(
         if max_pairs is not None and len(pairs) > max_pairs:
             keep = sorted(random.Random(f"{seed}/{g.task}/{g.id}").sample(range(len(pairs)), max_pairs))
             pairs = [pairs[i] for i in keep]
-        rows += [{"prompt": g.prompt, "chosen": c, "rejected": r} for c, r in pairs]
+        rows += [{"prompt": _prompt(g), "chosen": _completion(g, c), "rejected": _completion(g, r)} for c, r in pairs]
     return rows
 
 
@@ -375,16 +392,18 @@ def import_dataset(path: str | os.PathLike, out: str | os.PathLike, task: str | 
     return stats
 
 
-def write_parquet(rows: list[dict[str, Any]], fmt: str, path: str | os.PathLike) -> Path:
+def write_parquet(rows: list[dict[str, Any]], fmt: str, path: str | os.PathLike, conversational: bool = False) -> Path:
     """rows (of `fmt`) -> one Parquet file through `datasets`, written to a temporary file and renamed, so
-    a reader never sees half of one. Columns have fixed types, so an empty export still has its schema."""
+    a reader never sees half of one. Columns have fixed types, so an empty export still has its schema;
+    `conversational`: prompts and completions are lists of {role, content} messages (TRL's chat format)."""
     from datasets import Dataset, Features, List, Value
     from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     text = Value("string")
+    turn = List({"role": text, "content": text}) if conversational else text
     features = {
-        "unpaired": Features({"prompt": text, "completion": text, "label": Value("bool")}),
-        "pairwise": Features({"prompt": text, "chosen": text, "rejected": text}),
+        "unpaired": Features({"prompt": turn, "completion": turn, "label": Value("bool")}),
+        "pairwise": Features({"prompt": turn, "chosen": turn, "rejected": turn}),
         "grouped": Features(
             {
                 "id": text,
@@ -478,6 +497,10 @@ def export_groups(
     if fmt not in FORMATS:
         raise InputError(f"expected {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, got {fmt!r}", field="format")
     groups = [g for gs in sources.values() for g in gs]
+    chat = {_conversational(g) for g in groups}
+    if len(chat) > 1:
+        raise InputError("some candidates were sampled with a chat template and some without; export them apart")
+    conversational = fmt != "grouped" and chat == {True}
     if fmt == "unpaired":
         rows = to_unpaired(groups, include_reference)
     elif fmt == "pairwise":
@@ -485,7 +508,7 @@ def export_groups(
     else:
         rows = to_grouped(groups)
     out = Path(out)
-    data = write_parquet(rows, fmt, out / DATA_FILE)
+    data = write_parquet(rows, fmt, out / DATA_FILE, conversational)
     pos = sum(len(_positives(g, include_reference)) for g in groups)
     meta: dict[str, Any] = {
         "format": fmt,
@@ -498,6 +521,7 @@ def export_groups(
         "positives": pos if fmt != "grouped" else sum(g.n_positive for g in groups),
         "negatives": sum(g.n_negative for g in groups),
         "include_reference": include_reference if fmt != "grouped" else None,
+        "conversational": conversational,
         "sources": [_source_info(Path(p), len(gs)) for p, gs in sources.items()],
     }
     if fmt == "pairwise":

@@ -177,6 +177,9 @@ def sample_candidates(
                 else generate_k(model, tokenizer, batch_prompts, batch_cfg)
             )
             groups = [build_group(task, ex, prompts[ex.id], s, cfg.k) for ex, s in zip(batch, samples)]
+            if prompt_format.kind == "chat":  # the user turn as a message too: TRL's conversational format
+                for ex, g in zip(batch, groups):
+                    g.meta["messages"] = [{"role": "user", "content": task.prompt(ex).strip()}]
             for g, s in zip(groups, samples):  # compute accounting: every sampled token, duplicates included
                 g.meta["generated_tokens"] = sum(x.n_tokens for x in s)
             append_jsonl(out_path, [g.to_dict() for g in groups])
