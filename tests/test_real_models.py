@@ -450,6 +450,42 @@ def test_real_prefix_shared_scoring_equals_per_sequence(loaded):
             p.requires_grad_(flags[n])
 
 
+@pytest.mark.real
+def test_real_chunked_head_equals_full_logits(loaded):
+    """The LM head in chunks over response positions (the default) against full 262k-vocabulary logits:
+    values and gradients, the tied embedding (= the head) included, with chunks smaller than the responses."""
+    from aftune.scoring import score_groups
+
+    model, tok = loaded
+    cands = [
+        tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        for t in ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "#### 50")
+    ]
+    prompts, groups = [tok(NATALIA)["input_ids"]], [cands]
+    names = ("model.embed_tokens.weight", "model.layers.17.self_attn.k_proj.weight")
+    params = dict(model.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    try:
+        for n, p in params.items():
+            p.requires_grad_(n in names)
+        out = []
+        for chunk in (4, 0):  # 4 positions per chunk (several chunks); 0 = the full-logits reference path
+            model.zero_grad(set_to_none=True)
+            s = score_groups(model, prompts, groups, tok.pad_token_id, chunk_size=chunk)
+            (s.logp_sum / s.n_tokens).sum().backward()
+            out.append((s.logp_sum.detach(), [params[n].grad.clone() for n in names]))
+        (v1, g1), (v2, g2) = out
+        # fp32 sums over 262,144 logits in another order: ~1e-5 nats per token, as the prefix-shared check allows
+        assert torch.allclose(v1, v2, atol=1e-3, rtol=0), (v1, v2)
+        for n, a, b in zip(names, g1, g2):
+            assert b.abs().max() > 0, n
+            assert (a - b).abs().max() <= 1e-3 * b.abs().max(), (n, (a - b).abs().max(), b.abs().max())
+    finally:
+        model.zero_grad(set_to_none=True)
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+
+
 # Gemma's instruction-tuned chat format (the base model ships without a template; users of -it models get it)
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
