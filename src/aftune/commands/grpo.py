@@ -24,12 +24,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import set_seed
 
 from aftune.commands.common import load_model_and_tokenizer, load_split, tasks_for
 from aftune.commands.eval import run_eval
-from aftune.commands.training import check_train_args, peft_config, save_model, shared_resume_point, train_or_restore
+from aftune.commands.training import (
+    check_train_args,
+    peft_config,
+    save_model,
+    shared_resume_point,
+    train_or_restore,
+    trainer_kwargs,
+)
 from aftune.config import EvalConfig, GRPORunConfig, save_config
 from aftune.io import InputError, atomic_write_json
 from aftune.prompting import resolve_prompt_format, stop_strings
@@ -121,28 +127,8 @@ def grpo_args(cfg: GRPORunConfig, out_dir: Path):
     from trl import GRPOConfig  # optional dependency (the `grpo` extra): imported when GRPO runs
 
     return GRPOConfig(
-        output_dir=str(out_dir),
-        max_steps=cfg.max_steps,
+        **trainer_kwargs(cfg, out_dir),
         per_device_train_batch_size=cfg.batch_size * cfg.num_generations,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        lr_scheduler_type=cfg.lr_schedule,
-        warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
-        weight_decay=cfg.weight_decay,
-        optim=cfg.optim,
-        max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps,
-        save_strategy="steps",
-        save_total_limit=2,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=cfg.bf16,
-        use_cpu=not torch.cuda.is_available(),
-        report_to=[r for r in cfg.report_to.split(",") if r and r != "none"] or "none",
-        disable_tqdm=cfg.quiet,
-        dataloader_num_workers=0,
-        **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_new_tokens,
         temperature=cfg.temperature,

@@ -26,14 +26,11 @@ def check_train_args(cfg: TrainCommon) -> None:
         raise InputError(f"must be > 0, got {cfg.lr}", field="--lr")
 
 
-def training_args(cfg: TrainCommon, out_dir: Path, **extra) -> AFTConfig:
-    """The AFTConfig of a command's run: the shared training flags, the method's own (align), `extra`."""
-    method = cfg.alignment_kwargs() if isinstance(cfg, AlignConfig) else {}
-    return AFTConfig(
+def trainer_kwargs(cfg: TrainCommon, out_dir: Path) -> dict:
+    """The `TrainingArguments` every training command shares (AFTConfig for sft / align, TRL's GRPOConfig)."""
+    return dict(
         output_dir=str(out_dir),
         max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr,
         lr_scheduler_type=cfg.lr_schedule,
@@ -52,9 +49,19 @@ def training_args(cfg: TrainCommon, out_dir: Path, **extra) -> AFTConfig:
         disable_tqdm=cfg.quiet,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
-        max_response_tokens=cfg.max_response_tokens,
         # only when asked: the argument was renamed in transformers 5 (activation_checkpointing)
         **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
+    )
+
+
+def training_args(cfg: TrainCommon, out_dir: Path, **extra) -> AFTConfig:
+    """The AFTConfig of a command's run: the shared training flags, the method's own (align), `extra`."""
+    method = cfg.alignment_kwargs() if isinstance(cfg, AlignConfig) else {}
+    return AFTConfig(
+        **trainer_kwargs(cfg, out_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        max_response_tokens=cfg.max_response_tokens,
         ddp_find_unused_parameters=False,  # every trainable weight gets a gradient each step (NLL term)
         **{**method, **extra},
     )
