@@ -60,6 +60,25 @@ SAMPLE = [
     "--quiet",
 ]
 
+# The smallest demo plan that still runs every stage (demo and experiment tests).
+TINY_PLAN = dict(
+    n_train=120,
+    n_validation=12,
+    n_test=16,
+    n_sample=12,
+    n_assess=8,
+    k=4,
+    vft_steps=12,
+    vft_batch=8,
+    align_steps=4,
+    align_batch=4,
+    hidden=32,
+    layers=1,
+    heads=2,
+    vocab=300,
+    max_new_tokens=48,
+)
+
 
 @dataclass
 class CliResult:

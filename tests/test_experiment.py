@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import cli
+from conftest import TINY_PLAN, cli
 
 from aftune.commands.experiment import grid, load_experiment, run_experiment
 from aftune.evaluation.stats import mcnemar_exact, paired_test
@@ -14,23 +14,6 @@ from aftune.io import InputError
 from aftune.sampling.store import subsample_candidates
 from aftune.training.reference import gap_beta
 
-TINY_PLAN = dict(
-    n_train=120,
-    n_validation=12,
-    n_test=16,
-    n_sample=12,
-    n_assess=8,
-    k=4,
-    vft_steps=12,
-    vft_batch=8,
-    align_steps=4,
-    align_batch=4,
-    hidden=32,
-    layers=1,
-    heads=2,
-    vocab=300,
-    max_new_tokens=48,
-)
 CONFIG = dict(
     name="tiny",
     base="quick",

@@ -4,29 +4,12 @@ import json
 from dataclasses import replace
 
 import pytest
+from conftest import TINY_PLAN
 
 from aftune.commands.demo import QUICK, run_demo
 from aftune.config import DemoConfig
 
-TINY = replace(
-    QUICK,
-    n_train=120,
-    n_validation=12,
-    n_test=16,
-    n_sample=12,
-    n_assess=8,
-    k=4,
-    vft_steps=12,
-    vft_batch=8,
-    align_steps=4,
-    align_batch=4,
-    hidden=32,
-    layers=1,
-    heads=2,
-    vocab=300,
-    max_new_tokens=48,
-    diag_every=2,
-)
+TINY = replace(QUICK, **TINY_PLAN, diag_every=2)
 
 
 @pytest.fixture(scope="module")
