@@ -31,7 +31,7 @@ from aftune import gguf as agguf
 from aftune.io import InputError
 
 AFTUNE = Path(sys.executable).with_name("aftune")
-DATA = Path(os.environ.get("AFTUNE_TEST_DATA", "/work/shared/data"))
+DATA = Path(os.environ.get("AFTUNE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def run_cli(*args, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -568,7 +568,7 @@ def test_real_lora_reference_is_adapter_disabled(real):
 
 def gsm8k_args() -> list[str]:
     if not (DATA / "gsm8k" / "train.jsonl").exists():
-        pytest.skip(f"GSM8K is not at {DATA}/gsm8k (set AFTUNE_TEST_DATA)")
+        pytest.skip(f"GSM8K is not at {DATA}/gsm8k (set AFTUNE_DATA)")
     return ["--task", "gsm8k", "--data-dir", str(DATA), "--quiet"]
 
 

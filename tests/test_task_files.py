@@ -1,7 +1,7 @@
 """Task files (`--task path/to/task.yaml`, aftune.tasks.file_task, docs/task-files.md).
 
 - configs/tasks/gsm8k.yaml is the built-in gsm8k task re-expressed: same examples and same grades, on the
-  extraction corpus and (when /work/shared/data exists) on every real record;
+  extraction corpus and (when ../shared/data or $AFTUNE_DATA exists) on every real record;
 - configs/tasks/math_tiny.yaml and its hand-written data load and grade their own references correct;
 - every answer type, every `answer_from`, the template rules and each bad-file error (exact messages);
 - the documented example run (sft -> sample -> align -> eval through the task file) and `aftune tasks`.
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 GSM8K_YAML = REPO / "configs" / "tasks" / "gsm8k.yaml"
 MATH_YAML = REPO / "configs" / "tasks" / "math_tiny.yaml"
 CORPUS = REPO / "tests" / "corpora" / "gsm8k.jsonl"
-SHARED = Path(os.environ.get("AFTUNE_SHARED_DATA", "/work/shared/data"))
+SHARED = Path(os.environ.get("AFTUNE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def write_task(tmp_path: Path, body: str, rows: dict[str, list[dict]] | None = None, name: str = "task.yaml") -> Path:
