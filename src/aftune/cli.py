@@ -241,7 +241,10 @@ app.add_command(experiment)
 app.add_command(tasks_command)
 app.add_command(
     make_command(
-        "demo", C.DemoConfig, _demo, "The whole pipeline on the built-in arith task, with a report (CPU: ~12 min on 2 AVX-512 cores)."
+        "demo",
+        C.DemoConfig,
+        _demo,
+        "The whole pipeline on the built-in arith task, with a report (CPU: ~12 min on 2 AVX-512 cores).",
     )
 )
 
