@@ -101,6 +101,34 @@ QUICK = DemoPlan(
     diag_every=5,
 )
 METHODS = {"control": "vft", "AFT-BC": "bc", "RFT": "rft"}
+# Seconds per step of one run of each plan (2 AMD EPYC AVX-512 cores): the runner's pace on the steps done
+# scales these into the "time left" it prints, whatever the host. Steps not listed (extra --methods) count 0.
+EXPECTED_SECONDS = {
+    FULL: {
+        "VFT": 403,
+        "sample (train)": 51,
+        "sample (assess)": 8,
+        "control": 40,
+        "AFT-BC": 110,
+        "RFT": 42,
+        "eval VFT": 5,
+        "eval control": 5,
+        "eval AFT-BC": 4,
+        "eval RFT": 4,
+    },
+    QUICK: {
+        "VFT": 4.3,
+        "sample (train)": 0.3,
+        "sample (assess)": 0.2,
+        "control": 0.9,
+        "AFT-BC": 1.3,
+        "RFT": 0.9,
+        "eval VFT": 0.2,
+        "eval control": 0.2,
+        "eval AFT-BC": 0.2,
+        "eval RFT": 0.2,
+    },
+}
 
 
 def task_args_for(plan: DemoPlan, seed: int) -> str:
@@ -114,7 +142,7 @@ def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     common = dict(task="arith", task_args=task_args_for(plan, cfg.seed), seed=cfg.seed, quiet=cfg.quiet, bf16=cfg.bf16)
-    step = Steps(out, "demo")
+    step = Steps(out, "demo", expected=EXPECTED_SECONDS.get(plan))
     timings = step.timings
 
     vft = out / "vft"
