@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import set_seed
 
-from aftune.commands.common import load_model_and_tokenizer, load_split, tasks_for
+from aftune.commands.common import check_positive, load_model_and_tokenizer, load_split, tasks_for
 from aftune.commands.eval import run_eval
 from aftune.commands.training import (
     check_train_args,
@@ -100,9 +100,7 @@ def check_grpo(cfg: GRPORunConfig) -> None:
         raise InputError(
             f"GRPO needs >= 2 completions per prompt, got {cfg.num_generations}", field="--num-generations"
         )
-    for name in ("max_new_tokens", "num_iterations", "eval_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise InputError(f"must be >= 1, got {getattr(cfg, name)}", field="--" + name.replace("_", "-"))
+    check_positive(cfg, ("max_new_tokens", "num_iterations", "eval_batch_size"))
     if not cfg.beta >= 0:
         raise InputError(f"must be >= 0, got {cfg.beta}", field="--beta")
     if cfg.beta > 0 and not Path(cfg.model).is_dir():

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from aftune.commands.align import run_align
+from aftune.commands.common import check_positive
 from aftune.commands.eval import run_eval
 from aftune.commands.resumable import Steps, run_and_mark
 from aftune.commands.sample import run_sample
@@ -54,10 +55,7 @@ def check_iterate(cfg: IterateConfig) -> None:
         raise InputError(f"must be >= 2 to have anything to compare, got {cfg.k}", field="--k")
     if cfg.fresh_questions and not cfg.n_questions:
         raise InputError("--fresh-questions needs --n-questions (questions per round)", field="--n-questions")
-    for name in ("n_questions", "eval_questions"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise InputError(f"must be >= 1, got {value}", field="--" + name.replace("_", "-"))
+    check_positive(cfg, ("n_questions", "eval_questions"))
 
 
 def sample_config(cfg: IterateConfig, r: int, model: str, out: Path) -> tuple[SampleConfig, Path]:

@@ -12,6 +12,7 @@ import torch
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
+from aftune.commands.common import check_positive
 from aftune.config import AlignConfig, TrainCommon
 from aftune.distributed import barrier, is_main_process, lora_config, main_process_first, merge_adapter
 from aftune.io import InputError
@@ -19,9 +20,7 @@ from aftune.training.config import AFTConfig
 
 
 def check_train_args(cfg: TrainCommon) -> None:
-    for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "logging_steps"):
-        if getattr(cfg, name) < 1:
-            raise InputError(f"must be >= 1, got {getattr(cfg, name)}", field="--" + name.replace("_", "-"))
+    check_positive(cfg, ("max_steps", "batch_size", "grad_accum", "save_steps", "logging_steps"))
     if not cfg.lr > 0:
         raise InputError(f"must be > 0, got {cfg.lr}", field="--lr")
 
