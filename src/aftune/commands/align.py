@@ -13,7 +13,7 @@ from transformers import set_seed
 from aftune.commands.common import (
     check_positive,
     load_examples,
-    load_model_and_tokenizer,
+    load_model_checked,
     load_split,
     read_candidate_files,
     tasks_for,
@@ -95,7 +95,7 @@ def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
             raise InputError(
                 f"candidates are for task '{g.task}', but --task is '{cfg.task}'", cfg.candidates, i + 1, "task"
             )
-    model, tok = load_model_and_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model, tok = load_model_checked(cfg.model, trust_remote_code=cfg.trust_remote_code)
     fmt = resolve_prompt_format(cfg.chat_template, tok)
     check_prompt_format(cfg.candidates, fmt, tok)
     end = fmt.response_end(tok)

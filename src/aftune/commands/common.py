@@ -24,7 +24,7 @@ def input_errors(field: str | None = None, path=None, prefix: str = "") -> Itera
         raise InputError(prefix + str(e), path, field=field) from None
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
+def load_model_checked(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
     """modeling.load_model_and_tokenizer, with "no such model" (a hub id that is not there or cannot be
     reached, a folder without a usable config.json) as one InputError line instead of a hub traceback."""
     try:
@@ -38,7 +38,7 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", trust_re
 
 def load_for_inference(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
     """Model + tokenizer on this process's accelerator (sample, eval, assess; training lets Trainer place it)."""
-    model, tok = load_model_and_tokenizer(name_or_path, dtype, trust_remote_code)
+    model, tok = load_model_checked(name_or_path, dtype, trust_remote_code)
     return model.to(local_device()), tok
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import set_seed
 
-from aftune.commands.common import check_positive, load_model_and_tokenizer, load_split, tasks_for
+from aftune.commands.common import check_positive, load_model_checked, load_split, tasks_for
 from aftune.commands.eval import run_eval
 from aftune.commands.training import (
     check_train_args,
@@ -151,7 +151,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     set_seed(cfg.seed)
     tasks = tasks_for(cfg)
     train = load_split(tasks, "train", cfg.n_questions)
-    model, tok = load_model_and_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model, tok = load_model_checked(cfg.model, trust_remote_code=cfg.trust_remote_code)
     fmt = resolve_prompt_format(cfg.chat_template, tok)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import EarlyStoppingCallback, set_seed
 
-from aftune.commands.common import load_model_and_tokenizer, load_split, tasks_for
+from aftune.commands.common import load_model_checked, load_split, tasks_for
 from aftune.commands.training import (
     check_train_args,
     peft_config,
@@ -73,7 +73,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     model_path = cfg.model
     if cfg.model == "tiny":
         model_path = str(build_tiny(out, cfg, [t.prompt(e) + e.reference for t, e in train]))
-    model, tok = load_model_and_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
+    model, tok = load_model_checked(model_path, trust_remote_code=cfg.trust_remote_code)
     save_config(cfg, out)  # only now: a bad --model or task leaves an existing OUT untouched
     fmt = resolve_prompt_format(cfg.chat_template, tok)
     end = fmt.response_end(tok)
@@ -111,7 +111,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         return metrics
     if cfg.eval_accuracy:
         # several processes: the weights may be sharded (FSDP / ZeRO-3), so read the saved model
-        eval_model = trainer.model if args.world_size == 1 else load_model_and_tokenizer(str(path))[0].to(args.device)
+        eval_model = trainer.model if args.world_size == 1 else load_model_checked(str(path))[0].to(args.device)
         acc = greedy_accuracy(
             eval_model,
             tok,
