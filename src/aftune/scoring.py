@@ -18,6 +18,14 @@ time, each chunk under `torch.utils.checkpoint`: its logits are freed as soon as
 recomputed one chunk at a time in backward. Anything else (unknown class, FSDP / DeepSpeed wrappers, prompt-
 learning adapters, no `logits_to_keep`) takes the exact full-logits path, which is also the reference the
 tests compare against (`chunk_size=0`).
+
+Padding: candidates of one question differ in length (GSM8K: tens to hundreds of tokens), and padding every
+one to the longest costs positions x (hidden work + attention). On the chunked path the candidates are
+therefore packed (`_pack`): each row holds several candidates of one question back to back, first-fit by
+decreasing length into rows as wide as the longest candidate, under a block-causal 4-D mask (a candidate sees
+its question's prompt and its own earlier tokens, never a neighbour) with per-token position ids. Rows are no
+wider than the padded ones, so attention never costs more than padding, and the linear layers see close to
+the real token count. Exact: tests/test_packing.py checks values and gradients against the padded path.
 """
 
 from __future__ import annotations
@@ -58,6 +66,18 @@ _HEADS = {
     "CohereForCausalLM": "scale",
     "Cohere2ForCausalLM": "scale",  # z * logit_scale
     "GraniteForCausalLM": "divide",  # z / config.logits_scaling
+}
+
+
+# Classes whose decoder forward accepts a dict of per-layer-type 4-D masks (transformers 5.x
+# `causal_mask_mapping := attention_mask`); needed to pack hybrid sliding / full models past the window.
+_MASK_DICT = {
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "SmolLM3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Cohere2ForCausalLM",
 }
 
 
@@ -112,6 +132,9 @@ class _Head:
     kind: str | None  # entry of _HEADS
     value: float | None  # the cap / scale / divisor
     vocab: int  # for the default chunk size
+    attn: str | None = None  # config._attn_implementation: the packed path builds masks for sdpa / eager only
+    mask_dict: bool = False  # the decoder takes {"full_attention": m, "sliding_attention": m} as attention_mask
+    layer_types: tuple[str, ...] | None = None  # config.layer_types (hybrid sliding / full models)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """z for hidden states h [n, H] -> [n, V] float32: the matmul in the ambient (autocast) dtype, the
@@ -162,7 +185,17 @@ def _find_head(model) -> _Head | None:
         value = float(inner.logit_scale)
     elif kind == "divide":
         value = float(inner.config.logits_scaling)
-    return _Head(decoder, head, kind, value, int(inner.config.vocab_size))
+    types = getattr(inner.config, "layer_types", None)
+    return _Head(
+        decoder,
+        head,
+        kind,
+        value,
+        int(inner.config.vocab_size),
+        attn=getattr(inner.config, "_attn_implementation", None),
+        mask_dict=name in _MASK_DICT,
+        layer_types=tuple(types) if types else None,
+    )
 
 
 def _forward_hidden(model, plan: _Head, cache=None, **inputs):
@@ -233,6 +266,7 @@ def score_groups(
     pad_id: int,
     share_prefix: bool = True,
     chunk_size: int | None = None,
+    pack: bool = True,
 ) -> Scored:
     """Score every candidate (token ids) of every question (prompt token ids).
 
@@ -243,6 +277,9 @@ def score_groups(
     chunk_size: LM-head positions per chunk on the chunked path (see the module docstring); None picks
     CHUNK_LOGITS // vocab; 0 turns chunking off (full logits at every position: the exact reference path,
     also used for models `_find_head` does not know).
+
+    pack: on the shared-prefix chunked path, pack candidates into block-masked rows instead of padding each
+    to the longest (see the module docstring); False keeps one padded row per candidate.
     """
     counts = [len(c) for c in candidates]
     flat = [c for cs in candidates for c in cs]
@@ -274,7 +311,9 @@ def score_groups(
     pos = p_mask.sum(-1)[rows].unsqueeze(1) + torch.arange(c_ids.shape[1], device=device)
     if plan is not None:
         return Scored(
-            _score_shared_chunked(model, plan, chunk_size, p_ids, p_mask, p_pos, rows, c_ids, c_mask, attn, pos),
+            _score_shared_chunked(
+                model, plan, chunk_size, p_ids, p_mask, p_pos, rows, c_ids, c_mask, attn, pos, flat if pack else None
+            ),
             n_tokens,
             group_index,
         )
@@ -299,11 +338,18 @@ def score_groups(
     return Scored(first + rest, n_tokens, group_index)
 
 
-def _score_shared_chunked(model, plan: _Head, chunk_size, p_ids, p_mask, p_pos, rows, c_ids, c_mask, attn, pos):
-    """The shared-prompt path with the head chunked: same two forwards, the head skipped in both."""
+def _score_shared_chunked(
+    model, plan: _Head, chunk_size, p_ids, p_mask, p_pos, rows, c_ids, c_mask, attn, pos, flat=None
+):
+    """The shared-prompt path with the head chunked: same two forwards, the head skipped in both. With `flat`
+    (the candidates' token ids) the candidate forward is packed where `_packed_inputs` can mask it exactly."""
     hp, cache, ac = _forward_hidden(
         model, plan, input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True
     )
+    if flat is not None and c_ids.shape[1] > 1:
+        packed = _packed_inputs(plan, cache, flat, rows, p_mask, p_pos, hp.dtype)
+        if packed is not None:
+            return _score_packed(model, plan, chunk_size, hp, cache, ac, flat, rows, packed)
     # hidden state predicting candidate token j: the prompt's last position (left-padded: column -1) for
     # j = 0, candidate position j-1 after it
     pred = [hp[:, -1][rows].unsqueeze(1)]
@@ -323,6 +369,143 @@ def _score_shared_chunked(model, plan: _Head, chunk_size, p_ids, p_mask, p_pos, 
     sel = c_mask.bool()
     h = torch.cat(pred, dim=1)[sel]  # [response tokens, H]: the head runs on these positions only
     return _masked_sums(_head_logps(plan, h, c_ids[sel], chunk_size, ac), sel)
+
+
+@dataclass
+class _Packed:
+    ids: torch.Tensor  # [R, W] candidate tokens (all but each candidate's last), pad elsewhere
+    pos: torch.Tensor  # [R, W] position ids
+    row_q: torch.Tensor  # [R] prompt row (kept question) of each packed row
+    mask: torch.Tensor | dict  # [R, 1, W, keys] 4-D mask, or one per layer type
+    start: list[int]  # flat index into [R * W] of each candidate's first fed token
+
+
+def _pack(lengths: list[int], group: list[int], width: int) -> list[tuple[int, list[tuple[int, int]]]]:
+    """First-fit decreasing bin packing of segments (lengths[i] > 0, question group[i]) into rows of `width`,
+    never mixing questions (a row attends one prompt). Returns [(question, [(segment, offset), ...]), ...]."""
+    rows: list[tuple[int, list[tuple[int, int]]]] = []
+    free: list[int] = []
+    open_rows: dict[int, list[int]] = {}  # question -> its row indices
+    for i in sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (group[i], -lengths[i], i)):
+        q, n = group[i], lengths[i]
+        mine = open_rows.setdefault(q, [])
+        r = next((r for r in mine if free[r] >= n), None)
+        if r is None:
+            r = len(rows)
+            rows.append((q, []))
+            free.append(width)
+            mine.append(r)
+        rows[r][1].append((i, width - free[r]))
+        free[r] -= n
+    return rows
+
+
+def _packed_inputs(plan: _Head, cache, flat, rows, p_mask, p_pos, dtype) -> _Packed | None:
+    """Packed candidate inputs and their exact attention mask(s), or None where this model cannot take them
+    (attention other than sdpa / eager, or sliding-window layers it cannot be given a per-type mask for)."""
+    if plan.attn not in ("sdpa", "eager"):
+        return None
+    # per cache layer: (prompt columns it kept after the prefill, sliding window or None)
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    p_len = p_mask.shape[1]
+    lengths = [max(len(c) - 1, 0) for c in flat]  # the last token predicts nothing: not fed
+    width = max(lengths)
+    kinds = []
+    for layer in layers:
+        window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+        kept = int(layer.keys.shape[-2]) if window else p_len
+        if window is not None and kept == p_len and p_len + width <= window:
+            window = None  # every visible pair is closer than the window: a full layer for this batch
+        kinds.append((kept, window))
+    distinct = sorted(set(kinds), key=lambda x: (x[1] is not None, x))
+    if len(distinct) > 1:
+        types = plan.layer_types
+        if not (plan.mask_dict and types and len(types) == len(kinds) and len(distinct) == 2):
+            return None
+        if {t for t, k in zip(types, kinds) if k[1] is None} != {"full_attention"} or {
+            t for t, k in zip(types, kinds) if k[1] is not None
+        } != {"sliding_attention"}:
+            return None
+
+    device = p_mask.device
+    group = rows.tolist()
+    packing = _pack(lengths, group, width)
+    n_rows = len(packing)
+    ids = torch.zeros((n_rows, width), dtype=torch.long)  # padding slots: any valid id, they see only themselves
+    seg = torch.full((n_rows, width), -1, dtype=torch.long)
+    off_pos = torch.zeros((n_rows, width), dtype=torch.long)  # token index within its candidate
+    row_q = torch.tensor([q for q, _ in packing], dtype=torch.long)
+    start = [-1] * len(flat)
+    for r, (_, items) in enumerate(packing):
+        for j, (i, off) in enumerate(items):
+            n = lengths[i]
+            ids[r, off : off + n] = torch.tensor(flat[i][:n])
+            seg[r, off : off + n] = j
+            off_pos[r, off : off + n] = torch.arange(n)
+            start[i] = r * width + off
+    ids, seg, off_pos, row_q = ids.to(device), seg.to(device), off_pos.to(device), row_q.to(device)
+    pos = p_mask.sum(-1)[row_q].unsqueeze(1) + off_pos  # each candidate continues its prompt's positions
+    real = seg >= 0
+    # candidate part: same segment, causal; padding slots attend only themselves (no all-masked softmax row,
+    # which would put NaN into the backward of everything)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    same = (seg.unsqueeze(2) == seg.unsqueeze(1)) & real.unsqueeze(2) & causal
+    same |= torch.eye(width, dtype=torch.bool, device=device) & ~real.unsqueeze(2)
+    q_prompt = p_mask.bool()[row_q]  # [R, P] real prompt columns
+    q_ppos = p_pos[row_q]
+
+    def build(kept: int, window: int | None) -> torch.Tensor:
+        pm = q_prompt[:, p_len - kept :].unsqueeze(1) & real.unsqueeze(2)
+        cm = same
+        if window is not None:  # HF's rule: key visible iff q - k < window (positions = columns here)
+            pm = pm & (pos.unsqueeze(2) - q_ppos[:, p_len - kept :].unsqueeze(1) < window)
+            cm = cm & (pos.unsqueeze(2) - pos.unsqueeze(1) < window)
+        m = torch.cat([pm, cm], dim=-1).unsqueeze(1)
+        if plan.attn == "eager":  # eager attention adds the mask to the scores
+            return torch.zeros(m.shape, dtype=dtype, device=device).masked_fill(~m, torch.finfo(dtype).min)
+        return m
+
+    if len(distinct) == 1:
+        mask: torch.Tensor | dict = build(*distinct[0])
+    else:
+        full = next(k for k in distinct if k[1] is None)
+        slide = next(k for k in distinct if k[1] is not None)
+        mask = {"full_attention": build(*full), "sliding_attention": build(*slide)}
+    return _Packed(ids, pos, row_q, mask, start)
+
+
+def _score_packed(model, plan: _Head, chunk_size, hp, cache, ac, flat, rows, packed: _Packed) -> torch.Tensor:
+    """Candidate forward on packed rows, the head on response positions only, sums per candidate."""
+    cache.batch_select_indices(packed.row_q)
+    hc, _, _ = _forward_hidden(
+        model,
+        plan,
+        cache,
+        input_ids=packed.ids,
+        attention_mask=packed.mask,
+        position_ids=packed.pos,
+        use_cache=False,
+    )
+    n_q = hp.shape[0]
+    # one table of predicting states: the prompts' last positions, then every packed slot
+    table = torch.cat([hp[:, -1], hc.reshape(-1, hc.shape[-1])])
+    index, cand = [], []
+    group = rows.tolist()
+    for i, c in enumerate(flat):
+        if not c:
+            continue
+        index.append(group[i])  # token 0 is predicted by the prompt's last position
+        if len(c) > 1:
+            index.extend(range(n_q + packed.start[i], n_q + packed.start[i] + len(c) - 1))
+        cand.extend([i] * len(c))
+    device = hp.device
+    index_t = torch.tensor(index, dtype=torch.long, device=device)
+    cand_t = torch.tensor(cand, dtype=torch.long, device=device)
+    targets = torch.tensor([t for c in flat for t in c], dtype=torch.long, device=device)
+    logps = _head_logps(plan, table[index_t], targets, chunk_size, ac)
+    return logps.new_zeros(len(flat)).index_add(0, cand_t, logps)
 
 
 def _score_naive(

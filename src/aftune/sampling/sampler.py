@@ -5,6 +5,13 @@ prompt through the model k times. Here each batch of prompts is prefilled once, 
 last-position logits) are expanded to k rows per question with `repeat_interleave` on the batch dim,
 and a plain decode loop runs on the model's own forward (any HF causal LM with a `Cache`).
 
+Continuous batching: when there are more prompts than one batch, rows that finish (EOS, stop string,
+max_new_tokens) free their slots and waiting prompts are prefilled and admitted into the running batch
+(`_generate_continuous`), so one long answer does not keep a whole batch's worth of slots half empty.
+The running rows then sit at different positions: each new prompt's keys are written right-aligned to
+the current cache length, with the columns before it masked out, and its position ids continue its own
+prompt. Leading columns no running row needs any more are trimmed at each refill.
+
 Scores: every sampled token's log-probability is taken from the model's *untempered* distribution
 (log_softmax of the raw logits), so `Sample.score` is the AFT score s(c) of the spec regardless of the
 sampling temperature.
@@ -126,6 +133,27 @@ class _PreallocatedLayer(DynamicLayer):
             raise ValueError("crop takes a negative number of tokens to remove")
         self._n = max(self._n + tokens_to_remove, 0)
         self._sync()
+
+
+def _refill_layer(
+    layer: _PreallocatedLayer, keep: torch.Tensor, new, trim: int, width: int, repeats: int, capacity: int
+) -> None:
+    """Rebuild one layer's buffer as [kept rows; new prompts x repeats], `width` columns in use: the kept rows'
+    columns from `trim` on, right-aligned; each new prompt's keys right-aligned too (left of them: unused)."""
+    old_n = layer._n - trim
+    nk, nv = new  # [b, heads, L, dim] prompt keys / values of the new questions
+    rows = len(keep) + nk.shape[0] * repeats
+    src = layer._k if len(keep) else nk
+    k_buf = src.new_zeros((rows, src.shape[1], capacity, src.shape[3]))
+    v_buf = src.new_zeros((rows, src.shape[1], capacity, src.shape[3]))
+    if len(keep):
+        k_buf[: len(keep), :, width - old_n : width] = layer._k[keep, :, trim : layer._n]
+        v_buf[: len(keep), :, width - old_n : width] = layer._v[keep, :, trim : layer._n]
+    b, n = nk.shape[0], nk.shape[-2]
+    k_buf[len(keep) :].view(b, repeats, *k_buf.shape[1:])[:, :, :, width - n : width] = nk.unsqueeze(1)
+    v_buf[len(keep) :].view(b, repeats, *v_buf.shape[1:])[:, :, :, width - n : width] = nv.unsqueeze(1)
+    layer._k, layer._v, layer._n = k_buf, v_buf, width
+    layer._sync()
 
 
 def _expand_cache(cache, k: int, capacity: int, preallocate: bool) -> None:
@@ -278,9 +306,172 @@ def _generate_batch(
         stats["row_steps"] += len(alive)
         del out
 
+    return _collect(tokenizer, cfg, eos, tokens, lps, length, B)
+
+
+# Continuous batching admits waiting questions once this fraction of the batch's rows (and at least one
+# question's k) has finished: each refill costs a prefill call and a copy of the cache, so not one per row.
+REFILL_AT = 0.25
+
+
+def _prefill(model, prompt_ids: list[list[int]], pad_id: int, extra: dict):
+    """One left-padded prefill of new questions -> (per-layer (keys, values), last-position logits, mask)."""
+    device = next(model.parameters()).device
+    ids, mask = pad_sequences(prompt_ids, pad_id, left=True)
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
+    cache = returned_cache(out)
+    if cache is None:
+        raise TypeError(f"{type(model).__name__} returned no KV cache; generate_k needs a model with use_cache")
+    layers = getattr(cache, "layers", None)
+    if not (
+        isinstance(cache, DynamicCache)
+        and not getattr(cache, "offloading", False)
+        and layers
+        and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+    ):
+        return None  # sliding-window / hybrid / custom cache layers: no continuous batching
+    return [(layer.keys, layer.values) for layer in layers], out.logits[:, -1, :].float(), mask
+
+
+def _generate_continuous(
+    model,
+    enc: list[list[int]],
+    order: list[int],
+    cfg: SamplingConfig,
+    eos: list[int],
+    pad_id: int,
+    gen: torch.Generator,
+    tokenizer,
+    compact_at: float,
+    stats: dict[str, int],
+) -> list[list[Sample]] | None:
+    """All prompts through one running batch of cfg.batch_size * k rows, admitted in `order` as rows free up.
+    Returns None (before sampling anything) where the model's cache layers cannot be refilled."""
+    device = next(model.parameters()).device
+    k, T, n_q = cfg.k, cfg.max_new_tokens, len(enc)
+    max_rows = cfg.batch_size * k
+    threshold = max(k, REFILL_AT * max_rows)
+    cache_kw = cache_kwarg(model)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(model) else {}
+    tokens = torch.full((n_q * k, T), pad_id, dtype=torch.long, device=device)  # by global row q * k + j
+    lps = torch.zeros((n_q * k, T), dtype=torch.float32, device=device)
+    length = torch.zeros(n_q * k, dtype=torch.long, device=device)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    waiting = list(order)
+    cache = DynamicCache()
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    alive, step, next_pos = empty, empty, empty  # per cache row: global row, tokens so far, next position
+    fin = torch.zeros(0, dtype=torch.bool, device=device)  # finished, still in the cache
+    mask = torch.zeros((0, 0), dtype=torch.long, device=device)
+    logits = torch.zeros((0, 0), device=device)
+    padded = False
+
+    def admit() -> bool:
+        """Drop finished rows and add the next waiting questions (k rows each): one cache rebuild."""
+        nonlocal waiting, cache, alive, step, next_pos, fin, mask, logits, padded
+        keep = torch.nonzero(~fin).flatten()
+        n_keep = len(keep)
+        n_new = min(len(waiting), (max_rows - n_keep) // k)
+        batch, waiting = waiting[:n_new], waiting[n_new:]
+        got = _prefill(model, [enc[i] for i in batch], pad_id, extra)
+        if got is None:
+            return False
+        layer_kv, new_logits, new_mask = got
+        stats["refills"] = stats.get("refills", 0) + 1
+        kmask = mask[keep]
+        # columns left of every kept row's first real one are needed by no row: trimmed
+        trim = int(kmask.argmax(-1).min()) if n_keep else kmask.shape[1]
+        old_n = kmask.shape[1] - trim
+        width = max(old_n, new_mask.shape[1])
+        if not cache.layers:
+            cache.layers = [_PreallocatedLayer(kk[:0, :, :0], vv[:0, :, :0], 1, 0) for kk, vv in layer_kv]
+        for layer, kv in zip(cache.layers, layer_kv):
+            _refill_layer(layer, keep, kv, trim, width, k, width + T)
+        m = mask.new_zeros((n_keep + n_new * k, width))
+        m[:n_keep, width - old_n :] = kmask[:, trim:]
+        m[n_keep:, width - new_mask.shape[1] :] = new_mask.repeat_interleave(k, dim=0)
+        mask, padded = m, not bool(m.all())
+        new_rows = (torch.tensor(batch, device=device).unsqueeze(1) * k + torch.arange(k, device=device)).flatten()
+        alive = torch.cat([alive[keep], new_rows])
+        step = torch.cat([step[keep], empty.new_zeros(len(new_rows))])
+        next_pos = torch.cat([next_pos[keep], new_mask.sum(-1).repeat_interleave(k)])
+        logits = (
+            torch.cat([logits[keep], new_logits.repeat_interleave(k, dim=0)])
+            if n_keep
+            else new_logits.repeat_interleave(k, dim=0)
+        )
+        fin = torch.zeros(len(alive), dtype=torch.bool, device=device)
+        return True
+
+    if not admit():
+        return None
+    while True:
+        logp = F.log_softmax(logits, dim=-1)
+        tok = _pick(logits, cfg, gen)
+        live = ~fin
+        rows, at = alive[live], step[live]
+        tokens[rows, at] = tok[live]
+        lps[rows, at] = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)[live]
+        step = step + live.long()
+        finished = live & (step >= T)
+        if len(eos):
+            finished |= live & torch.isin(tok, eos_t)
+        if cfg.stop:
+            # stop strings are checked on decoded text (a stop may span several tokens)
+            for j in torch.nonzero(live & ~finished).flatten().tolist():
+                r = int(alive[j])
+                text = tokenizer.decode(tokens[r, : int(step[j])].tolist(), skip_special_tokens=True)
+                if _cut_at_stop(text, cfg.stop)[1]:
+                    finished[j] = True
+        length[alive[finished]] = step[finished]
+        fin = fin | finished
+        n_live = len(alive) - int(fin.sum())
+        if n_live == 0 and not waiting:
+            break
+        refill = bool(waiting) and (max_rows - n_live >= threshold or n_live == 0)
+        if n_live and not refill and int(fin.sum()) >= compact_at * len(alive) and bool(fin.any()):
+            # finished rows would still cost a forward each step; drop them from the cache
+            keep = torch.nonzero(~fin).flatten()
+            cache.batch_select_indices(keep)
+            alive, tok, mask, next_pos, step, fin = (
+                alive[keep],
+                tok[keep],
+                mask[keep],
+                next_pos[keep],
+                step[keep],
+                fin[keep],
+            )
+            stats["compactions"] += 1
+        if n_live:
+            # (before a refill this also computes the rows that just finished: the rebuild drops them without
+            # a second copy of the cache)
+            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=-1)
+            out = model(
+                input_ids=tok.unsqueeze(-1),
+                attention_mask=mask if padded else None,
+                position_ids=next_pos.unsqueeze(-1),
+                use_cache=True,
+                **{cache_kw: cache},
+                **extra,
+            )
+            returned = returned_cache(out)
+            cache = returned if returned is not None else cache
+            logits = out.logits[:, -1, :].float()
+            next_pos = next_pos + 1
+            stats["row_steps"] += len(alive)
+            del out
+        if refill and not admit():
+            raise RuntimeError("cache layer types changed between prefills")
+    return _collect(tokenizer, cfg, eos, tokens, lps, length, n_q)
+
+
+def _collect(tokenizer, cfg, eos, tokens, lps, length, n_q) -> list[list[Sample]]:
+    k = cfg.k
     tokens_l, lps_l, length_l = tokens.cpu().tolist(), lps.cpu(), length.cpu().tolist()
     result: list[list[Sample]] = []
-    for q in range(B):
+    for q in range(n_q):
         samples = []
         for r in range(q * k, (q + 1) * k):
             n = length_l[r]
@@ -306,6 +497,7 @@ def generate_k(
     compact_at: float = 0.5,
     stats: dict[str, int] | None = None,
     preallocate_cache: bool = True,
+    continuous: bool = True,
 ) -> list[list[Sample]]:
     """For each prompt, cfg.k samples (in prompt order).
 
@@ -316,6 +508,14 @@ def generate_k(
     finish). Deterministic for the same seed, inputs and batch size. `stats`, if given, receives counters
     (row_steps: decode rows computed; compactions). preallocate_cache=False keeps the model's own cache
     layers (concatenating each step) even where the preallocated buffer applies.
+
+    continuous: with more prompts than cfg.batch_size, keep one running batch of cfg.batch_size * k rows and
+    admit waiting prompts (longest first) as rows finish, instead of batch after batch (module docstring).
+    Needs the preallocated cache (plain DynamicCache layers); otherwise, or with continuous=False, prompts go
+    batch by batch. Greedy tokens are the same either way; sampled ones are deterministic for the same seed,
+    inputs, batch size and `continuous`, but differ between the two schedules (the random stream is drawn in
+    a different row order). With at most cfg.batch_size prompts both schedules are the same computation.
+    `stats` then also counts refills.
     """
     if not prompts:
         return []
@@ -338,6 +538,10 @@ def generate_k(
     model.eval()
     try:
         with torch.inference_mode():
+            if continuous and preallocate_cache and len(order) > cfg.batch_size:
+                out = _generate_continuous(model, enc, order, cfg, eos, pad_id, gen, tokenizer, compact_at, stats)
+                if out is not None:
+                    return out
             batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
             for batch in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
                 out = _generate_batch(
