@@ -123,8 +123,47 @@ def test_knobs_respected():
     assert steps == {2, 3, 4}
 
 
+def test_max_value_bounds_every_path():
+    t = ArithTask(seed=3, min_steps=3, max_steps=4, max_number=20, max_value=200, **SMALL)
+    for e in t.load("train") + t.load("test"):
+        assert all(int(n) <= 200 for n in re.findall(r"\d+", e.reference)), e.reference
+        rng = random.Random(e.id)
+        for path in ArithTask.solution_paths(e, 4, rng):  # not just the reference: every order of the steps
+            assert all(int(n) <= 200 for n in re.findall(r"\d+", path))
+
+
+def test_corpus_documents_hold_several_problems_and_never_the_test_split():
+    kw = dict(seed=4, min_steps=1, max_steps=2, max_number=20, max_value=200, n_train=400, n_validation=20, n_test=50)
+    corpus = ArithTask(per_doc=3, **kw)
+    train, test = corpus.load("train"), corpus.load("test")
+    assert all(e.reference.count("\nQuestion: ") == 2 and e.reference.count("#### ") == 3 for e in train)
+    assert all("Question:" not in e.reference for e in test)  # the test split stays one problem per example
+    test_questions = {e.question for e in test}
+    for e in train:
+        questions = [e.question] + re.findall(r"Question: (.*)\nAnswer:", e.reference)
+        assert len(questions) == 3 and not test_questions & set(questions)
+        for q, sol in zip(
+            questions,
+            [e.reference.split("\n\nQuestion:")[0]] + re.findall(r"Answer:\n(.*?)(?:\n\n|$)", e.reference, re.S),
+        ):
+            assert all(check_annotations(sol)) and "#### " in sol
+    # per_doc=1 is the plain task, example for example
+    assert [e.reference for e in ArithTask(**kw).load("train")] == [
+        e.reference for e in ArithTask(per_doc=1, **kw).load("train")
+    ]
+
+
 @pytest.mark.parametrize(
-    "kwargs", [dict(ops="-*"), dict(ops="+%"), dict(min_steps=3, max_steps=2), dict(min_steps=0), dict(max_number=1)]
+    "kwargs",
+    [
+        dict(ops="-*"),
+        dict(ops="+%"),
+        dict(min_steps=3, max_steps=2),
+        dict(min_steps=0),
+        dict(max_number=1),
+        dict(per_doc=0),
+        dict(max_number=20, max_value=30),
+    ],
 )
 def test_bad_knobs_rejected(kwargs):
     with pytest.raises(ValueError):

@@ -127,6 +127,8 @@ def test_changed_plan_under_the_same_out_is_refused(experiment, tmp_path):
         ({"beta_auto": {"mode": "gap", "factor": 2}}, "beta_auto.factor", "unknown key"),
         ({"k": [2, 8], "sample_k": 4}, "sample_k", ">= every k"),
         ({"report": 3}, "report", "folder path"),
+        ({"protocols": ["continue", "from_scratch"]}, "protocols", "distinct protocols from"),
+        ({"protocols": ["continue", "continue"]}, "protocols", "distinct protocols from"),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path, data, key, message):
@@ -184,6 +186,92 @@ def test_seed_processes_then_one_results_run_with_a_shared_out(tmp_path):
     assert r.code == 2 and "--seeds" in r.stderr
     r = cli("experiment", a, "--seeds", "5")
     assert r.code == 2 and "not a subset" in r.stderr
+
+
+def test_from_base_protocol_trains_from_the_base_for_the_vft_budget(tmp_path):
+    """protocols: [continue, from_base] runs every cell twice; from_base starts from VFT's own start model
+    (the tiny model's saved init) with VFT's steps, lr and NLL batch; each protocol has its own control, and the
+    sanity checks compare RFT with the VFT start."""
+    plan = {**TINY_PLAN, "vft_steps": 6, "vft_batch": 8, "align_batch": 4}
+    cfg = _write(
+        tmp_path / "p.yaml",
+        {
+            **CONFIG,
+            "plan": plan,
+            "seeds": [0],
+            "methods": ["rft"],
+            "k": [4],
+            "beta_auto": None,
+            "protocols": ["continue", "from_base"],
+        },
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = run_experiment(cfg, out=str(tmp_path / "out"), quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "out"
+    fb = yaml.safe_load((out / "seed0" / "runs-from-base" / "rft-k4" / "config.yaml").read_text())
+    assert fb["model"] == str(out / "seed0" / "vft" / "init")
+    vft_lr = load_experiment(cfg).plan.vft_lr
+    assert (fb["max_steps"], fb["lr"], fb["batch_size"], fb["nll_per_question"]) == (6, vft_lr, 4, 2)
+    cont = yaml.safe_load((out / "seed0" / "runs" / "rft-k4" / "config.yaml").read_text())
+    assert cont["model"] == str(out / "seed0" / "vft" / "model") and cont["max_steps"] == TINY_PLAN["align_steps"]
+    assert cont["nll_per_question"] == 1
+    results = json.loads((out / "results.json").read_text())
+    cells = {c["cell"]: c for c in results["cells"]}
+    assert set(cells) == {"VFT", "vft", "rft-k4", "vft [from_base]", "rft-k4 [from_base]"}
+    assert res["n_runs"] == 2  # grid cells; each runs under both protocols
+    c, ctl = cells["rft-k4 [from_base]"], cells["vft [from_base]"]
+    t = c["vs_control"]
+    assert t["diff"] == pytest.approx(c["metrics"]["test_acc"]["mean"] - ctl["metrics"]["test_acc"]["mean"])
+    v = c["vs_vft"]
+    assert v["diff"] == pytest.approx(c["metrics"]["test_acc"]["mean"] - cells["VFT"]["metrics"]["test_acc"]["mean"])
+    checks = results["sanity_checks"]
+    assert set(checks["rft_over_vft"]["cells"]) == {"rft-k4", "rft-k4 [from_base]"}
+    assert checks["vft_seed_spread"]["pass"] is None  # one seed: nothing to compare
+    md = (out / "results.md").read_text()
+    assert "Sanity checks of the testbed" in md and "| rft-k4 [from_base] |" in md
+
+
+def test_sanity_checks_by_hand():
+    from aftune.commands.experiment.config import Experiment
+    from aftune.commands.experiment.results import sanity_checks
+
+    def cell(name, method, accs, assess=None, vs_vft=None):
+        return {
+            "cell": name,
+            "method": method,
+            "metrics": {
+                "test_acc": {"values": accs, "mean": sum(accs) / len(accs)},
+                "assess_acc": {"mean": assess},
+            },
+            **({"vs_vft": vs_vft} if vs_vft else {}),
+        }
+
+    exp = Experiment(name="x", out="o", plan=None, seeds=(0, 1, 2), grids=())
+    base = [cell("VFT", "VFT (start)", [0.40, 0.42, 0.43], assess=0.7)]
+    good = {"diff": 0.025, "se": 0.008, "p": 0.01}
+    checks = sanity_checks(base + [cell("rft-k8", "rft", [0.43] * 3, vs_vft=good)], exp)
+    assert checks["vft_seed_spread"]["spread_pts"] == pytest.approx(3.0)
+    assert checks["vft_seed_spread"]["pass"] and checks["vft_assessment"]["pass"] and checks["rft_over_vft"]["pass"]
+    # a gain below 2 points, or one that is not significant, fails; either protocol passing is enough
+    small = {"diff": 0.015, "se": 0.005, "p": 0.001}
+    noisy = {"diff": 0.03, "se": 0.02, "p": 0.2}
+    checks = sanity_checks(
+        [cell("VFT", "VFT (start)", [0.30, 0.40], assess=0.95)]
+        + [cell("rft-k8", "rft", [0.4] * 2, vs_vft=small), cell("rft-k8 [from_base]", "rft", [0.4] * 2, vs_vft=noisy)],
+        exp,
+    )
+    assert not checks["vft_seed_spread"]["pass"] and not checks["vft_assessment"]["pass"]
+    assert not checks["rft_over_vft"]["pass"]
+    checks = sanity_checks(
+        base
+        + [cell("rft-k8", "rft", [0.4] * 3, vs_vft=small), cell("rft-k8 [from_base]", "rft", [0.4] * 3, vs_vft=good)],
+        exp,
+    )
+    assert checks["rft_over_vft"]["pass"] and not checks["rft_over_vft"]["cells"]["rft-k8"]["pass"]
 
 
 def test_grid_collapses_axes_a_method_ignores(tmp_path):

@@ -108,6 +108,11 @@ class AlignConfig(TrainCommon, AlignmentArguments):
     warmup_ratio: float = opt(0.0, "fraction of steps for warm-up")
     lr_schedule: str = opt("constant", "cosine | linear | constant")
     batch_size: int = opt(16, "questions per optimiser step")
+    nll_per_question: int = opt(
+        1,
+        "references in the L_VFT term per question of a step (its batch is batch_size x this): match a VFT "
+        "batch when training from the base model",
+    )
     # semi-online AFT (aftune.training.online): re-sample the candidates from the current model mid-run
     resample_every: int = opt(
         0,

@@ -17,10 +17,29 @@ from aftune import gguf
 from aftune.io import InputError
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+ASSETS = Path(__file__).parent / "assets"
+# Models that ship inside the package, by name: `--model arith-base` works offline on any machine.
+BUILTIN_MODELS = {
+    "arith-base": "the testbed's pretrained base: the tiny Llama after 1,500 steps on 40k 1-2-step arith problems "
+    "(recipe: configs/testbed/arith-base.yaml; card: src/aftune/assets/arith-base/README.md)",
+}
+
+
+def resolve_model(name_or_path: str) -> str:
+    """The local folder a model name stands for: a built-in model's package folder, a .gguf file's cached
+    conversion (aftune.gguf), or the argument itself (a local folder or a hub id)."""
+    if name_or_path in BUILTIN_MODELS:
+        return str(ASSETS / name_or_path)
+    return gguf.resolve(name_or_path)
 
 
 def _check_local(name_or_path: str) -> None:
     # A path-looking argument that does not exist is a typo, not a hub id: say so instead of a 404.
+    if name_or_path in BUILTIN_MODELS:
+        if not (ASSETS / name_or_path / "model.safetensors").exists():
+            missing = ASSETS / name_or_path
+            raise InputError("built-in model missing from the package (reinstall aftune)", missing, field="--model")
+        return
     if gguf.is_gguf(name_or_path):  # always a local file (the hub's GGUF repos need gguf_file=, not this)
         gguf.check_file(name_or_path)
         return
@@ -32,7 +51,7 @@ def _check_local(name_or_path: str) -> None:
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Tokenizer from a local folder, a hub id, or a .gguf file (via its cached conversion, see aftune.gguf)."""
     _check_local(name_or_path)
-    tok = AutoTokenizer.from_pretrained(gguf.resolve(name_or_path), trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:  # many hub LMs ship without one; EOS is the usual stand-in
         tok.pad_token = tok.eos_token
     return tok
@@ -47,7 +66,7 @@ def load_model(
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[dtype]
     model = AutoModelForCausalLM.from_pretrained(
-        gguf.resolve(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        resolve_model(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
     )
     if device:
         model.to(device)
@@ -56,7 +75,7 @@ def load_model(
 
 def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
     _check_local(name_or_path)
-    path = gguf.resolve(name_or_path)  # convert (or find the conversion) once for both
+    path = resolve_model(name_or_path)  # convert (or find the conversion) once for both
     return load_model(path, dtype, trust_remote_code), load_tokenizer(path, trust_remote_code)
 
 

@@ -78,6 +78,7 @@ def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
     """Train, save OUT/model and OUT/metrics.json; `callbacks` are extra TrainerCallbacks."""
     method = get_method(cfg.method)  # AlignConfig checked the method fields when it was made
     check_train_args(cfg)
+    check_positive(cfg, ("nll_per_question",))
     check_semi_online(method, cfg.beta_auto, int(os.environ.get("WORLD_SIZE", "1")), cfg.resample_every)
     if cfg.resample_every:
         if cfg.resample_k < 2:
@@ -119,6 +120,7 @@ def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
         include_reference=cfg.include_reference,
         max_response_tokens=cfg.max_response_tokens,
         seed=cfg.seed,
+        nll_per_item=cfg.nll_per_question,
         end=end,
     )
     ckpt = out / "checkpoints"

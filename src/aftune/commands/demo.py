@@ -1,6 +1,6 @@
 """`aftune demo`: the whole method on the built-in `arith` task, on a CPU, with a report.
 
-VFT (annealed to convergence) -> sample k candidates per training question -> continue training with
+VFT of the shipped pretrained base (`arith-base`) on a small labelled set (annealed to 0) -> sample k candidates per training question -> continue training with
   * control: the same NLL batches, no alignment term (so any AFT gain is not just "more training")
   * AFT-BC: the same NLL batches + lambda * boundary-constrained alignment loss
   * RFT: NLL over references + distinct correct samples
@@ -53,21 +53,27 @@ class DemoPlan:
     max_new_tokens: int
     task_args: str  # arith difficulty knobs
     diag_every: int = 30  # held-out assessment diagnostics every N alignment steps
+    # the model VFT starts from: a built-in or local pretrained base, or "tiny" (from scratch, the earlier
+    # testbed; hidden / layers / heads / vocab then size it)
+    base: str = "tiny"
 
 
+# The data-limited testbed (docs/results.md, "The testbed"): the shipped pretrained base (1-2-step problems)
+# fine-tuned on 2,000 labelled 3-4-step problems, one reference each; every value at most 200.
+TESTBED_TASK = "min_steps=3,max_steps=4,max_number=20,max_value=200"
 FULL = DemoPlan(
-    n_train=6000,
-    n_validation=300,
+    n_train=2000,
+    n_validation=200,
     n_test=500,
-    n_sample=1200,
-    n_assess=150,
+    n_sample=500,
+    n_assess=100,
     k=8,
     temperature=0.8,
-    vft_steps=1200,
-    vft_batch=32,
+    vft_steps=600,
+    vft_batch=16,
     vft_lr=2e-3,
-    align_steps=150,
-    align_batch=8,
+    align_steps=100,
+    align_batch=4,
     align_lr=1e-4,
     beta=0.5,
     hidden=192,
@@ -75,19 +81,21 @@ FULL = DemoPlan(
     heads=4,
     vocab=512,
     max_new_tokens=128,
-    task_args="max_number=20,min_steps=2,max_steps=3",
+    task_args=TESTBED_TASK,
+    diag_every=25,
+    base="arith-base",
 )
 QUICK = DemoPlan(
-    n_train=600,
+    n_train=300,
     n_validation=40,
     n_test=60,
     n_sample=32,
     n_assess=16,
     k=4,
     temperature=0.8,
-    vft_steps=60,
-    vft_batch=16,
-    vft_lr=3e-3,
+    vft_steps=40,
+    vft_batch=8,
+    vft_lr=2e-3,
     align_steps=10,
     align_batch=4,
     align_lr=2e-4,
@@ -96,10 +104,12 @@ QUICK = DemoPlan(
     layers=2,
     heads=2,
     vocab=300,
-    max_new_tokens=64,
-    task_args="max_number=20,min_steps=2,max_steps=3",
+    max_new_tokens=96,
+    task_args=TESTBED_TASK,
     diag_every=5,
+    base="arith-base",
 )
+VFT_WARMUP = 0.03
 METHODS = {"control": "vft", "AFT-BC": "bc", "RFT": "rft"}
 # Seconds per step of one run of each plan (2 AMD EPYC AVX-512 cores): the runner's pace on the steps done
 # scales these into the "time left" it prints, whatever the host. Steps not listed (extra --methods) count 0.
@@ -211,17 +221,34 @@ def run_demo(cfg: DemoConfig, plan: DemoPlan | None = None) -> dict:
     return {"report": str(report), "timings": timings}
 
 
+PROTOCOLS = {
+    "continue": "continue from the VFT model for align_steps more steps (the paper's pipeline)",
+    "from_base": "train from the base model for VFT's budget (its steps, learning rate and NLL batch), as RFT "
+    "and ReST-EM train",
+}
+
+
+def runs_dir(protocol: str) -> str:
+    """An experiment seed's folder of runs under a protocol (continue keeps the original name)."""
+    return "runs" if protocol == "continue" else f"runs-{protocol.replace('_', '-')}"
+
+
+def base_model(plan: DemoPlan, vft_dir: Path) -> str:
+    """The model VFT started from: the plan's base, or (from scratch) the VFT run's saved initialisation."""
+    return str(vft_dir / "init") if plan.base == "tiny" else plan.base
+
+
 def vft_config(plan: DemoPlan, common: dict, out: Path) -> SFTConfig:
-    """VFT of the tiny from-scratch model, cosine-annealed to 0 so alignment starts from a converged model."""
+    """VFT from the plan's base model, cosine-annealed to 0 so alignment starts from a converged model."""
     return SFTConfig(
         **common,
-        model="tiny",
+        model=plan.base,
         out=str(out),
         max_steps=plan.vft_steps,
         batch_size=plan.vft_batch,
         lr=plan.vft_lr,
         lr_schedule="cosine",
-        warmup_ratio=0.03,
+        warmup_ratio=VFT_WARMUP,
         eval_steps=max(plan.vft_steps // 8, 5),
         save_steps=max(plan.vft_steps // 8, 5),
         n_validation=plan.n_validation,
@@ -235,27 +262,52 @@ def vft_config(plan: DemoPlan, common: dict, out: Path) -> SFTConfig:
 
 
 def align_config(
-    plan: DemoPlan, common: dict, vft_model: str, cands: Path, assess: Path, out: Path, method: str
+    plan: DemoPlan,
+    common: dict,
+    vft_model: str,
+    cands: Path,
+    assess: Path,
+    out: Path,
+    method: str,
+    protocol: str = "continue",
 ) -> AlignConfig:
-    """One continuation run from the VFT model: every method gets the same steps, batches and diagnostics."""
+    """One alignment run under a protocol (PROTOCOLS): every method gets the same steps, batches and diagnostics.
+
+    continue: from the VFT model, align_steps at align_lr, re-warmed gently and annealed again.
+    from_base: from the base model with VFT's steps, peak lr and warm-up, and VFT's NLL batch (vft_batch
+    references per step over align_batch questions), so the control (`vft`) is VFT run again."""
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol '{protocol}'; choose from: {', '.join(PROTOCOLS)}", field="protocol")
+    if protocol == "continue":
+        run = dict(model=vft_model, max_steps=plan.align_steps, lr=plan.align_lr, warmup_ratio=0.1)
+    else:
+        if plan.vft_batch % plan.align_batch:
+            raise InputError(
+                f"from_base needs vft_batch ({plan.vft_batch}) to be a multiple of align_batch ({plan.align_batch})",
+                field="plan.align_batch",
+            )
+        run = dict(
+            model=base_model(plan, Path(vft_model).parent),
+            max_steps=plan.vft_steps,
+            lr=plan.vft_lr,
+            warmup_ratio=VFT_WARMUP,
+            nll_per_question=plan.vft_batch // plan.align_batch,
+        )
     return AlignConfig(
         **common,
-        model=vft_model,
+        **run,
         candidates=str(cands),
         out=str(out),
         method=method,
         beta=plan.beta,
-        max_steps=plan.align_steps,
         batch_size=plan.align_batch,
-        lr=plan.align_lr,
         lr_schedule="cosine",
-        warmup_ratio=0.1,  # continue from the annealed VFT model gently, and anneal again
         n_train=plan.n_train,
         diag_every=plan.diag_every,
         diag_candidates=str(assess),
         diag_questions=plan.n_assess,
-        logging_steps=max(plan.align_steps // 10, 1),
-        save_steps=plan.align_steps,
+        logging_steps=max(run["max_steps"] // 10, 1),
+        save_steps=run["max_steps"],
     )
 
 

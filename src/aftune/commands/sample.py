@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aftune import gguf
 from aftune.commands.common import check_positive, load_examples, load_for_inference, parse_shard, single_task
 from aftune.config import SampleConfig, save_config
 from aftune.distributed import env_shard
 from aftune.io import InputError
-from aftune.modeling import load_tokenizer
+from aftune.modeling import load_tokenizer, resolve_model
 from aftune.prompting import resolve_prompt_format, stop_strings
 from aftune.sampling.sampler import SamplingConfig
 from aftune.sampling.shards import shard_file
@@ -52,9 +51,9 @@ def run_sample(cfg: SampleConfig) -> dict:
         batch_size=cfg.batch_size,
         stop=stop_strings(task, fmt, tok),
     )
-    # vLLM reads a model folder: a .gguf file goes through its cached safetensors conversion
+    # vLLM reads a model folder: a built-in name or a .gguf file goes through resolve_model
     generate = (
-        (lambda prompts, c: generate_k_vllm(gguf.resolve(cfg.model), prompts, c)) if cfg.backend == "vllm" else None
+        (lambda prompts, c: generate_k_vllm(resolve_model(cfg.model), prompts, c)) if cfg.backend == "vllm" else None
     )
     stats = sample_candidates(
         model,

@@ -32,7 +32,7 @@ NAMES = (
 ITEMS = ("apples", "eggs", "cards", "pens", "stickers", "marbles")
 CONTAINERS = ("bags", "boxes", "packs")
 MAX_ATTEMPTS = 200  # rejection-sampling tries per problem before giving up on a draw
-MAX_VALUE = 1000  # bound on every intermediate value of every solution path (keeps numbers moderate)
+MAX_VALUE = 1000  # default bound on every intermediate value of every solution path (keeps numbers moderate)
 
 
 # ---------------------------------------------------------------- problem generation
@@ -59,7 +59,12 @@ def _act(sign: int, p: dict[str, Any], rng: random.Random, first: bool) -> str:
 
 
 def generate_problem(
-    rng: random.Random, min_steps: int = 2, max_steps: int = 4, max_number: int = 30, ops: str = "+-*"
+    rng: random.Random,
+    min_steps: int = 2,
+    max_steps: int = 4,
+    max_number: int = 30,
+    ops: str = "+-*",
+    max_value: int = MAX_VALUE,
 ) -> dict[str, Any]:
     """One random problem as a JSON-able dict (see module doc); its answer is `problem["answer"]`."""
     lo = 2 if max_number >= 2 else 1
@@ -107,12 +112,12 @@ def generate_problem(
             p["terms"].append(t)
             total += sign * value
         # The largest intermediate of any path is the base after all gains, before any loss.
-        if sum(_value(t) for t in p["terms"] if t["sign"] > 0) > MAX_VALUE:
+        if sum(_value(t) for t in p["terms"] if t["sign"] > 0) > max_value:
             continue
         if final_op == "*":
-            if total * lo > MAX_VALUE:
+            if total * lo > max_value:
                 continue
-            p["final"] = {"op": "*", "k": rng.randint(lo, min(max_number, MAX_VALUE // total))}
+            p["final"] = {"op": "*", "k": rng.randint(lo, min(max_number, max_value // total))}
             total *= p["final"]["k"]
         elif final_op == "/":
             divisors = [k for k in range(2, max_number + 1) if total % k == 0 and total // k >= 2]
@@ -125,7 +130,8 @@ def generate_problem(
         p["question"] = _question(p, rng)
         return p
     raise ValueError(
-        f"could not generate a problem with steps {min_steps}-{max_steps}, max_number={max_number}, ops={ops!r}"
+        f"could not generate a problem with steps {min_steps}-{max_steps}, max_number={max_number}, ops={ops!r}, "
+        f"max_value={max_value}"
     )
 
 
@@ -296,13 +302,25 @@ class ArithTask(Task):
         max_steps: int = 4,
         max_number: int = 30,
         ops: str = "+-*",
+        max_value: int = MAX_VALUE,
+        per_doc: int = 1,
     ):
+        if per_doc < 1:
+            raise ValueError(f"per_doc must be >= 1, got {per_doc}")
+        # per_doc > 1 makes a pretraining corpus: each train / validation example is a document of per_doc
+        # worked problems back to back (the first one's question is the prompt), so the model sees
+        # positions as far out as long problems reach; problems may repeat across documents, never with
+        # the test split.
+        self.per_doc = per_doc
         if not ops or set(ops) - set("+-*/") or "+" not in ops:
             raise ValueError(f"ops must be a subset of '+-*/' containing '+', got {ops!r}")
         if not 1 <= min_steps <= max_steps <= 8:
             raise ValueError(f"need 1 <= min_steps <= max_steps <= 8, got {min_steps}, {max_steps}")
         if max_number < 2:
             raise ValueError(f"max_number must be >= 2, got {max_number}")
+        if max_value < 2 * max_number:
+            raise ValueError(f"max_value must be >= 2 * max_number, got {max_value} with max_number={max_number}")
+        self.max_value = max_value
         self.seed, self.min_steps, self.max_steps, self.max_number, self.ops = (
             seed,
             min_steps,
@@ -320,19 +338,26 @@ class ArithTask(Task):
         out: dict[str, list[Example]] = {}
         for split in ("test", "validation", "train"):
             rng = random.Random(f"arith-{self.seed}-{split}")
+            per = 1 if split == "test" else self.per_doc
+            held_out = set(seen)  # a corpus' documents may repeat their own problems, not earlier splits'
             exs: list[Example] = []
             misses = 0
             while len(exs) < self.sizes[split]:
-                p = generate_problem(rng, self.min_steps, self.max_steps, self.max_number, self.ops)
-                key = _structure_key(p)
-                if key in seen or p["question"] in seen:
-                    misses += 1
-                    if misses > 20 * self.sizes[split] + 1000:
-                        raise ValueError(f"too few distinct problems for these knobs to fill split '{split}'")
-                    continue
-                seen.add(key)
-                seen.add(p["question"])  # type: ignore[arg-type]
-                ref = sample_solution(p, rng)
+                parts: list[tuple[dict, str]] = []
+                while len(parts) < per:
+                    p = generate_problem(rng, self.min_steps, self.max_steps, self.max_number, self.ops, self.max_value)
+                    key = _structure_key(p)
+                    if key in (seen if per == 1 else held_out) or p["question"] in seen:
+                        misses += 1
+                        if misses > 20 * self.sizes[split] * per + 1000:
+                            raise ValueError(f"too few distinct problems for these knobs to fill split '{split}'")
+                        continue
+                    seen.add(key)
+                    seen.add(p["question"])  # type: ignore[arg-type]
+                    parts.append((p, sample_solution(p, rng)))
+                p, ref = parts[-1] if per == 1 else parts[0]
+                if per > 1:
+                    ref += "".join(f"\n\nQuestion: {q['question']}\nAnswer:\n{sol}" for q, sol in parts[1:])
                 exs.append(
                     Example(
                         id=f"arith-{split}-{len(exs):05d}",

@@ -1,9 +1,11 @@
-"""`aftune experiment CONFIG.yaml`: a grid of resumable runs (method x seed x k x beta x lambda) on `arith`.
+"""`aftune experiment CONFIG.yaml`: a grid of resumable runs (protocol x method x seed x k x beta x lambda)
+on `arith`.
 
 Per seed, one VFT model, one sampling pass at max(k) (smaller k: the first k distinct candidates of each
 group, written to a derived file), one held-out assessment candidate set and one VFT eval are shared by
 every run of that seed. Every method is compared with the control (`vft`: same steps, same NLL batches,
-no alignment term) of its own seed: mean +- std over seeds and a paired McNemar test on per-question
+no alignment term) of its own seed and protocol (demo.PROTOCOLS: continue from VFT, or train from the base):
+mean +- std over seeds and a paired McNemar test on per-question
 predictions. Each step is skipped when its output exists, so a killed experiment resumes.
 See docs/experiments.md.
 """
@@ -17,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from aftune.commands.align import run_align
-from aftune.commands.demo import align_config, task_args_for, vft_config
+from aftune.commands.demo import align_config, runs_dir, task_args_for, vft_config
 from aftune.commands.eval import run_eval
 from aftune.commands.experiment.config import CONTROL, Experiment, load_experiment
 from aftune.commands.experiment.grid import grid
@@ -134,12 +136,13 @@ def run_experiment(
             EvalConfig(**ev, model=vft_model, out=str(sd / "eval" / "VFT.json")),
         )
 
-        for r in (r for r in runs if r.seed == seed):
-            d = sd / "runs" / r.cell
+        for protocol, r in ((p, r) for p in exp.protocols for r in runs if r.seed == seed):
+            d = sd / runs_dir(protocol) / r.cell
             k = r.k or kmax
-            # the demo's continuation (same schedule for every method), with this run's k / beta / lambda
+            tag = "" if protocol == "continue" else f" [{protocol}]"
+            # the protocol's schedule (the same for every method), with this run's k / beta / lambda
             cfg = replace(
-                align_config(plan, common, vft_model, cands[k], assess, d, r.method),
+                align_config(plan, common, vft_model, cands[k], assess, d, r.method, protocol),
                 beta=r.beta if r.beta is not None else plan.beta,
                 lambda_=r.lam if r.lam is not None else 1.0,
                 beta_auto="gap" if r.auto else "",
@@ -147,9 +150,9 @@ def run_experiment(
                 max_candidates=k + 1,
                 diag_every=exp.diag_every,
             )
-            step(f"seed{seed}/align {r.cell}", d / "metrics.json", _align_and_clean, run_align, cfg)
+            step(f"seed{seed}/align {r.cell}{tag}", d / "metrics.json", _align_and_clean, run_align, cfg)
             step(
-                f"seed{seed}/eval {r.cell}",
+                f"seed{seed}/eval {r.cell}{tag}",
                 d / "eval.json",
                 run_eval,
                 EvalConfig(**ev, model=str(d / "model"), out=str(d / "eval.json")),

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from aftune.commands.demo import FULL, QUICK, DemoPlan
+from aftune.commands.demo import FULL, PROTOCOLS, QUICK, DemoPlan
 from aftune.config import field_types, key_line, read_yaml_mapping, typed_value
 from aftune.io import InputError
 from aftune.training.arguments import auto_beta_eligible
@@ -23,6 +23,7 @@ TOP_KEYS = (
     "data_seed",
     "plan",
     "seeds",
+    "protocols",
     *GRID_KEYS,
     "grids",
     "sample_k",
@@ -61,6 +62,7 @@ class Experiment:
     bf16: bool = False
     report: str | None = None  # where results.{md,json} and plots go (default: out)
     sample_k: int | None = None  # candidates sampled per question (default: the largest k of the grids)
+    protocols: tuple[str, ...] = ("continue",)  # demo.PROTOCOLS: every run of the grids under each
 
     @property
     def ks(self) -> tuple[int, ...]:
@@ -124,6 +126,11 @@ def load_experiment(path: str | Path) -> Experiment:
     sample_k = data.get("sample_k")
     if sample_k is not None and sample_k < max(k for g in grids for k in g.ks):
         raise err("sample_k", f"must be >= every k of the grids, got {sample_k}")
+    protocols = data.get("protocols", ["continue"])
+    protocols = protocols if isinstance(protocols, list) else [protocols]
+    known = all(isinstance(p, str) and p in PROTOCOLS for p in protocols)
+    if not protocols or not known or len(set(protocols)) != len(protocols):
+        raise err("protocols", f"expected distinct protocols from: {', '.join(PROTOCOLS)}; got {protocols!r}")
     report = data.get("report")
     if report is not None and not isinstance(report, str):
         raise err("report", f"expected a folder path, got {type(report).__name__}")
@@ -138,6 +145,7 @@ def load_experiment(path: str | Path) -> Experiment:
         bf16=bool(data.get("bf16", False)),
         report=report,
         sample_k=sample_k,
+        protocols=tuple(protocols),
     )
 
 

@@ -7,6 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
+from aftune.commands.demo import runs_dir
 from aftune.commands.experiment.config import CONTROL, Experiment
 from aftune.commands.experiment.grid import Run
 from aftune.evaluation.plots import plot_experiment
@@ -65,35 +66,37 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
     cells: dict[str, list[Run]] = {}
     for r in runs:
         cells.setdefault(r.cell, []).append(r)
-    control_eval = {s: root / f"seed{s}" / "runs" / CONTROL / "eval.json" for s in exp.seeds}
+    vft_eval = {s: root / f"seed{s}" / "eval" / "VFT.json" for s in exp.seeds}
     out_cells = []
 
-    def cell_entry(name: str, method: str, evals: dict[int, Path], r: Run | None) -> dict:
+    def cell_entry(
+        name: str, method: str, evals: dict[int, Path], r: Run | None, protocol: str | None, control: dict | None
+    ) -> dict:
         per_seed = {s: _metrics(p) for s, p in evals.items()}
         entry = {
-            "cell": name,
+            "cell": name if protocol in (None, "continue") else f"{name} [{protocol}]",
             "method": method,
+            "protocol": protocol,
             "k": r.k if r else None,
             "beta": r.beta_label if r else None,
             "lambda": r.lam if r else None,
             "seeds": list(evals),
             "metrics": {col: summary([per_seed[s][col] for s in evals]) for col in METRICS},
         }
-        if name != CONTROL:
-            entry["vs_control"] = paired_test(
-                [(_predictions(p), _predictions(control_eval[s])) for s, p in evals.items()]
-            )
+        if control is not None and name != CONTROL:
+            entry["vs_control"] = paired_test([(_predictions(p), _predictions(control[s])) for s, p in evals.items()])
+        if r is not None:
+            entry["vs_vft"] = paired_test([(_predictions(p), _predictions(vft_eval[s])) for s, p in evals.items()])
         return entry
 
-    out_cells.append(
-        cell_entry("VFT", "VFT (start)", {s: root / f"seed{s}" / "eval" / "VFT.json" for s in exp.seeds}, None)
-    )
-    for name, rs in cells.items():
-        out_cells.append(
-            cell_entry(
-                name, rs[0].method, {r.seed: root / f"seed{r.seed}" / "runs" / name / "eval.json" for r in rs}, rs[0]
-            )
-        )
+    out_cells.append(cell_entry("VFT", "VFT (start)", vft_eval, None, None, None))
+    for protocol in exp.protocols:
+        where = runs_dir(protocol)
+        control = {s: root / f"seed{s}" / where / CONTROL / "eval.json" for s in exp.seeds}
+        for name, rs in cells.items():
+            evals = {r.seed: root / f"seed{r.seed}" / where / name / "eval.json" for r in rs}
+            out_cells.append(cell_entry(name, rs[0].method, evals, rs[0], protocol, control))
+    sanity = sanity_checks(out_cells, exp)
 
     auto = {}
     kmax = exp.kmax
@@ -107,6 +110,8 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
         "seeds": list(exp.seeds),
         "data_seed": exp.data_seed,
         "control": CONTROL,
+        "protocols": list(exp.protocols),
+        "sanity_checks": sanity,
         "cells": out_cells,
         "auto_beta": auto,
     }
@@ -118,9 +123,12 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
         s = format(m["mean"] * scale, fmt)
         return s + (f" ± {format(m['std'] * scale, fmt)}" if m["std"] is not None else "")
 
+    def delta(t: dict | None) -> str | None:
+        return None if not t or t["diff"] is None else f"{100 * t['diff']:+.1f} ± {100 * (t['se'] or 0):.1f}"
+
     rows = []
     for c in out_cells:
-        m, t = c["metrics"], c.get("vs_control")
+        m, t, v = c["metrics"], c.get("vs_control"), c.get("vs_vft")
         rows.append(
             {
                 "cell": c["cell"],
@@ -134,11 +142,11 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
                 "self-rerank %": pm(m["self_rerank"], 100),
                 "ppl pos": pm(m["ppl_pos"], fmt=".3f"),
                 "ppl neg": pm(m["ppl_neg"], fmt=".3f"),
-                "Δ vs control (pts)": None
-                if not t or t["diff"] is None
-                else f"{100 * t['diff']:+.1f} ± {100 * (t['se'] or 0):.1f}",
+                "Δ vs control (pts)": delta(t),
                 "b / c": None if not t else f"{t['b']} / {t['c']}",
                 "p (McNemar)": None if not t else f"{t['p']:.3g}",
+                "Δ vs VFT (pts)": delta(v),
+                "p vs VFT": None if not v else f"{v['p']:.3g}",
             }
         )
     cols = list(rows[0])
@@ -153,10 +161,12 @@ questions). **test acc**: greedy accuracy on {exp.plan.n_test} test questions. *
 (macro) on held-out candidates sampled from that seed's VFT model; **self-rerank**: accuracy when the model picks its
 own top-scored held-out candidate; **ppl pos / neg**: mean perplexity of correct / wrong held-out candidates.
 **Δ vs control**: mean per-question accuracy difference to the control (`vft`: same steps and NLL batches, no
-alignment term) of the same seed, pooled over seeds, ± its standard error; **b / c**: questions only the method /
-only the control got right; **p**: exact two-sided McNemar test on the pooled discordant counts. The `VFT` row is the
-start checkpoint (compared with the control it shows what the extra steps alone bring).""",
+alignment term) of the same seed and protocol, pooled over seeds, ± its standard error; **b / c**: questions only
+the method / only the control got right; **p**: exact two-sided McNemar test on the pooled discordant counts;
+**Δ / p vs VFT**: the same against the VFT start checkpoint of the seed. Cells marked [from_base] were trained from the
+base model for VFT's budget instead of continuing from VFT (protocols: {", ".join(exp.protocols)}).""",
         ),
+        ("Sanity checks of the testbed", sanity_markdown(sanity)),
         ("Plots", "\n\n".join(markdown_image(p, alt, report) for p, alt in plots) or "None."),
     ]
     if auto:
@@ -177,3 +187,77 @@ start checkpoint (compared with the control it shows what the extra steps alone 
     sections.append(("Plan", "```\n" + json.dumps(dataclasses.asdict(exp.plan), indent=1) + "\n```"))
     write_report(report / "results.md", f"aftune experiment: {exp.name}", sections)
     return results
+
+
+# The testbed's gates (issue #16): checks against what the literature agrees on, not targets for AFT.
+VFT_SPREAD_MAX = 3.0  # points between the best and worst VFT seed
+VFT_ASSESS_MAX = 0.9  # "well below 100%": the VFT model misranks its own samples often enough to align
+RFT_GAIN_MIN = 2.0  # points over the VFT start (Yuan et al. 2023: +3 to +5 on GSM8K)
+RFT_P_MAX = 0.05
+
+
+def sanity_checks(cells: list[dict], exp: Experiment) -> dict:
+    """VFT seeds agree, VFT misranks its samples, RFT beats its VFT start (under at least one protocol)."""
+    vft = next(c for c in cells if c["cell"] == "VFT")["metrics"]
+    accs = [100 * a for a in vft["test_acc"]["values"] if a is not None]
+    spread = max(accs) - min(accs) if accs else None
+    assess = vft["assess_acc"]["mean"]
+    checks = {
+        "vft_seed_spread": {
+            "values": accs,
+            "spread_pts": spread,
+            "pass": None if spread is None or len(accs) < 2 else round(spread, 6) <= VFT_SPREAD_MAX,
+            "rule": f"VFT test accuracy of the seeds within {VFT_SPREAD_MAX:g} points",
+        },
+        "vft_assessment": {
+            "value": assess,
+            "pass": None if assess is None else assess <= VFT_ASSESS_MAX,
+            "rule": f"VFT assessment accuracy <= {VFT_ASSESS_MAX:.0%}",
+        },
+    }
+    rft = {}
+    for c in cells:
+        if c["method"] == "rft" and c.get("vs_vft") and c["vs_vft"]["diff"] is not None:
+            t = c["vs_vft"]
+            rft[c["cell"]] = {
+                "diff_pts": 100 * t["diff"],
+                "se_pts": 100 * (t["se"] or 0.0),
+                "p": t["p"],
+                "pass": 100 * t["diff"] >= RFT_GAIN_MIN and t["p"] < RFT_P_MAX,
+            }
+    checks["rft_over_vft"] = {
+        "cells": rft,
+        "pass": any(v["pass"] for v in rft.values()) if rft else None,
+        "rule": f"RFT >= VFT start + {RFT_GAIN_MIN:g} points with McNemar p < {RFT_P_MAX:g} under some protocol",
+    }
+    return checks
+
+
+def sanity_markdown(checks: dict) -> str:
+    def verdict(ok: bool | None) -> str:
+        return "not measured" if ok is None else "PASS" if ok else "FAIL"
+
+    s, a, r = checks["vft_seed_spread"], checks["vft_assessment"], checks["rft_over_vft"]
+    rows = [
+        {
+            "check": s["rule"],
+            "measured": "n/a"
+            if s["spread_pts"] is None
+            else f"{s['spread_pts']:.1f} pts ({', '.join(f'{v:.1f}' for v in s['values'])})",
+            "verdict": verdict(s["pass"]),
+        },
+        {
+            "check": a["rule"],
+            "measured": "n/a" if a["value"] is None else f"{100 * a['value']:.1f}%",
+            "verdict": verdict(a["pass"]),
+        },
+        {
+            "check": r["rule"],
+            "measured": "; ".join(
+                f"{cell}: {v['diff_pts']:+.1f} ± {v['se_pts']:.1f}, p={v['p']:.2g}" for cell, v in r["cells"].items()
+            )
+            or "n/a (no rft run)",
+            "verdict": verdict(r["pass"]),
+        },
+    ]
+    return markdown_table(rows, ["check", "measured", "verdict"], {})
