@@ -142,7 +142,7 @@ def test_corpus_documents_hold_several_problems_and_never_the_test_split():
     for e in train:
         questions = [e.question] + re.findall(r"Question: (.*)\nAnswer:", e.reference)
         assert len(questions) == 3 and not test_questions & set(questions)
-        for q, sol in zip(
+        for _, sol in zip(
             questions,
             [e.reference.split("\n\nQuestion:")[0]] + re.findall(r"Answer:\n(.*?)(?:\n\n|$)", e.reference, re.S),
         ):

@@ -345,7 +345,9 @@ class ArithTask(Task):
             while len(exs) < self.sizes[split]:
                 parts: list[tuple[dict, str]] = []
                 while len(parts) < per:
-                    p = generate_problem(rng, self.min_steps, self.max_steps, self.max_number, self.ops, self.max_value)
+                    p = generate_problem(
+                        rng, self.min_steps, self.max_steps, self.max_number, self.ops, self.max_value
+                    )
                     key = _structure_key(p)
                     if key in (seen if per == 1 else held_out) or p["question"] in seen:
                         misses += 1

@@ -89,10 +89,13 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
             entry["vs_vft"] = paired_test([(_predictions(p), _predictions(vft_eval[s])) for s, p in evals.items()])
         return entry
 
-    out_cells.append(cell_entry("VFT", "VFT (start)", vft_eval, None, None, None))
+    controls = {
+        p: {s: root / f"seed{s}" / runs_dir(p) / CONTROL / "eval.json" for s in exp.seeds} for p in exp.protocols
+    }
+    # the VFT start against the first protocol's control: what the extra steps alone bring
+    out_cells.append(cell_entry("VFT", "VFT (start)", vft_eval, None, None, controls[exp.protocols[0]]))
     for protocol in exp.protocols:
-        where = runs_dir(protocol)
-        control = {s: root / f"seed{s}" / where / CONTROL / "eval.json" for s in exp.seeds}
+        where, control = runs_dir(protocol), controls[protocol]
         for name, rs in cells.items():
             evals = {r.seed: root / f"seed{r.seed}" / where / name / "eval.json" for r in rs}
             out_cells.append(cell_entry(name, rs[0].method, evals, rs[0], protocol, control))
