@@ -288,23 +288,11 @@ def _generate_batch(
             cache.batch_select_indices(keep)
             alive, tok, mask, next_pos = alive[keep], tok[keep], mask[keep], next_pos[keep]
             stats["compactions"] += 1
-        step_ids = tok.unsqueeze(-1)
         if padded:
             mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=-1)
-        out = model(
-            input_ids=step_ids,
-            attention_mask=mask if padded else None,
-            position_ids=next_pos.unsqueeze(-1),
-            use_cache=True,
-            **{cache_kw: cache},
-            **extra,
-        )
-        returned = returned_cache(out)
-        cache = returned if returned is not None else cache
-        logits = out.logits[:, -1, :].float()
+        logits, cache = _decode_step(model, tok, mask if padded else None, next_pos, cache, cache_kw, extra)
         next_pos = next_pos + 1
         stats["row_steps"] += len(alive)
-        del out
 
     return _collect(tokenizer, cfg, eos, tokens, lps, length, B)
 
@@ -448,20 +436,9 @@ def _generate_continuous(
             # (before a refill this also computes the rows that just finished: the rebuild drops them without
             # a second copy of the cache)
             mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=-1)
-            out = model(
-                input_ids=tok.unsqueeze(-1),
-                attention_mask=mask if padded else None,
-                position_ids=next_pos.unsqueeze(-1),
-                use_cache=True,
-                **{cache_kw: cache},
-                **extra,
-            )
-            returned = returned_cache(out)
-            cache = returned if returned is not None else cache
-            logits = out.logits[:, -1, :].float()
+            logits, cache = _decode_step(model, tok, mask if padded else None, next_pos, cache, cache_kw, extra)
             next_pos = next_pos + 1
             stats["row_steps"] += len(alive)
-            del out
         if refill and not admit():
             raise RuntimeError("cache layer types changed between prefills")
     return _collect(tokenizer, cfg, eos, tokens, lps, length, n_q)
@@ -561,3 +538,17 @@ def generate_k(
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def _decode_step(model, tok, mask, next_pos, cache, cache_kw: str, extra: dict):
+    """One cached decoding step of every live row: (next-token logits in fp32, the cache to use next)."""
+    out = model(
+        input_ids=tok.unsqueeze(-1),
+        attention_mask=mask,
+        position_ids=next_pos.unsqueeze(-1),
+        use_cache=True,
+        **{cache_kw: cache},
+        **extra,
+    )
+    returned = returned_cache(out)
+    return out.logits[:, -1, :].float(), (returned if returned is not None else cache)
