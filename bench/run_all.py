@@ -555,8 +555,10 @@ def table(rows, ceil) -> str:
     return "\n".join(out)
 
 
-def plots(args, shapes, dtype) -> list[str]:
-    """Step time and peak memory vs k, vs mean response length and vs vocabulary, aftune and TRL DPO."""
+def plots(args, shapes, dtype, rows=()) -> list[str]:
+    """Step time and peak memory vs k, vs mean response length and vs vocabulary, aftune and TRL DPO.
+
+    A point the table already measured (same kind, shape, k, dtype, length scale) is reused, not rerun."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -566,13 +568,22 @@ def plots(args, shapes, dtype) -> list[str]:
     figs.mkdir(parents=True, exist_ok=True)
     real = [s for s in shapes if not s.fixed]
     base = next((s for s in real if s.vocab == args.plot_vocab), real[0])
+
+    def point(shape, k, scale=1.0):
+        for r in rows:
+            if (r["kind"], r["shape"], r["k"], r["dtype"], r.get("scale")) == ("dpo", shape.name, k, dtype, scale):
+                return r
+        r = run_align(args, "dpo", shape, k, dtype, scale=scale)
+        print(f"plot point {shape.name} k={k} x{scale}: ratio {r['ratio']:.2f}x", flush=True)
+        return r
+
     sweeps = {
-        "k": [(k, run_align(args, "dpo", base, k, dtype)) for k in args.plot_ks],
+        "k": [(k, point(base, k)) for k in args.plot_ks],
         "length": [],
-        "vocab": [(s.vocab, run_align(args, "dpo", s, args.plot_k, dtype)) for s in real],
+        "vocab": [(s.vocab, point(s, args.plot_k)) for s in real],
     }
     for f in args.plot_scales:
-        r = run_align(args, "dpo", base, args.plot_k, dtype, scale=f)
+        r = point(base, args.plot_k, f)
         sweeps["length"].append((r["cand_tokens"] / (args.questions * args.plot_k), r))
     files = []
     xlabel = {"k": "candidates per question k", "length": "mean response tokens", "vocab": "vocabulary size"}
@@ -675,22 +686,23 @@ def main():
         fixed = (64, 96) if not args.smoke else (8, 12)
         shapes.append(Shape("synthetic 64/96", 512, syn_arch, [], [], fixed=fixed))
 
-    rows = []
+    rows: list[dict] = []
+    meta = dict(args=args, info=info, dtypes=dtypes, ceil0=ceil0, src=src, p_lens=p_lens, r_lens=r_lens, t0=t0)
+
+    def add(r: dict, what: str) -> None:
+        rows.append(r)
+        print(f"{what}: ratio {r['ratio']:.2f}x", flush=True)
+        write_outputs(rows, meta, partial=True)  # a long run killed midway keeps every row it finished
+
     for shape in shapes:
         for k in ks:
             for d in dtypes:
                 for kind in ("dpo",) + (() if args.no_kto else ("kto",)):
-                    r = run_align(args, kind, shape, k, d)
-                    rows.append(r)
-                    print(f"{kind} {shape.name} k={k} {d}: ratio {r['ratio']:.2f}x", flush=True)
-                r = run_sample(args, shape, k, d)
-                rows.append(r)
-                print(f"sample {shape.name} k={k} {d}: ratio {r['ratio']:.2f}x", flush=True)
+                    add(run_align(args, kind, shape, k, d), f"{kind} {shape.name} k={k} {d}")
+                add(run_sample(args, shape, k, d), f"sample {shape.name} k={k} {d}")
                 if not shape.fixed and not args.no_ablations:
                     for what in ("pack", "head"):
-                        r = run_ablation(args, what, shape, k, d)
-                        rows.append(r)
-                        print(f"ablation {what} {shape.name} k={k} {d}: ratio {r['ratio']:.2f}x", flush=True)
+                        add(run_ablation(args, what, shape, k, d), f"ablation {what} {shape.name} k={k} {d}")
     if not args.no_real_model:
         got = real_sampler_model(args)
         if got is None:
@@ -699,18 +711,23 @@ def main():
             for k in ks:
                 for d in dtypes:
                     r = run_sample(args, None, 2 if args.smoke else k, d, real=got)
-                    rows.append(r)
-                    print(f"sample {r['shape']} k={k} {d}: ratio {r['ratio']:.2f}x", flush=True)
-    figs = plots(args, shapes, dtypes[0]) if args.plots else []
-    ceil1 = {d: ceiling(d, args.device) for d in dtypes}
-    ceil = {d: max(ceil0[d], ceil1[d]) for d in dtypes}
-    wall = time.perf_counter() - t0
+                    add(r, f"sample {r['shape']} k={k} {d}")
+    meta["figs"] = plots(args, shapes, dtypes[0], rows) if args.plots else []
+    print("\n" + write_outputs(rows, meta, partial=False))
 
+
+def write_outputs(rows: list[dict], meta: dict, partial: bool) -> str:
+    """bench/out/run_all.md and .json from the rows so far; the final write also re-measures the ceiling."""
+    args, info, dtypes, ceil0 = meta["args"], meta["info"], meta["dtypes"], meta["ceil0"]
+    ceil1 = ceil0 if partial else {d: ceiling(d, args.device) for d in dtypes}
+    ceil = {d: max(ceil0[d], ceil1[d]) for d in dtypes}
+    wall = time.perf_counter() - meta["t0"]
     cmd = "python bench/run_all.py " + " ".join(sys.argv[1:])
     flags = ", ".join(info.get("cpu_flags", []))
     md = [
         f"<!-- generated by `{cmd.strip()}` on {datetime.date.today()} in {wall / 60:.1f} min -->",
-        f"{'**SMOKE RUN: toy shapes, 1 run; the numbers check the pipeline, not speed.**' if args.smoke else ''}",
+        "**PARTIAL: the run is still going (or was stopped); rows so far.**" if partial else "",
+        "**SMOKE RUN: toy shapes, 1 run; the numbers check the pipeline, not speed.**" if args.smoke else "",
         "",
         f"Host: {info.get('cpu')} ({info.get('cpus')} CPUs; flags: {flags or 'none of avx2/avx512/amx'}), "
         f"{info.get('gpu', 'no GPU')}; torch {info['torch']}, transformers {info.get('transformers')}, "
@@ -721,19 +738,23 @@ def main():
             for d, c in ceil.items()
         )
         + ".",
-        f"GSM8K lengths: {src}; prompts {_stats(p_lens)}; responses {_stats(r_lens)}. "
+        f"GSM8K lengths: {meta['src']}; prompts {_stats(meta['p_lens'])}; responses {_stats(meta['r_lens'])}. "
         f"Align: {args.questions} questions/step, medians of {args.runs} interleaved runs; "
         f"sampler: {args.sample_questions} prompts, {args.sample_batch} per batch.",
         "",
         table(rows, ceil),
     ]
-    if figs:
-        md += ["", "Plots: " + ", ".join(f"`{f}`" for f in figs)]
-    text = "\n".join(md) + "\n"
-    (out / "run_all.md").write_text(text)
-    with open(out / "run_all.json", "w") as f:
-        json.dump({"host": info, "ceiling": ceil, "lengths": src, "rows": rows, "wall_s": wall}, f, indent=1)
-    print("\n" + text)
+    if meta.get("figs"):
+        md += ["", "Plots: " + ", ".join(f"`{f}`" for f in meta["figs"])]
+    text = "\n".join(m for m in md if m is not None) + "\n"
+    (args.out_dir / "run_all.md").write_text(text)
+    with open(args.out_dir / "run_all.json", "w") as f:
+        json.dump(
+            {"host": info, "ceiling": ceil, "lengths": meta["src"], "rows": rows, "wall_s": wall, "partial": partial},
+            f,
+            indent=1,
+        )
+    return text
 
 
 if __name__ == "__main__":

@@ -130,7 +130,10 @@ def _import(cfg: C.ImportConfig) -> None:
 )
 @click.option("--quiet/--no-quiet", default=False, help="no progress bars")
 def experiment(config_file: str, out: str | None, seeds: str | None, quiet: bool) -> None:
-    """Run a grid of (method x seed x k x beta x lambda) as resumable runs and write a results table."""
+    """Run a study as resumable runs and write its results table.
+
+    A grid of (method x seed x k x beta x lambda), or, for a config with `arms:`, one align / iterate / grpo
+    command per arm, tabulated with its compute (docs/experiments.md, docs/online.md)."""
     only = None
     if seeds is not None:
         try:

@@ -85,6 +85,49 @@ def load_experiment(path: str | Path) -> Experiment:
         if key not in TOP_KEYS:
             raise err(str(key), f"unknown key (known: {', '.join(TOP_KEYS)})")
 
+    plan = parse_plan(data, path, err)
+    seeds = num_list(data, "seeds", int, [0], err)
+    top = _grid(data, "", err, Grid((CONTROL,), (plan.k,), (plan.beta,), (1.0,)))
+    grids = [top]
+    subs = data.get("grids", [])
+    if not isinstance(subs, list) or not all(isinstance(g, dict) for g in subs):
+        raise err("grids", "expected a list of mappings (each: methods, k, beta, lambda, beta_auto)")
+    for i, sub in enumerate(subs):
+        for key in sub:
+            if key not in GRID_KEYS:
+                raise err(f"grids[{i}].{key}", f"unknown key (known: {', '.join(GRID_KEYS)})")
+        grids.append(_grid(sub, f"grids[{i}].", err, top))
+
+    name = str(data.get("name", path.stem))
+    out = data.get("out", f"runs/experiments/{name}")
+    check_scalars(data, err)
+    grids = tuple(grids[1:] if subs else grids)  # with sub-grids the top-level axes are only their defaults
+    sample_k = data.get("sample_k")
+    if sample_k is not None and sample_k < max(k for g in grids for k in g.ks):
+        raise err("sample_k", f"must be >= every k of the grids, got {sample_k}")
+    protocols = data.get("protocols", ["continue"])
+    protocols = protocols if isinstance(protocols, list) else [protocols]
+    known = all(isinstance(p, str) and p in PROTOCOLS for p in protocols)
+    if not protocols or not known or len(set(protocols)) != len(protocols):
+        raise err("protocols", f"expected distinct protocols from: {', '.join(PROTOCOLS)}; got {protocols!r}")
+    report = parse_report(data, err)
+    return Experiment(
+        name=name,
+        out=str(out),
+        plan=plan,
+        seeds=seeds,
+        grids=grids,
+        data_seed=int(data.get("data_seed", 0)),
+        diag_every=int(data.get("diag_every", 0)),
+        bf16=bool(data.get("bf16", False)),
+        report=report,
+        sample_k=sample_k,
+        protocols=tuple(protocols),
+    )
+
+
+def parse_plan(data: dict, path: Path, err) -> DemoPlan:
+    """`base` (quick | full) with the `plan` overrides of its DemoPlan fields."""
     base = data.get("base", "full")
     if base not in ("quick", "full"):
         raise err("base", f"expected quick or full, got {base!r}")
@@ -101,55 +144,26 @@ def load_experiment(path: str | Path) -> Experiment:
         typed[key] = typed_value(value, want, False, path, f"plan.{key}", strict_str=True)
         if want is not str and not value > 0:
             raise err(f"plan.{key}", f"must be > 0, got {value}")
-    plan = replace(plan, **typed)
+    return replace(plan, **typed)
 
-    seeds = _num_list(data, "seeds", int, [0], err)
-    top = _grid(data, "", err, Grid((CONTROL,), (plan.k,), (plan.beta,), (1.0,)))
-    grids = [top]
-    subs = data.get("grids", [])
-    if not isinstance(subs, list) or not all(isinstance(g, dict) for g in subs):
-        raise err("grids", "expected a list of mappings (each: methods, k, beta, lambda, beta_auto)")
-    for i, sub in enumerate(subs):
-        for key in sub:
-            if key not in GRID_KEYS:
-                raise err(f"grids[{i}].{key}", f"unknown key (known: {', '.join(GRID_KEYS)})")
-        grids.append(_grid(sub, f"grids[{i}].", err, top))
 
-    name = str(data.get("name", path.stem))
-    out = data.get("out", f"runs/experiments/{name}")
+def check_scalars(data: dict, err) -> None:
+    """The types of the scalar keys every study kind has (data_seed, diag_every, bf16, sample_k)."""
     for key, kind in (("data_seed", int), ("diag_every", int), ("bf16", bool), ("sample_k", int)):
         if key in data and (not isinstance(data[key], kind) or kind is int and isinstance(data[key], bool)):
             raise err(key, f"expected {kind.__name__}, got {type(data[key]).__name__}")
     if data.get("diag_every", 0) < 0:
         raise err("diag_every", "must be >= 0")
-    grids = tuple(grids[1:] if subs else grids)  # with sub-grids the top-level axes are only their defaults
-    sample_k = data.get("sample_k")
-    if sample_k is not None and sample_k < max(k for g in grids for k in g.ks):
-        raise err("sample_k", f"must be >= every k of the grids, got {sample_k}")
-    protocols = data.get("protocols", ["continue"])
-    protocols = protocols if isinstance(protocols, list) else [protocols]
-    known = all(isinstance(p, str) and p in PROTOCOLS for p in protocols)
-    if not protocols or not known or len(set(protocols)) != len(protocols):
-        raise err("protocols", f"expected distinct protocols from: {', '.join(PROTOCOLS)}; got {protocols!r}")
+
+
+def parse_report(data: dict, err) -> str | None:
     report = data.get("report")
     if report is not None and not isinstance(report, str):
         raise err("report", f"expected a folder path, got {type(report).__name__}")
-    return Experiment(
-        name=name,
-        out=str(out),
-        plan=plan,
-        seeds=seeds,
-        grids=grids,
-        data_seed=int(data.get("data_seed", 0)),
-        diag_every=int(data.get("diag_every", 0)),
-        bf16=bool(data.get("bf16", False)),
-        report=report,
-        sample_k=sample_k,
-        protocols=tuple(protocols),
-    )
+    return report
 
 
-def _num_list(data: dict, key: str, kind: type, default: list, err, where: str = "") -> tuple:
+def num_list(data: dict, key: str, kind: type, default: list, err, where: str = "") -> tuple:
     v = data.get(key, default)
     v = v if isinstance(v, list) else [v]
     ok = (
@@ -178,11 +192,11 @@ def _grid(data: dict, where: str, err, inherit: Grid) -> Grid:
             raise err(where + "methods", f"repeated methods in {methods!r}")
     methods = [CONTROL] + [m for m in methods if m != CONTROL]  # the control is always run
 
-    ks = _num_list(data, "k", int, list(inherit.ks), err, where)
+    ks = num_list(data, "k", int, list(inherit.ks), err, where)
     if min(ks) < 2:
         raise err(where + "k", f"every k must be >= 2, got {list(ks)}")
-    betas = _num_list(data, "beta", float, list(inherit.betas), err, where)
-    lambdas = _num_list(data, "lambda", float, list(inherit.lambdas), err, where)
+    betas = num_list(data, "beta", float, list(inherit.betas), err, where)
+    lambdas = num_list(data, "lambda", float, list(inherit.lambdas), err, where)
     for key, vals in (("beta", betas), ("lambda", lambdas)):
         if min(vals) <= 0:
             raise err(where + key, f"every value must be > 0, got {list(vals)}")

@@ -51,7 +51,20 @@ def auto_beta_summary(candidates: Path, factor: float, floor: float) -> dict:
     }
 
 
-def _predictions(eval_json: Path) -> dict[str, bool]:
+def mean_std_text(m: dict, scale: float = 1.0, fmt: str = ".1f") -> str | None:
+    """A `summary` as 'mean ± std' (std left out for one seed)."""
+    if m["mean"] is None:
+        return None
+    s = format(m["mean"] * scale, fmt)
+    return s + (f" ± {format(m['std'] * scale, fmt)}" if m["std"] is not None else "")
+
+
+def delta_text(t: dict | None) -> str | None:
+    """A `paired_test`'s difference as '+d ± SE' in points."""
+    return None if not t or t["diff"] is None else f"{100 * t['diff']:+.1f} ± {100 * (t['se'] or 0):.1f}"
+
+
+def eval_predictions(eval_json: Path) -> dict[str, bool]:
     return {str(o["id"]): bool(o["correct"]) for _, o in iter_jsonl(eval_json.with_suffix(".predictions.jsonl"))}
 
 
@@ -84,9 +97,13 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
             "metrics": {col: summary([per_seed[s][col] for s in evals]) for col in METRICS},
         }
         if control is not None and name != CONTROL:
-            entry["vs_control"] = paired_test([(_predictions(p), _predictions(control[s])) for s, p in evals.items()])
+            entry["vs_control"] = paired_test(
+                [(eval_predictions(p), eval_predictions(control[s])) for s, p in evals.items()]
+            )
         if r is not None:
-            entry["vs_vft"] = paired_test([(_predictions(p), _predictions(vft_eval[s])) for s, p in evals.items()])
+            entry["vs_vft"] = paired_test(
+                [(eval_predictions(p), eval_predictions(vft_eval[s])) for s, p in evals.items()]
+            )
         return entry
 
     controls = {
@@ -120,15 +137,6 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
     }
     atomic_write_json(report / "results.json", results)
 
-    def pm(m: dict, scale: float = 1.0, fmt: str = ".1f") -> str | None:
-        if m["mean"] is None:
-            return None
-        s = format(m["mean"] * scale, fmt)
-        return s + (f" ± {format(m['std'] * scale, fmt)}" if m["std"] is not None else "")
-
-    def delta(t: dict | None) -> str | None:
-        return None if not t or t["diff"] is None else f"{100 * t['diff']:+.1f} ± {100 * (t['se'] or 0):.1f}"
-
     rows = []
     for c in out_cells:
         m, t, v = c["metrics"], c.get("vs_control"), c.get("vs_vft")
@@ -140,15 +148,15 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
                 "beta": c["beta"],
                 "lambda": c["lambda"],
                 "seeds": len(c["seeds"]),
-                "test acc %": pm(m["test_acc"], 100),
-                "assess acc %": pm(m["assess_acc"], 100),
-                "self-rerank %": pm(m["self_rerank"], 100),
-                "ppl pos": pm(m["ppl_pos"], fmt=".3f"),
-                "ppl neg": pm(m["ppl_neg"], fmt=".3f"),
-                "Δ vs control (pts)": delta(t),
+                "test acc %": mean_std_text(m["test_acc"], 100),
+                "assess acc %": mean_std_text(m["assess_acc"], 100),
+                "self-rerank %": mean_std_text(m["self_rerank"], 100),
+                "ppl pos": mean_std_text(m["ppl_pos"], fmt=".3f"),
+                "ppl neg": mean_std_text(m["ppl_neg"], fmt=".3f"),
+                "Δ vs control (pts)": delta_text(t),
                 "b / c": None if not t else f"{t['b']} / {t['c']}",
                 "p (McNemar)": None if not t else f"{t['p']:.3g}",
-                "Δ vs VFT (pts)": delta(v),
+                "Δ vs VFT (pts)": delta_text(v),
                 "p vs VFT": None if not v else f"{v['p']:.3g}",
             }
         )
