@@ -274,10 +274,13 @@ def test_grpo_task_reward_grades_like_the_task(tmp_path):
     ]
 
 
-def test_grpo_trains_through_trl_and_writes_an_evaluable_model(tiny_model, tmp_path):
+@pytest.mark.parametrize("rollout", ["trl", "aftune"])
+def test_grpo_trains_through_trl_and_writes_an_evaluable_model(tiny_model, tmp_path, rollout):
     out = tmp_path / "grpo"
     r = cli(
         "grpo",
+        "--rollout",
+        rollout,
         "--model",
         tiny_model,
         *SMALL,
@@ -314,3 +317,42 @@ def test_grpo_trains_through_trl_and_writes_an_evaluable_model(tiny_model, tmp_p
     assert m["compute"]["tokens_scored"] == 2 * m["compute"]["trl_num_input_tokens_seen"]  # policy + reference
     r = cli("eval", "--model", out / "model", *SMALL, "--n-questions", "4", "--out", tmp_path / "e.json")
     assert r.code == 0, r.stderr
+
+
+class _FakeTrainer:
+    """What SamplerRollout reads of a GRPOTrainer: the model, the step, the group size."""
+
+    def __init__(self, model, step=0):
+        import types
+
+        self.model, self.num_generations = model, 3
+        self.state = types.SimpleNamespace(global_step=step)
+        self.accelerator = types.SimpleNamespace(unwrap_model=lambda m: m)
+
+
+def test_grpo_sampler_rollout_groups_repeated_prompts_and_is_reproducible(tiny_model):
+    from aftune.commands.common import load_for_inference
+    from aftune.commands.grpo import SamplerRollout
+    from aftune.config import GRPORunConfig
+    from aftune.prompting import encode_prompt
+
+    model, tok = load_for_inference(str(tiny_model))
+    cfg = GRPORunConfig(max_new_tokens=12, temperature=1.0)
+    prompts = ["Question: a?\nAnswer:\n"] * 4 + ["Question: b?\nAnswer:\n"] * 4  # TRL's order: G in a row
+    out = SamplerRollout(tok, cfg, ("\nQuestion:",), calculator=True)(prompts, _FakeTrainer(model))
+    assert len(out["completion_ids"]) == 8 and len(out["prompt_ids"]) == 8
+    assert out["prompt_ids"][0] == encode_prompt(tok, prompts[0]) and out["prompt_ids"][4] == encode_prompt(
+        tok, prompts[4]
+    )
+    for ids, lps in zip(out["completion_ids"], out["logprobs"]):
+        assert len(ids) == len(lps) > 0 and all(lp <= 0 for lp in lps)
+    again = SamplerRollout(tok, cfg, ("\nQuestion:",), calculator=True)(prompts, _FakeTrainer(model))
+    assert again["completion_ids"] == out["completion_ids"]  # same step, same call: same draws (resume)
+    roll = SamplerRollout(tok, cfg, ("\nQuestion:",), calculator=True)
+    first = roll(prompts, _FakeTrainer(model))
+    second = roll(prompts, _FakeTrainer(model))  # a second generation within the same step: new draws
+    assert first["completion_ids"] == out["completion_ids"] and second["completion_ids"] != first["completion_ids"]
+    once = SamplerRollout(tok, cfg, (), calculator=False)(prompts[::4], _FakeTrainer(model))
+    assert len(once["completion_ids"]) == 2 * 3  # prompts given once: num_generations each
+    with pytest.raises(ValueError, match="same number of times"):
+        SamplerRollout(tok, cfg, (), calculator=False)(prompts[:5], _FakeTrainer(model))

@@ -325,6 +325,11 @@ class GRPORunConfig(TrainCommon):
     out: str = opt("runs/grpo", "output folder (model in OUT/model, metrics in OUT/metrics.json)")
     n_questions: int | None = opt(None, "first N train questions as prompts (default: all)")
     num_generations: int = opt(8, "completions per prompt (GRPO's group size G)")
+    rollout: str = opt(
+        "auto",
+        "who generates: trl (TRL's generate) | aftune (aftune's sampler through TRL's rollout_func: stop strings, "
+        "the task's calculator) | auto (aftune where the task uses a calculator, else trl)",
+    )
     temperature: float = opt(0.7, "sampling temperature")
     top_p: float = opt(1.0, "nucleus sampling")
     max_new_tokens: int = opt(256, "max tokens per completion (TRL max_completion_length; dr_grpo's constant)")

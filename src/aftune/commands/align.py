@@ -148,6 +148,7 @@ def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
             seed=cfg.seed,
             batch_size=cfg.resample_batch_size,
             stop=tuple(dict.fromkeys(x for t in tasks for x in stop_strings(t, fmt, tok))),
+            calculator=any(t.calculator for t in tasks),
         )
         resampler = ResampleCallback(
             tok,

@@ -67,6 +67,7 @@ def run_assess(cfg: AssessConfig) -> dict:
                 seed=cfg.seed,
                 batch_size=cfg.batch_size,
                 stop=stop_strings(task, fmt, tok),
+                calculator=task.calculator,
             ),
             model_name=paths[0],
             progress=not cfg.quiet,

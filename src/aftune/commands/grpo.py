@@ -21,6 +21,7 @@ resumed run counts like a straight one. `trl_num_input_tokens_seen` is TRL's own
 from __future__ import annotations
 
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from aftune.tasks import Task
 from aftune.training.compute import ComputeCounter, find_counter, training_compute
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+ROLLOUTS = ("auto", "trl", "aftune")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -88,6 +90,67 @@ class TaskReward:
         return rewards
 
 
+class SamplerRollout:
+    """TRL `rollout_func`: the group's completions from aftune's sampler (generate_k) instead of TRL's generate.
+
+    So GRPO samples exactly as `aftune sample` does for the other methods: the task's stop strings end a row,
+    and a task with a calculator (`arith`) gets its `<<expr=` annotations filled in. TRL hands over its batch of
+    prompts, each repeated once per completion in a row (its RepeatSampler); a run of identical prompts becomes
+    one prompt with k = the run's length. Seeded by (seed, optimiser step, call within the step), so a resumed
+    run draws the same completions as a straight one.
+    """
+
+    def __init__(self, tokenizer, cfg: GRPORunConfig, stop: tuple[str, ...], calculator: bool):
+        self.tok, self.cfg, self.stop, self.calculator = tokenizer, cfg, tuple(stop), calculator
+        self._step, self._calls = -1, 0
+
+    def __call__(self, prompts: list, trainer) -> dict[str, list]:
+        from aftune.prompting import encode_prompt
+        from aftune.sampling.sampler import SamplingConfig, generate_k
+
+        runs: list[list] = []  # [prompt, count] per run of identical consecutive prompts
+        for p in prompts:
+            if runs and runs[-1][0] == p:
+                runs[-1][1] += 1
+            else:
+                runs.append([p, 1])
+        counts = {c for _, c in runs}
+        if len(counts) != 1:
+            raise ValueError(f"rollout: expected every prompt repeated the same number of times, got {sorted(counts)}")
+        k = counts.pop()
+        if k == 1:  # prompts given once each: the group size is TRL's num_generations
+            k = trainer.num_generations
+        step = trainer.state.global_step
+        self._calls = self._calls + 1 if step == self._step else 0
+        self._step = step
+        seed = zlib.crc32(f"{self.cfg.seed}:grpo:{step}:{self._calls}".encode())
+        scfg = SamplingConfig(
+            k=k,
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            stop=self.stop,
+            seed=seed,
+            batch_size=max(1, len(runs)),
+            calculator=self.calculator,
+        )
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        samples = generate_k(model, self.tok, [p for p, _ in runs], scfg)
+        out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": []}
+        for (p, _), group in zip(runs, samples):
+            ids = encode_prompt(self.tok, p)
+            for s in group:
+                out["prompt_ids"].append(ids)
+                out["completion_ids"].append(list(s.token_ids))
+                out["logprobs"].append(list(s.token_logprobs))
+        return out
+
+
+def use_sampler(cfg: GRPORunConfig, tasks: list[Task]) -> bool:
+    """--rollout auto: aftune's sampler where a task needs its calculator (TRL's generate has none)."""
+    return cfg.rollout == "aftune" or (cfg.rollout == "auto" and any(t.calculator for t in tasks))
+
+
 def check_grpo(cfg: GRPORunConfig) -> None:
     check_train_args(cfg)
     if cfg.loss_type not in LOSS_TYPES:
@@ -96,6 +159,8 @@ def check_grpo(cfg: GRPORunConfig) -> None:
         raise InputError(
             f"expected one of {', '.join(SCALE_REWARDS)}, got {cfg.scale_rewards!r}", field="--scale-rewards"
         )
+    if cfg.rollout not in ROLLOUTS:
+        raise InputError(f"expected one of {', '.join(ROLLOUTS)}, got {cfg.rollout!r}", field="--rollout")
     if cfg.num_generations < 2:
         raise InputError(
             f"GRPO needs >= 2 completions per prompt, got {cfg.num_generations}", field="--num-generations"
@@ -159,9 +224,12 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     ds = Dataset.from_list(
         [{"prompt": fmt.render(tok, t.prompt(e)), "example_id": f"{t.name}/{e.id}"} for t, e in train]
     )
-    reward = TaskReward(examples, tuple(dict.fromkeys(s for t in tasks for s in stop_strings(t, fmt, tok))))
+    stop = tuple(dict.fromkeys(s for t in tasks for s in stop_strings(t, fmt, tok)))
+    reward = TaskReward(examples, stop)
+    rollout = SamplerRollout(tok, cfg, stop, any(t.calculator for t in tasks)) if use_sampler(cfg, tasks) else None
     ckpt = out / "checkpoints"
     trainer = GRPOTrainer(
+        rollout_func=rollout,
         model=model,
         reward_funcs=reward,
         args=grpo_args(cfg, ckpt),

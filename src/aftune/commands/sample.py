@@ -50,6 +50,7 @@ def run_sample(cfg: SampleConfig) -> dict:
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         stop=stop_strings(task, fmt, tok),
+        calculator=task.calculator,
     )
     # vLLM reads a model folder: a built-in name or a .gguf file goes through resolve_model
     generate = (

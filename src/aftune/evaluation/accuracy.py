@@ -46,6 +46,7 @@ def greedy_predictions(
             max_new_tokens=max_new_tokens,
             stop=stop_strings(task, prompt_format, tokenizer),
             batch_size=batch_size,
+            calculator=task.calculator,
         )
         prompts = [prompt_format.render(tokenizer, task.prompt(items[i][1])) for i in idx]
         outs = generate_k(model, tokenizer, prompts, cfg, progress=progress)

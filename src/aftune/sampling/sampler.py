@@ -30,6 +30,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from aftune.modeling import cache_kwarg, forward_params, returned_cache
 from aftune.prompting import encode_prompt
+from aftune.sampling.calculator import Calculator
 from aftune.scoring import pad_sequences
 
 
@@ -42,6 +43,7 @@ class SamplingConfig:
     stop: tuple[str, ...] = ()
     seed: int = 0
     batch_size: int = 16  # questions per batch (k rows each)
+    calculator: bool = False  # fill in `<<expr=` annotations (aftune.sampling.calculator; Task.calculator)
 
     def __post_init__(self) -> None:
         self.stop = tuple(self.stop)  # lists from YAML/JSON become tuples so configs compare equal
@@ -70,6 +72,7 @@ class Sample:
     token_ids: list[int] = field(default_factory=list)  # generated ids, incl. EOS / the stop string's tokens
     logprob_sum: float = 0.0  # sum of untempered log-probs of token_ids
     n_tokens: int = 0
+    token_logprobs: list[float] = field(default_factory=list)  # per token of token_ids (generate_k fills it)
 
     @property
     def score(self) -> float:
@@ -225,6 +228,7 @@ def _generate_batch(
     compact_at: float,
     stats: dict[str, int],
     preallocate_cache: bool,
+    calc: Calculator | None = None,
 ) -> list[list[Sample]]:
     device = next(model.parameters()).device
     B, k, T = len(prompt_ids), cfg.k, cfg.max_new_tokens
@@ -264,9 +268,13 @@ def _generate_batch(
         logp = F.log_softmax(logits, dim=-1)
         tok = _pick(logits, cfg, gen)
         live = ~done[alive]
+        if calc is not None:
+            tok = calc.override(tok, alive, live)
         rows = alive[live]
         tokens[rows, t] = tok[live]
         lps[rows, t] = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)[live]
+        if calc is not None:
+            calc.observe(tok, alive, live, tokens, torch.full_like(alive, t + 1))
         finished = torch.isin(tok, eos_t) & live if len(eos) else torch.zeros_like(live)
         if cfg.stop:
             # Stop strings are checked on decoded text (a stop may span several tokens).
@@ -334,6 +342,7 @@ def _generate_continuous(
     tokenizer,
     compact_at: float,
     stats: dict[str, int],
+    calc: Calculator | None = None,
 ) -> list[list[Sample]] | None:
     """All prompts through one running batch of cfg.batch_size * k rows, admitted in `order` as rows free up.
     Returns None (before sampling anything) where the model's cache layers cannot be refilled."""
@@ -399,10 +408,14 @@ def _generate_continuous(
         logp = F.log_softmax(logits, dim=-1)
         tok = _pick(logits, cfg, gen)
         live = ~fin
+        if calc is not None:
+            tok = calc.override(tok, alive, live)
         rows, at = alive[live], step[live]
         tokens[rows, at] = tok[live]
         lps[rows, at] = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)[live]
         step = step + live.long()
+        if calc is not None:
+            calc.observe(tok, alive, live, tokens, step)
         finished = live & (step >= T)
         if len(eos):
             finished |= live & torch.isin(tok, eos_t)
@@ -457,8 +470,15 @@ def _collect(tokenizer, cfg, eos, tokens, lps, length, n_q) -> list[list[Sample]
             text = tokenizer.decode(body, skip_special_tokens=True)
             if cfg.stop:
                 text = _cut_at_stop(text, cfg.stop)[0]
+            row = lps_l[r, :n]
             samples.append(
-                Sample(text=text, token_ids=tid, logprob_sum=float(lps_l[r, :n].double().sum()), n_tokens=n)
+                Sample(
+                    text=text,
+                    token_ids=tid,
+                    logprob_sum=float(row.double().sum()),
+                    n_tokens=n,
+                    token_logprobs=row.tolist(),
+                )
             )
         result.append(samples)
     return result
@@ -492,7 +512,8 @@ def generate_k(
     batch by batch. Greedy tokens are the same either way; sampled ones are deterministic for the same seed,
     inputs, batch size and `continuous`, but differ between the two schedules (the random stream is drawn in
     a different row order). With at most cfg.batch_size prompts both schedules are the same computation.
-    `stats` then also counts refills.
+    `stats` then also counts refills. cfg.calculator: forced `result>>` after every `<<expr=` (calculator
+    module); `stats["calculator_tokens"]` counts the forced tokens.
     """
     if not prompts:
         return []
@@ -511,12 +532,15 @@ def generate_k(
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     results: list[list[Sample] | None] = [None] * len(prompts)
+    calc = Calculator(tokenizer) if cfg.calculator else None
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             if continuous and preallocate_cache and len(order) > cfg.batch_size:
-                out = _generate_continuous(model, enc, order, cfg, eos, pad_id, gen, tokenizer, compact_at, stats)
+                out = _generate_continuous(
+                    model, enc, order, cfg, eos, pad_id, gen, tokenizer, compact_at, stats, calc
+                )
                 if out is not None:
                     return out
             batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
@@ -532,11 +556,14 @@ def generate_k(
                     compact_at,
                     stats,
                     preallocate_cache,
+                    calc,
                 )
                 for i, s in zip(batch, out):
                     results[i] = s
     finally:
         model.train(was_training)
+        if calc is not None:
+            stats["calculator_tokens"] = stats.get("calculator_tokens", 0) + calc.forced
     return results  # type: ignore[return-value]
 
 

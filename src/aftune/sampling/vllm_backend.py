@@ -48,6 +48,11 @@ def generate_k_vllm(
     **llm_kwargs: Any,
 ) -> list[list[Sample]]:
     """k samples per prompt with vLLM; same `Sample` semantics as `generate_k` (EOS in token_ids, not text)."""
+    if cfg.calculator:
+        raise ValueError(
+            "the vLLM backend has no calculator for <<expr=>> annotations (this task uses one): sample with the "
+            "built-in backend"
+        )
     LLM, SamplingParams = _import_vllm()
     if not prompts:
         return []

@@ -291,6 +291,7 @@ class ArithTask(Task):
 
     name = "arith"
     description = "seeded multi-step arithmetic word problems in GSM8K's format (built in, no data needed)"
+    calculator = True  # every line is `a op b = <<a op b=r>>r`: the model chooses a, op, b; arithmetic is exact
 
     def __init__(
         self,

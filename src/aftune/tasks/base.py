@@ -38,6 +38,9 @@ class Task(ABC):
     splits: tuple[str, ...] = ("train", "validation", "test")
     # A model that keeps writing after its answer would start a new question: sampling and eval cut there.
     stop: tuple[str, ...] = ("\nQuestion:",)
+    # Fill in `<<expr=` calculator annotations while generating (aftune.sampling.calculator), as GSM8K's
+    # authors sampled: on where every solution line carries one.
+    calculator: bool = False
 
     @abstractmethod
     def load(self, split: str) -> list[Example]:
