@@ -378,8 +378,9 @@ def test_cli_reports_a_bad_arm_as_one_error_line(tmp_path):
 
 
 def test_shipped_online_study_shares_main_and_is_sized_like_its_comments():
-    """online.yaml reuses main.yaml's folder (same fingerprint), and each arm's sampling matches its comment: the
-    3-round arms sample 3 passes of the shared pass's size, semi-online 1 + 3, GRPO as many completions as 3 passes."""
+    """online.yaml reuses main.yaml's folder (same fingerprint), and the online arms get the sampling budget their
+    comments give: S = 3 rounds x questions x k for the iterate arms, 3 semi-online resamplings of the same size,
+    and as many GRPO completions."""
     from aftune.commands.experiment import load_experiment
     from aftune.commands.experiment.shared import fingerprint
 
@@ -398,15 +399,17 @@ def test_shipped_online_study_shares_main_and_is_sized_like_its_comments():
     )
     cfg = {a.name: arm_config(study, a, files, Path("D")) for a in study.arms}
     one_pass = study.plan.n_sample * study.kmax  # samples in the shared pass
+    budget = 3 * study.plan.n_train * 8
+    assert budget == 1.5 * one_pass
     for name in ("aft_bc_3_rounds", "iterative_rpo_3_rounds"):
         c = cfg[name]
-        assert c.rounds * c.n_questions * c.k == 3 * one_pass and c.max_steps == study.plan.align_steps
-        assert c.fresh_questions and not c.candidates
+        assert c.rounds * c.n_questions * c.k == budget and c.max_steps == study.plan.align_steps
+        assert not c.fresh_questions and not c.candidates
     semi = cfg["aft_bc_semi_online"]
     resamplings = len(range(semi.resample_every, semi.max_steps, semi.resample_every))  # after t < max_steps
-    assert (resamplings, semi.resample_k, semi.resample_every * 4) == (3, study.kmax, semi.max_steps)
+    assert resamplings * study.plan.n_train * semi.resample_k == budget and semi.resample_every * 4 == semi.max_steps
     g = cfg["grpo_dr"]
-    assert g.max_steps * g.batch_size * g.num_generations == 3 * one_pass
-    assert g.max_steps * g.batch_size == g.n_questions  # one epoch of its prompts
+    assert g.max_steps * g.batch_size * g.num_generations == budget
+    assert g.max_steps * g.batch_size == 3 * g.n_questions  # three epochs of its prompts
     assert (g.loss_type, g.beta, g.num_generations) == ("dr_grpo", 0.0, 8)
     assert {a.name for a in study.arms} >= {"control", "rft", "aft_bc_one_pass", "aft_dc_one_pass"}
