@@ -90,6 +90,7 @@ def test_grid_runs_end_to_end(experiment):
         assert len(list((out / f"seed{s}").glob("reflogps-*.json"))) == 2  # VFT scores for the auto runs (k=2, k=4)
     md = (out / "results.md").read_text()
     assert "| bc-k4-gap2-l1 |" in md and "McNemar" in md and "Per-question beta" in md
+    assert "vs RFT" not in md and not any("vs_rft" in c for c in results["cells"])  # no RFT cell: no columns
     for png in ("accuracy.png", "delta_vs_control.png", "accuracy_vs_k.png"):
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "plots" / "accuracy_vs_beta.png").exists()  # one numeric beta: no curve to draw
@@ -228,11 +229,16 @@ def test_from_base_protocol_trains_from_the_base_for_the_vft_budget(tmp_path):
     assert t["diff"] == pytest.approx(c["metrics"]["test_acc"]["mean"] - ctl["metrics"]["test_acc"]["mean"])
     v = c["vs_vft"]
     assert v["diff"] == pytest.approx(c["metrics"]["test_acc"]["mean"] - cells["VFT"]["metrics"]["test_acc"]["mean"])
+    # every non-RFT cell is also tested against its protocol's RFT cell (the baseline AFT must match)
+    assert "vs_rft" not in c and "vs_rft" not in cells["rft-k4"]
+    w = ctl["vs_rft"]
+    assert w["diff"] == pytest.approx(ctl["metrics"]["test_acc"]["mean"] - c["metrics"]["test_acc"]["mean"])
+    assert (w["b"], w["c"]) == (t["c"], t["b"])  # the same discordant questions, seen from the other side
     checks = results["sanity_checks"]
     assert set(checks["rft_over_vft"]["cells"]) == {"rft-k4", "rft-k4 [from_base]"}
     assert checks["vft_seed_spread"]["pass"] is None  # one seed: nothing to compare
     md = (out / "results.md").read_text()
-    assert "Sanity checks of the testbed" in md and "| rft-k4 [from_base] |" in md
+    assert "Sanity checks of the testbed" in md and "| rft-k4 [from_base] |" in md and "Δ vs RFT (pts)" in md
 
 
 def test_sanity_checks_by_hand():
@@ -412,3 +418,26 @@ def test_subsample_recomputes_ranks(tmp_path):
     (h,) = read_groups(tmp_path / "c.k2.jsonl")
     assert [c.text for c in h.candidates] == ["a #### 4", "b #### 5"] and [c.rank for c in h.candidates] == [1, 0]
     assert json.loads(meta_path_for(tmp_path / "c.k2.jsonl").read_text())["sampling"]["k"] == 2
+
+
+def test_compare_runs_script_matches_the_table(experiment):
+    """scripts/compare_runs.py pairs any two runs: bc vs the control reproduces the table's vs_control."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    d, _, _ = experiment
+    out = d / "out"
+    t = {c["cell"]: c for c in json.loads((out / "results.json").read_text())["cells"]}["bc-k2-b0.5-l1"]["vs_control"]
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare_runs.py"
+    r = subprocess.run(
+        [sys.executable, str(script), str(out), "runs/bc-k2-b0.5-l1", "runs/vft", "--seeds", "0,1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    m = re.search(r": ([+-][\d.]+) ± [\d.]+ pts over (\d+) questions .* b / c (\d+) / (\d+)", r.stdout)
+    assert m, r.stdout
+    assert float(m[1]) == pytest.approx(100 * t["diff"], abs=0.05)
+    assert (int(m[2]), int(m[3]), int(m[4])) == (t["n"], t["b"], t["c"])

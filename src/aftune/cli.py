@@ -247,7 +247,7 @@ app.add_command(
         "demo",
         C.DemoConfig,
         _demo,
-        "The whole pipeline on the built-in arith task, with a report (CPU: ~12 min on 2 AVX-512 cores).",
+        "The whole pipeline on the built-in arith task, with a report (CPU: ~4 min on 2 AVX-512 cores).",
     )
 )
 

@@ -119,15 +119,15 @@ METHODS = {"control": "vft", "AFT-BC": "bc", "RFT": "rft"}
 # scales these into the "time left" it prints, whatever the host. Steps not listed (extra --methods) count 0.
 EXPECTED_SECONDS = {
     FULL: {
-        "VFT": 87,
+        "VFT": 68,
         "sample (train)": 21,
-        "sample (assess)": 6,
-        "control": 14,
-        "AFT-BC": 34,
-        "RFT": 13,
-        "eval VFT": 4,
-        "eval control": 4,
-        "eval AFT-BC": 4,
+        "sample (assess)": 12,
+        "control": 22,
+        "AFT-BC": 40,
+        "RFT": 11,
+        "eval VFT": 11,
+        "eval control": 11,
+        "eval AFT-BC": 11,
         "eval RFT": 4,
     },
     QUICK: {

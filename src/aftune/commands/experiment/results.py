@@ -111,11 +111,19 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
     }
     # the VFT start against the first protocol's control: what the extra steps alone bring
     out_cells.append(cell_entry("VFT", "VFT (start)", vft_eval, None, None, controls[exp.protocols[0]]))
+    # RFT is the baseline AFT must at least match (the paper's claim), so every other cell is also tested
+    # against the first RFT cell of its protocol, on the seeds both have
+    rft_name = next((n for n, rs in cells.items() if rs[0].method == "rft"), None)
     for protocol in exp.protocols:
         where, control = runs_dir(protocol), controls[protocol]
+        rft = {r.seed: root / f"seed{r.seed}" / where / rft_name / "eval.json" for r in cells.get(rft_name, [])}
         for name, rs in cells.items():
             evals = {r.seed: root / f"seed{r.seed}" / where / name / "eval.json" for r in rs}
-            out_cells.append(cell_entry(name, rs[0].method, evals, rs[0], protocol, control))
+            entry = cell_entry(name, rs[0].method, evals, rs[0], protocol, control)
+            both = [s for s in evals if s in rft]
+            if name != rft_name and both:
+                entry["vs_rft"] = paired_test([(eval_predictions(evals[s]), eval_predictions(rft[s])) for s in both])
+            out_cells.append(entry)
     sanity = sanity_checks(out_cells, exp)
 
     auto = {}
@@ -158,9 +166,12 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
                 "p (McNemar)": None if not t else f"{t['p']:.3g}",
                 "Δ vs VFT (pts)": delta_text(v),
                 "p vs VFT": None if not v else f"{v['p']:.3g}",
+                "Δ vs RFT (pts)": delta_text(c.get("vs_rft")),
+                "p vs RFT": None if not c.get("vs_rft") else f"{c['vs_rft']['p']:.3g}",
             }
         )
-    cols = list(rows[0])
+    cols = [col for col in rows[0] if "RFT" not in col or any(c.get("vs_rft") for c in out_cells)]
+    rft_legend = "; **Δ / p vs RFT**: against the RFT cell of the same seed and protocol" if "p vs RFT" in cols else ""
     plots = plot_experiment(report, out_cells, exp.name, CONTROL)
     sections = [
         (
@@ -174,8 +185,9 @@ own top-scored held-out candidate; **ppl pos / neg**: mean perplexity of correct
 **Δ vs control**: mean per-question accuracy difference to the control (`vft`: same steps and NLL batches, no
 alignment term) of the same seed and protocol, pooled over seeds, ± its standard error; **b / c**: questions only
 the method / only the control got right; **p**: exact two-sided McNemar test on the pooled discordant counts;
-**Δ / p vs VFT**: the same against the VFT start checkpoint of the seed. Cells marked [from_base] were trained from the
-base model for VFT's budget instead of continuing from VFT (protocols: {", ".join(exp.protocols)}).""",
+**Δ / p vs VFT**: the same against the VFT start checkpoint of the seed{rft_legend}. Cells marked [from_base]
+were trained from the base model for VFT's budget instead of continuing from VFT
+(protocols: {", ".join(exp.protocols)}).""",
         ),
         ("Sanity checks of the testbed", sanity_markdown(sanity)),
         ("Plots", "\n\n".join(markdown_image(p, alt, report) for p, alt in plots) or "None."),
