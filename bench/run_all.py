@@ -650,7 +650,10 @@ def main():
         torch.set_num_threads(args.threads)
     dtypes = (args.dtypes or ("bf16" if args.device == "cuda" else "fp32,bf16")).split(",")
     ks = [int(x) for x in args.ks.split(",")]
-    vocabs = [int(x) for x in args.vocabs.split(",")]
+    # --vocabs "": no Llama-shaped rows (e.g. the real-model sampler row only)
+    vocabs = [int(x) for x in args.vocabs.split(",") if x]
+    if args.plots and not vocabs:
+        ap.error("--plots sweeps the Llama-shaped model: give at least one --vocabs")
     args.plot_ks = [int(x) for x in args.plot_ks.split(",")]
     args.plot_scales = [float(x) for x in args.plot_scales.split(",")]
     arch = (640, args.layers, 4, 1, 256, 2048)
