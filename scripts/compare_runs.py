@@ -4,7 +4,7 @@
 
 Each argument after the experiment's `out` is a run folder relative to `seed<S>/` (`runs/<cell>` continues from
 VFT, `runs-from-base/<cell>` trains from the base, `eval/VFT` is the VFT start). Prints A - B in accuracy points
-± its standard error, the discordant counts and the exact McNemar p (`aftune.evaluation.stats.paired_test`).
+± its standard error, the discordant counts and the exact McNemar p (the test of the experiment's table).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aftune.commands.experiment.results import eval_predictions
-from aftune.evaluation.stats import paired_test
+from aftune.commands.experiment.results import paired_evals
 
 
 def eval_json(root: Path, seed: int, run: str) -> Path:
@@ -29,8 +28,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    pairs = [(eval_json(args.out, s, args.a), eval_json(args.out, s, args.b)) for s in seeds]
-    t = paired_test([(eval_predictions(a), eval_predictions(b)) for a, b in pairs])
+    a, b = ({s: eval_json(args.out, s, run) for s in seeds} for run in (args.a, args.b))
+    t = paired_evals(a, b, seeds)
     per_seed = ", ".join(f"{100 * d:+.1f}" for d in t["diff_per_seed"])
     print(
         f"{args.a} - {args.b}: {100 * t['diff']:+.1f} ± {100 * t['se']:.1f} pts over {t['n']} questions "

@@ -25,10 +25,10 @@ import statistics
 from pathlib import Path
 
 from aftune.commands.experiment.arms import CONTROL_ARM, Arm, ArmsStudy, arm_dir
-from aftune.commands.experiment.results import delta_text, eval_predictions, mean_std_text
+from aftune.commands.experiment.results import delta_text, mean_std_text, paired_evals
 from aftune.evaluation.plots import plot_experiment, pyplot, save_figure
 from aftune.evaluation.report import markdown_image, markdown_table, write_report
-from aftune.evaluation.stats import paired_test, summary
+from aftune.evaluation.stats import summary
 from aftune.io import atomic_write_json
 from aftune.records import CandidatesMeta, meta_path_for
 from aftune.training.methods import METHODS
@@ -145,7 +145,7 @@ def arm_entry(root: Path, study: ArmsStudy, arm: Arm, control_evals: dict[int, P
         "settings": arm.spec,
         "seeds": seeds,
         "test_acc": summary([per_seed[s]["test_acc"] for s in seeds]),
-        "vs_control": paired_test([(eval_predictions(evals[s]), eval_predictions(control_evals[s])) for s in seeds]),
+        "vs_control": paired_evals(evals, control_evals, seeds),
         "compute": {k: _mean([per_seed[s][k] for s in seeds]) for k in COMPUTE_KEYS},
         "per_seed": {str(s): {k: v for k, v in per_seed[s].items() if k != "points"} for s in seeds},
         "curve": curve,
@@ -158,9 +158,7 @@ def write_arms_results(root: Path, report: Path, study: ArmsStudy) -> dict:
     vft_evals = {s: root / f"seed{s}" / "eval" / "VFT.json" for s in study.seeds}
     vft = {
         "test_acc": summary([json.loads(vft_evals[s].read_text())["accuracy"] for s in study.seeds]),
-        "vs_control": paired_test(
-            [(eval_predictions(vft_evals[s]), eval_predictions(control[s])) for s in study.seeds]
-        ),
+        "vs_control": paired_evals(vft_evals, control, study.seeds),
     }
     arms = [arm_entry(root, study, arm, control) for arm in study.arms]
     sampling = {

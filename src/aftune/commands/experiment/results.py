@@ -68,6 +68,11 @@ def eval_predictions(eval_json: Path) -> dict[str, bool]:
     return {str(o["id"]): bool(o["correct"]) for _, o in iter_jsonl(eval_json.with_suffix(".predictions.jsonl"))}
 
 
+def paired_evals(a: dict[int, Path], b: dict[int, Path], seeds) -> dict:
+    """`paired_test` of eval files a[s] against b[s] (their per-question predictions), pooled over `seeds`."""
+    return paired_test([(eval_predictions(a[s]), eval_predictions(b[s])) for s in seeds])
+
+
 def _metrics(eval_json: Path) -> dict[str, float | None]:
     ev = json.loads(eval_json.read_text())
     src = {"eval": ev, "assessment": ev.get("assessment") or {}}
@@ -97,13 +102,9 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
             "metrics": {col: summary([per_seed[s][col] for s in evals]) for col in METRICS},
         }
         if control is not None and name != CONTROL:
-            entry["vs_control"] = paired_test(
-                [(eval_predictions(p), eval_predictions(control[s])) for s, p in evals.items()]
-            )
+            entry["vs_control"] = paired_evals(evals, control, evals)
         if r is not None:
-            entry["vs_vft"] = paired_test(
-                [(eval_predictions(p), eval_predictions(vft_eval[s])) for s, p in evals.items()]
-            )
+            entry["vs_vft"] = paired_evals(evals, vft_eval, evals)
         return entry
 
     controls = {
@@ -122,7 +123,7 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
             entry = cell_entry(name, rs[0].method, evals, rs[0], protocol, control)
             both = [s for s in evals if s in rft]
             if name != rft_name and both:
-                entry["vs_rft"] = paired_test([(eval_predictions(evals[s]), eval_predictions(rft[s])) for s in both])
+                entry["vs_rft"] = paired_evals(evals, rft, both)
             out_cells.append(entry)
     sanity = sanity_checks(out_cells, exp)
 
@@ -170,7 +171,8 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
                 "p vs RFT": None if not c.get("vs_rft") else f"{c['vs_rft']['p']:.3g}",
             }
         )
-    cols = [col for col in rows[0] if "RFT" not in col or any(c.get("vs_rft") for c in out_cells)]
+    rft_cols = () if any(c.get("vs_rft") for c in out_cells) else ("Δ vs RFT (pts)", "p vs RFT")
+    cols = [col for col in rows[0] if col not in rft_cols]
     rft_legend = "; **Δ / p vs RFT**: against the RFT cell of the same seed and protocol" if "p vs RFT" in cols else ""
     plots = plot_experiment(report, out_cells, exp.name, CONTROL)
     sections = [
