@@ -6,11 +6,14 @@ and compare medians/ratios, not absolute numbers.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -113,3 +116,63 @@ def top_ops(fn: Callable[[], object], n: int = 12) -> str:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=n)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+_mallinfo2 = None  # the libc function, looked up once (False: not available)
+
+
+def heap_in_use() -> int | None:
+    """Bytes the C heap has handed out and not taken back (glibc mallinfo2: uordblks + hblkhd, all arenas), or
+    None without glibc >= 2.33. Torch's CPU allocator takes its tensors from this heap, so the figure is what is
+    allocated at this instant, whatever the allocator caches or other processes do."""
+    global _mallinfo2
+    if _mallinfo2 is None:
+        try:
+            _mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
+        except (OSError, AttributeError, TypeError):
+            _mallinfo2 = False
+            return None
+        _mallinfo2.restype = _MallInfo2
+    if _mallinfo2 is False:
+        return None
+    m = _mallinfo2()
+    return m.uordblks + m.hblkhd
+
+
+def heap_peak_mb(fn: Callable[[], object], interval_s: float = 0.0005) -> float:
+    """Peak of heap_in_use() above its level before fn, polled from a thread every interval_s while fn runs (MiB).
+
+    For long calls (a whole sampling run) where the profiler's event log would itself outgrow memory: it keeps
+    one number, not one event per allocation. Torch releases the GIL inside its kernels, which is when the big
+    tensors are alive, so the poller runs then; the switch interval is shortened meanwhile so it also gets turns
+    between Python-level ops. A sampled peak can only miss allocations that live less than a poll interval."""
+    if heap_in_use() is None:
+        raise RuntimeError("heap_peak_mb needs glibc's mallinfo2 (glibc >= 2.33)")
+    base = heap_in_use()
+    peak = [base]
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], heap_in_use())
+            time.sleep(interval_s)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(interval_s)
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        th.join()
+        sys.setswitchinterval(old)
+    peak[0] = max(peak[0], heap_in_use())
+    return (peak[0] - base) / 2**20

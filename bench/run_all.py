@@ -20,7 +20,9 @@ Per configuration the two sides are timed interleaved (A, B, A, B, ...), medians
   (the sampling anchor) with --device cuda. EOS is made to end a row with probability 1/mean-response-length
   per step (a logit hook on both sides), so row lengths have a long tail as real ones do.
 * peak memory of one step / one sampling call per tool: torch CPU allocator peak (allocated - freed, from the
-  profiler's memory events; exact, unaffected by caching or other processes), or torch.cuda max allocated.
+  profiler's memory events; exact, unaffected by caching or other processes); for a sampling call, the C heap's
+  bytes in use polled every 0.5 ms (glibc mallinfo2; the event log of a whole sampling run outgrows memory);
+  torch.cuda max allocated on GPU.
 * achieved FLOP/s: 6 * parameters * tokens fed / step time, as a fraction of a large matmul (the ceiling),
   measured at the start and the end of this same run (the larger is used).
 
@@ -52,7 +54,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved, make_tokenizer, matmul_ceiling, median, n_params  # noqa: E402
+from common import heap_peak_mb, interleaved, make_tokenizer, matmul_ceiling, median, n_params  # noqa: E402
 
 from aftune.losses import alignment_loss, dpo_loss  # noqa: E402
 from aftune.scoring import score_groups, to_padded  # noqa: E402
@@ -280,8 +282,13 @@ class AftuneSide:
         self.opt.zero_grad(set_to_none=True)
 
 
-def peak_mb(fn, device: str) -> float:
-    """Peak memory one call of fn needs above what was allocated before it (MiB)."""
+def peak_mb(fn, device: str, long: bool = False) -> float:
+    """Peak memory one call of fn needs above what was allocated before it (MiB).
+
+    CPU: from the profiler's allocation events (exact); long=True (a whole sampling run: millions of
+    allocations, whose event log outgrew 22 GB on Gemma-3-270M) polls the C heap instead (common.heap_peak_mb)."""
+    if device == "cpu" and long:
+        return heap_peak_mb(fn)
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -485,9 +492,9 @@ def run_sample(args, shape, k, dtype, real=None) -> dict:
         t = median(times[name])
         # token counts differ a little between the sides (independent draws); the rate is per side
         row[name] = {"s": t, "runs": times[name], "new_tokens": counts[name], "tok_s": counts[name] / t}
-    row["aftune"]["peak_mb"] = peak_mb(aftune_run, args.device)
+    row["aftune"]["peak_mb"] = peak_mb(aftune_run, args.device, long=True)
     if anchor_name == "generate":
-        row["anchor"]["peak_mb"] = peak_mb(anchor_run, args.device)
+        row["anchor"]["peak_mb"] = peak_mb(anchor_run, args.device, long=True)
     row["ratio"] = row["aftune"]["tok_s"] / row["anchor"]["tok_s"]
     if hook is not None:
         hook.remove()
