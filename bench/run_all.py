@@ -375,15 +375,16 @@ def run_ablation(args, what, shape, k, dtype) -> dict:
 # --------------------------------------------------------------------------- sampler
 
 
-def eos_hook(model, p_stop: float):
+def eos_hook(model, p_stop: float, eos_id: int = 1, pad_id: int = 0):
     """EOS gets probability p_stop at every step (at temperature 1), whatever the model: lengths ~ geometric."""
     logit = math.log(p_stop / (1 - p_stop))
 
     def hook(_m, _i, out):
         out = out.clone()
-        rest = out[..., 2:].float().logsumexp(-1)  # ids 0 (pad) and 1 (EOS) excluded
-        out[..., 0] = float("-inf")
-        out[..., 1] = (rest + logit).to(out.dtype)
+        out[..., pad_id] = float("-inf")
+        out[..., eos_id] = float("-inf")
+        rest = out.float().logsumexp(-1)  # every token but pad and EOS
+        out[..., eos_id] = (rest + logit).to(out.dtype)
         return out
 
     return model.get_output_embeddings().register_forward_hook(hook)
@@ -406,8 +407,12 @@ def run_sample(args, shape, k, dtype, real=None) -> dict:
     from aftune.sampling import SamplingConfig, generate_k
 
     if real is not None:
+        # a real model, GSM8K questions; rows end as a fine-tuned model's would (the EOS hook below), unless --no-eos-hook
         model, tok, prompts, max_new, label = real
-        hook = None
+        mean_r = sum(args.r_lens) / len(args.r_lens)
+        hook = None if args.no_eos_hook else eos_hook(model, 1 / mean_r, tok.eos_token_id, tok.pad_token_id)
+        if hook is not None:
+            label += ", EOS hook"
     else:
         tok = shape.tok
         model = shape.model().eval()
@@ -514,7 +519,7 @@ def real_sampler_model(args):
     rows = [json.loads(x) for x in Path(args.gsm8k, "train.jsonl").read_text().splitlines() if x.strip()]
     rows = random.Random(args.seed).sample(rows, 2 if args.smoke else args.sample_questions)
     prompts = [f"Question: {r['question']}\nAnswer:\n" for r in rows]
-    max_new = 4 if args.smoke else args.real_max_new
+    max_new = 4 if args.smoke else (args.real_max_new or max(args.r_lens))
     return model.eval(), tok, prompts, max_new, f"Gemma-3-270M ({type(model).__name__}, GSM8K questions)"
 
 
@@ -638,7 +643,15 @@ def main():
     ap.add_argument(
         "--real-model", default="", help="a real model folder for the sampler (default: Gemma 3 in the GGUF cache)"
     )
-    ap.add_argument("--real-max-new", type=int, default=256)
+    ap.add_argument(
+        "--real-max-new",
+        type=int,
+        default=0,
+        help="real-model sampler: max new tokens (0: the longest GSM8K response)",
+    )
+    ap.add_argument(
+        "--no-eos-hook", action="store_true", help="real-model sampler: natural lengths (the model's own EOS only)"
+    )
     ap.add_argument("--no-real-model", action="store_true")
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--no-kto", action="store_true")
@@ -688,6 +701,7 @@ def main():
         src = "approx: no GSM8K data found, uniform 40-200 / 30-300"
     if args.smoke:  # keep the real length distribution's shape, at a tenth of the length
         p_lens, r_lens = [max(2, x // 10) for x in p_lens], [max(2, x // 10) for x in r_lens]
+    args.p_lens, args.r_lens = p_lens, r_lens
     print(f"lengths from {src}: prompts {_stats(p_lens)}; responses {_stats(r_lens)}", flush=True)
     approx = " (approx lengths)" if tok is None else ""
     shapes = [Shape(f"gsm8k, vocab {v:,}{approx}", v, arch, p_lens, r_lens) for v in vocabs]

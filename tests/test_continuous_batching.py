@@ -111,7 +111,7 @@ def test_running_batch_stays_full_and_never_exceeds_its_rows(model, tok):
     assert sum(t for _, t in sizes["cont"] if t > 1) > 0
 
 
-def test_sliding_window_model_falls_back_to_batches(tok):
+def _gemma3(tok, window):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
@@ -119,21 +119,78 @@ def test_sliding_window_model_falls_back_to_batches(tok):
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=16,
-        sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=window,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        num_hidden_layers=3,
         max_position_embeddings=256,
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=None,
         initializer_range=0.2,
     )
-    m = Gemma3ForCausalLM(cfg).eval()
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def test_sliding_window_model_falls_back_to_batches_where_the_window_binds(tok):
+    m = _gemma3(tok, window=4)
     sc = SamplingConfig(k=2, temperature=1.0, max_new_tokens=10, batch_size=2, seed=1)
     st = {}
     a = generate_k(m, tok, PROMPTS[:5], sc, stats=st)
     assert "refills" not in st or st["refills"] == 0
     assert ids(a) == ids(generate_k(m, tok, PROMPTS[:5], sc, continuous=False))
+    for prompt, r in zip(PROMPTS[:5], a):  # the model's own sliding cache: still exact
+        for s in r:
+            assert s.logprob_sum == pytest.approx(full_forward_logprob(m, tok, prompt, s.token_ids), abs=1e-4)
+
+
+@pytest.mark.parametrize("margin", [1, 40])
+def test_sliding_window_that_cannot_bind_gets_continuous_batching(tok, margin):
+    # longest prompt + max_new_tokens < window: the sliding layers hold every column, refills apply
+    T = 12
+    span = max(len(tok(p)["input_ids"]) for p in PROMPTS) + T
+    m = _gemma3(tok, window=span + margin)
+    greedy = SamplingConfig(k=2, temperature=0.0, max_new_tokens=T, batch_size=2)
+    st = {}
+    cont = generate_k(m, tok, PROMPTS, greedy, stats=st)
+    assert st["refills"] >= 3
+    assert ids(cont) == ids(generate_k(m, tok, PROMPTS, greedy, continuous=False))
+    for prompt, r in zip(PROMPTS, cont):
+        p = tok(prompt, return_tensors="pt")["input_ids"]
+        ref = m.generate(p, do_sample=False, max_new_tokens=T, pad_token_id=0, eos_token_id=1)
+        assert all(s.token_ids == ref[0, p.shape[1] :].tolist() for s in r), prompt
+    st = {}
+    sampled = generate_k(
+        m, tok, PROMPTS, SamplingConfig(k=3, temperature=1.0, max_new_tokens=T, batch_size=2), stats=st
+    )
+    assert st["refills"] >= 3
+    for prompt, r in zip(PROMPTS, sampled):
+        for s in r:
+            assert s.logprob_sum == pytest.approx(full_forward_logprob(m, tok, prompt, s.token_ids), abs=1e-4)
+
+
+def test_sliding_window_preallocation_only_where_the_window_cannot_bind(tok, monkeypatch):
+    import aftune.sampling.sampler as sampler
+
+    made = []
+    real = sampler._PreallocatedLayer.__init__
+
+    def spy(self, *a, **kw):
+        made.append(1)
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(sampler._PreallocatedLayer, "__init__", spy)
+    T = 8
+    span = max(len(tok(p)["input_ids"]) for p in PROMPTS[:2]) + T
+    sc = SamplingConfig(k=2, temperature=0.0, max_new_tokens=T, batch_size=2)
+    for window, expect in ((span, False), (span + 1, True)):
+        made.clear()
+        m = _gemma3(tok, window)
+        out = generate_k(m, tok, PROMPTS[:2], sc)
+        assert bool(made) is expect, window
+        for prompt, r in zip(PROMPTS[:2], out):
+            p = tok(prompt, return_tensors="pt")["input_ids"]
+            ref = m.generate(p, do_sample=False, max_new_tokens=T, pad_token_id=0, eos_token_id=1)
+            assert all(s.token_ids == ref[0, p.shape[1] :].tolist() for s in r), (window, prompt)

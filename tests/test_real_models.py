@@ -406,6 +406,33 @@ def test_real_sampler_greedy_equals_generate(loaded):
 
 
 @pytest.mark.real
+def test_real_sampler_continuous_batching_below_the_window(loaded):
+    """Short prompts: the 512-token window cannot bind, so the sliding layers get the preallocated cache and
+    waiting prompts join the running batch; greedy tokens still equal `generate`'s."""
+    from aftune.sampling.sampler import SamplingConfig, generate_k
+
+    model, tok = loaded
+    prompts = [
+        NATALIA + "Natalia sold",
+        "Question: What is 12 * 7?\nAnswer:\n",
+        "The capital of France is",
+        "1, 2, 3,",
+    ]
+    T = 16
+    st = {}
+    res = generate_k(model, tok, prompts, SamplingConfig(k=2, max_new_tokens=T, temperature=0, batch_size=1), stats=st)
+    assert st["refills"] >= 2
+    for prompt, samples in zip(prompts, res):
+        enc = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            ref = model.generate(**enc, max_new_tokens=T, do_sample=False)[0, enc.input_ids.shape[1] :].tolist()
+        for s in samples:
+            assert s.token_ids == ref[: len(s.token_ids)], prompt
+            if len(s.token_ids) < T:
+                assert s.token_ids[-1] == tok.eos_token_id
+
+
+@pytest.mark.real
 def test_real_prefix_shared_scoring_equals_per_sequence(loaded):
     from aftune.scoring import score_groups
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from aftune.modeling import cache_kwarg, forward_params, returned_cache
 from aftune.prompting import encode_prompt
@@ -159,17 +159,31 @@ def _refill_layer(
     layer._sync()
 
 
-def _expand_cache(cache, k: int, capacity: int, preallocate: bool) -> None:
-    """Give each question k rows of its prompt cache, in a preallocated buffer where the layer type allows."""
+def _plain_layers(cache, span: int) -> bool:
+    """Can every layer of this prefill cache become a _PreallocatedLayer for rows of at most `span` tokens?
+
+    Plain DynamicLayers can. So can sliding-window layers whose window cannot bind: HF shows a key iff
+    q - k < window, and within one row q - k <= span - 1, so with span < window the layer still holds every
+    column and acts as a full layer (Gemma 3: window 512 against GSM8K's 170 + 256 tokens)."""
     layers = getattr(cache, "layers", None)
-    if (
-        preallocate
-        and isinstance(cache, DynamicCache)
-        and not getattr(cache, "offloading", False)
-        and layers
-        and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
-    ):
-        cache.layers = [_PreallocatedLayer(layer.keys, layer.values, k, capacity) for layer in layers]
+    if not (isinstance(cache, DynamicCache) and not getattr(cache, "offloading", False) and layers):
+        return False
+    for layer in layers:
+        if not layer.is_initialized:
+            return False
+        if type(layer) is DynamicSlidingWindowLayer:
+            if not (span < layer.sliding_window and layer.keys.shape[-2] == layer.cumulative_length):
+                return False
+        elif type(layer) is not DynamicLayer:
+            return False
+    return True
+
+
+def _expand_cache(cache, k: int, capacity: int, preallocate: bool) -> None:
+    """Give each question k rows of its prompt cache, in a preallocated buffer where the layer types allow
+    (capacity = the longest row: prompt + max_new_tokens)."""
+    if preallocate and _plain_layers(cache, capacity):
+        cache.layers = [_PreallocatedLayer(layer.keys, layer.values, k, capacity) for layer in cache.layers]
     elif k > 1:  # sliding-window, hybrid or custom caches: the model's own generic expansion
         cache.batch_repeat_interleave(k)
 
@@ -310,8 +324,9 @@ def _generate_batch(
 REFILL_AT = 0.25
 
 
-def _prefill(model, prompt_ids: list[list[int]], pad_id: int, extra: dict):
-    """One left-padded prefill of new questions -> (per-layer (keys, values), last-position logits, mask)."""
+def _prefill(model, prompt_ids: list[list[int]], pad_id: int, extra: dict, span: int):
+    """One left-padded prefill of new questions -> (per-layer (keys, values), last-position logits, mask), or
+    None where the cache layers cannot be refilled for rows of up to `span` tokens (_plain_layers)."""
     device = next(model.parameters()).device
     ids, mask = pad_sequences(prompt_ids, pad_id, left=True)
     ids, mask = ids.to(device), mask.to(device)
@@ -320,15 +335,9 @@ def _prefill(model, prompt_ids: list[list[int]], pad_id: int, extra: dict):
     cache = returned_cache(out)
     if cache is None:
         raise TypeError(f"{type(model).__name__} returned no KV cache; generate_k needs a model with use_cache")
-    layers = getattr(cache, "layers", None)
-    if not (
-        isinstance(cache, DynamicCache)
-        and not getattr(cache, "offloading", False)
-        and layers
-        and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
-    ):
-        return None  # sliding-window / hybrid / custom cache layers: no continuous batching
-    return [(layer.keys, layer.values) for layer in layers], out.logits[:, -1, :].float(), mask
+    if not _plain_layers(cache, span):
+        return None  # binding sliding windows, hybrid or custom cache layers: no continuous batching
+    return [(layer.keys, layer.values) for layer in cache.layers], out.logits[:, -1, :].float(), mask
 
 
 def _generate_continuous(
@@ -349,6 +358,7 @@ def _generate_continuous(
     device = next(model.parameters()).device
     k, T, n_q = cfg.k, cfg.max_new_tokens, len(enc)
     max_rows = cfg.batch_size * k
+    span = max(len(e) for e in enc) + T
     threshold = max(k, REFILL_AT * max_rows)
     cache_kw = cache_kwarg(model)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(model) else {}
@@ -372,7 +382,8 @@ def _generate_continuous(
         n_keep = len(keep)
         n_new = min(len(waiting), (max_rows - n_keep) // k)
         batch, waiting = waiting[:n_new], waiting[n_new:]
-        got = _prefill(model, [enc[i] for i in batch], pad_id, extra)
+        # a row never sees keys of another: its span is at most its prompt + T, wherever it sits in the cache
+        got = _prefill(model, [enc[i] for i in batch], pad_id, extra, span)
         if got is None:
             return False
         layer_kv, new_logits, new_mask = got
@@ -508,7 +519,8 @@ def generate_k(
 
     continuous: with more prompts than cfg.batch_size, keep one running batch of cfg.batch_size * k rows and
     admit waiting prompts (longest first) as rows finish, instead of batch after batch (module docstring).
-    Needs the preallocated cache (plain DynamicCache layers); otherwise, or with continuous=False, prompts go
+    Needs the preallocated cache (plain DynamicCache layers, or sliding-window ones whose window exceeds the
+    longest prompt + max_new_tokens); otherwise, or with continuous=False, prompts go
     batch by batch. Greedy tokens are the same either way; sampled ones are deterministic for the same seed,
     inputs, batch size and `continuous`, but differ between the two schedules (the random stream is drawn in
     a different row order). With at most cfg.batch_size prompts both schedules are the same computation.
