@@ -655,6 +655,7 @@ def main():
     ap.add_argument("--no-real-model", action="store_true")
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--no-kto", action="store_true")
+    ap.add_argument("--no-align", action="store_true", help="no align rows (DPO / KTO): sampler rows only")
     ap.add_argument("--no-ablations", action="store_true", help="skip aftune packed-vs-padded / chunked-vs-full rows")
     ap.add_argument(
         "--vllm", action=argparse.BooleanOptionalAction, default=True, help="cuda: vLLM as the sampling anchor"
@@ -721,7 +722,7 @@ def main():
     for shape in shapes:
         for k in ks:
             for d in dtypes:
-                for kind in ("dpo",) + (() if args.no_kto else ("kto",)):
+                for kind in () if args.no_align else ("dpo",) + (() if args.no_kto else ("kto",)):
                     add(run_align(args, kind, shape, k, d), f"{kind} {shape.name} k={k} {d}")
                 add(run_sample(args, shape, k, d), f"sample {shape.name} k={k} {d}")
                 if not shape.fixed and not args.no_ablations:
