@@ -186,9 +186,10 @@ def test_safe_eval_rejects(expr):
     ],
 )
 def test_safe_eval_bounds_return_none_quickly(expr):
-    t = time.perf_counter()
+    # CPU time of this thread, not wall time: what a missing bound costs is computation, not a busy host
+    t = time.thread_time()
     assert safe_eval(expr) is None
-    assert time.perf_counter() - t < 0.1
+    assert time.thread_time() - t < 0.1
 
 
 def test_safe_eval_accepts_bound_edges():
@@ -218,7 +219,7 @@ def test_annotation_results_in_gsm8k_formats():
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=300))
 def test_functions_total_on_arbitrary_text(text):
-    t = time.perf_counter()
+    t = time.thread_time()
     n = normalize_number(text)
     assert n is None or (isinstance(n, str) and normalize_number(n) == n)  # canonical is a fixed point
     for strict in (False, True):
@@ -227,7 +228,7 @@ def test_functions_total_on_arbitrary_text(text):
     v = safe_eval(text)
     assert v is None or isinstance(v, Fraction)
     assert all(isinstance(ok, bool) for ok in check_annotations(text))
-    assert time.perf_counter() - t < 1.0
+    assert time.thread_time() - t < 1.0
 
 
 @settings(max_examples=300, deadline=None)

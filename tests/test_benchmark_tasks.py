@@ -378,10 +378,10 @@ _PIECES = list("ABCDEabce()*:.,- \n1060%") + ["answer", "The answer is ", "optio
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(_PIECES), max_size=60).map("".join) | st.text(max_size=300))
 def test_choice_extraction_is_total_and_consistent(text):
-    t = time.perf_counter()
+    t = time.thread_time()
     strict = extract_choice(text, strict=True, options=_OPTS)
     flexible = extract_choice(text, options=_OPTS)
     assert strict is None or strict in "ABCDE"
     assert flexible is None or flexible in "ABCDE"
     assert strict is None or flexible == strict
-    assert time.perf_counter() - t < 1.0
+    assert time.thread_time() - t < 1.0
