@@ -153,9 +153,9 @@ def heap_peak_mb(fn: Callable[[], object], interval_s: float = 0.0005) -> float:
     one number, not one event per allocation. Torch releases the GIL inside its kernels, which is when the big
     tensors are alive, so the poller runs then; the switch interval is shortened meanwhile so it also gets turns
     between Python-level ops. A sampled peak can only miss allocations that live less than a poll interval."""
-    if heap_in_use() is None:
-        raise RuntimeError("heap_peak_mb needs glibc's mallinfo2 (glibc >= 2.33)")
     base = heap_in_use()
+    if base is None:
+        raise RuntimeError("heap_peak_mb needs glibc's mallinfo2 (glibc >= 2.33)")
     peak = [base]
     stop = threading.Event()
 

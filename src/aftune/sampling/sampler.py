@@ -163,7 +163,7 @@ def _plain_layers(cache, span: int) -> bool:
 
     Plain DynamicLayers can. So can sliding-window layers whose window cannot bind: HF shows a key iff
     q - k < window, and within one row q - k <= span - 1, so with span < window the layer still holds every
-    column and acts as a full layer (Gemma 3: window 512 against GSM8K's 170 + 256 tokens)."""
+    column and acts as a full layer (Gemma 3: window 512 against GSM8K prompts of at most 166 tokens + T)."""
     layers = getattr(cache, "layers", None)
     if not (isinstance(cache, DynamicCache) and not getattr(cache, "offloading", False) and layers):
         return False
