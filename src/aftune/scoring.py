@@ -15,9 +15,18 @@ scale, Granite's divisor). Materialising z for every position costs positions x 
 architectures (`_HEADS`) the model runs with its head skipped (`logits_to_keep` = no position), the hidden
 states are taken only where a response token is predicted, and the head is applied `chunk_size` positions at a
 time, each chunk under `torch.utils.checkpoint`: its logits are freed as soon as its log-probs are reduced and
-recomputed one chunk at a time in backward. Anything else (unknown class, FSDP / DeepSpeed wrappers, prompt-
-learning adapters, no `logits_to_keep`) takes the exact full-logits path, which is also the reference the
-tests compare against (`chunk_size=0`).
+recomputed one chunk at a time in backward. Anything else (unknown class, FSDP1 wrappers, prompt-learning
+adapters, no `logits_to_keep`) takes the exact full-logits path, which is also the reference the tests compare
+against (`chunk_size=0`).
+
+Sharded models (FSDP2 `fully_shard`, DeepSpeed ZeRO-3) keep the chunked path: the head's weight exists whole only
+inside the head module's call, between the engine's gather and release hooks. So the whole chunk loop runs as one
+call of the head module, `head(h)`, with the loop as its forward (`_in_head`): FSDP2's pre-forward hook all-gathers
+the weight once (a standalone call of a module of a `fully_shard` group, the pattern torch >= 2.13 supports for
+chunked losses), ZeRO-3's gathers the partitions and its post-forward hook releases them; in backward, the hooks
+the engines put on the call's output and input gather the weight again for the chunks' recomputation and then
+reduce-scatter its gradient (tests/test_fsdp.py, tests/test_scoring_sharded.py: values and gradients equal the
+unsharded path, with two gloo processes). DDP and unwrapped models take the same call without hooks.
 
 Padding: candidates of one question differ in length (GSM8K: tens to hundreds of tokens), and padding every
 one to the longest costs positions x (hidden work + attention). On the chunked path the candidates are
@@ -136,11 +145,12 @@ class _Head:
     mask_dict: bool = False  # the decoder takes {"full_attention": m, "sliding_attention": m} as attention_mask
     layer_types: tuple[str, ...] | None = None  # config.layer_types (hybrid sliding / full models)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, forward=None) -> torch.Tensor:
         """z for hidden states h [n, H] -> [n, V] float32: the matmul in the ambient (autocast) dtype, the
         transform in fp32 (the model's own forward would soft-cap in bf16 under autocast; fp32 is closer to
-        the fp32 model and equal to it without autocast)."""
-        z = self.head(h).float()
+        the fp32 model and equal to it without autocast). `forward`: the head's own forward, called without its
+        module hooks (inside `_in_head`); default: a plain call of the head."""
+        z = (forward or self.head)(h).float()
         if self.kind == "softcap":
             z = torch.tanh(z / self.value) * self.value
         elif self.kind == "scale":
@@ -153,14 +163,16 @@ class _Head:
 def _find_head(model) -> _Head | None:
     """The chunked-head plan for `model`, or None where only the exact full-logits path is safe.
 
-    Looks through DistributedDataParallel (its forward is still the one called, so gradient sync is intact)
-    and peft adapters that leave positions alone (LoRA & co., not prompt learning, which prepends virtual
-    tokens). Other wrappers (FSDP, DeepSpeed) gather sharded weights only inside their forward, so calling
-    the head outside it would be wrong: no plan for them.
+    Looks through DistributedDataParallel and DeepSpeed's engine (their forward is still the one called, so
+    gradient sync and ZeRO's hooks are intact), FSDP2's `fully_shard` (which renames the class FSDP<name>), and
+    peft adapters that leave positions alone (LoRA & co., not prompt learning, which prepends virtual tokens).
+    FSDP1's wrapper is not looked through: no plan for it.
     """
     inner = model
     for _ in range(4):
-        if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        if isinstance(inner, torch.nn.parallel.DistributedDataParallel) or (
+            type(inner).__name__ == "DeepSpeedEngine" and isinstance(getattr(inner, "module", None), torch.nn.Module)
+        ):
             inner = inner.module
         elif hasattr(inner, "get_base_model") and hasattr(inner, "peft_config"):
             cfg = getattr(inner, "active_peft_config", None)
@@ -169,13 +181,11 @@ def _find_head(model) -> _Head | None:
             inner = inner.get_base_model()
         else:
             break
-    name = type(inner).__name__
+    name = _model_class(inner).__name__
     if name not in _HEADS or not _keeps_logits(model):
         return None
     decoder, head = getattr(inner, "model", None), inner.get_output_embeddings()
     if not isinstance(decoder, torch.nn.Module) or not isinstance(head, torch.nn.Module):
-        return None
-    if any(hasattr(p, "ds_id") for p in head.parameters()):  # DeepSpeed ZeRO-3 partitioned weight
         return None
     kind, value = _HEADS[name], None
     if kind == "softcap":
@@ -196,6 +206,35 @@ def _find_head(model) -> _Head | None:
         mask_dict=name in _MASK_DICT,
         layer_types=tuple(types) if types else None,
     )
+
+
+def _model_class(module) -> type:
+    """The model's own class: fully_shard swaps it for a subclass FSDP<cls>(FSDPModule, cls) with the same forward."""
+    cls = type(module)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        return cls
+    if isinstance(module, FSDPModule) and len(cls.__bases__) == 2 and cls.__bases__[0] is FSDPModule:
+        return cls.__bases__[1]
+    return cls
+
+
+def _in_head(head: torch.nn.Module, fn, h: torch.Tensor) -> torch.Tensor:
+    """fn(h, forward) run as the forward of one call `head(h)` (forward: the head's own forward).
+
+    The call goes through the module's hooks, so a sharding engine holds the whole weight for exactly this call
+    and attaches its backward hooks to h and to the result (see the module docstring)."""
+    own = head.__dict__.get("forward")
+    forward = head.forward
+    head.forward = lambda x: fn(x, forward)
+    try:
+        return head(h)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def _forward_hidden(model, plan: _Head, cache=None, **inputs):
@@ -222,8 +261,8 @@ def _forward_hidden(model, plan: _Head, cache=None, **inputs):
     return got["h"], cache, got["autocast"]
 
 
-def _chunk_logps(plan: _Head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    z = plan.logits(h)
+def _chunk_logps(plan: _Head, h: torch.Tensor, targets: torch.Tensor, forward=None) -> torch.Tensor:
+    z = plan.logits(h, forward)
     return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
@@ -237,20 +276,25 @@ def _head_logps(
     """log p(targets[i]) = z_i[targets[i]] - logsumexp(z_i), z_i = post(lm_head(h[i])), for h [n, H] -> [n] fp32.
 
     chunk_size positions at a time; with grad enabled each chunk is checkpointed, so neither forward nor
-    backward ever holds more than one chunk's [chunk_size, V] logits (and their gradient).
+    backward ever holds more than one chunk's [chunk_size, V] logits (and their gradient). All chunks run inside
+    one call of the head module (`_in_head`), so a sharded head weight is gathered once for all of them.
     """
     if chunk_size is None:
         chunk_size = max(1, CHUNK_LOGITS // max(1, plan.vocab))
     dev, enabled, dtype = autocast
-    out = []
-    with torch.autocast(dev, dtype=dtype, enabled=enabled):
-        for s in range(0, h.shape[0], chunk_size):
-            hc, tc = h[s : s + chunk_size], targets[s : s + chunk_size]
+
+    def chunks(x: torch.Tensor, forward) -> torch.Tensor:
+        out = []
+        for s in range(0, x.shape[0], chunk_size):
+            hc, tc = x[s : s + chunk_size], targets[s : s + chunk_size]
             if torch.is_grad_enabled():
-                out.append(checkpoint(_chunk_logps, plan, hc, tc, use_reentrant=False))
+                out.append(checkpoint(_chunk_logps, plan, hc, tc, forward, use_reentrant=False))
             else:
-                out.append(_chunk_logps(plan, hc, tc))
-    return torch.cat(out)
+                out.append(_chunk_logps(plan, hc, tc, forward))
+        return torch.cat(out)
+
+    with torch.autocast(dev, dtype=dtype, enabled=enabled):
+        return _in_head(plan.head, chunks, h)
 
 
 def _masked_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

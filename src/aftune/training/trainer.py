@@ -19,6 +19,7 @@ from aftune.scoring import score_groups, to_padded
 from aftune.training.compute import ComputeCounter, candidate_tokens, find_counter
 from aftune.training.config import AFTConfig
 from aftune.training.data import AlignDataset, NLLDataset, collate, default_nll_pairs, to_groups
+from aftune.training.fsdp import attach_fsdp_on_cpu
 from aftune.training.methods import CandidateBatch, get_method
 from aftune.training.reference import question_betas, reference_logps
 
@@ -253,6 +254,12 @@ class AFTTrainer(Trainer):
                 f"in {self.args.output_dir} is intact. Try a lower learning rate, bf16 off, or a smaller lambda."
             )
         return (loss, None) if return_outputs else loss
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        # accelerate drops an FSDP config on CPU processes (silently DDP); attach it as on a GPU (aftune.training.fsdp)
+        if attach_fsdp_on_cpu(self.accelerator):
+            self.is_fsdp_enabled = True
 
     def _count(self, key: str, n: int) -> None:
         counter = find_counter(self)
