@@ -67,16 +67,21 @@ class Calculator:
             if r in self.queue:  # already forcing this row (a forced token never opens an annotation)
                 continue
             n = int(ends[j])
-            text = self.tokenizer.decode(tokens[r, max(0, n - TAIL_TOKENS) : n].tolist(), skip_special_tokens=True)
-            m = OPEN_ANNOTATION.search(text)
-            if m is None:
-                continue
-            value = safe_eval(m.group(1))
-            if value is None:  # not an expression: let the model go on by itself
-                continue
-            ids = self.tokenizer.encode(format_value(value) + ">>", add_special_tokens=False)
+            ids = self.forced_after(tokens[r, max(0, n - TAIL_TOKENS) : n].tolist())
             if ids:
                 self.queue[r] = ids
+
+    def forced_after(self, tail: list[int]) -> list[int] | None:
+        """The ids to force after a row whose last tokens are `tail` (ending in a trigger), or None.
+
+        The one decision both engines make (the vLLM engine calls it from its logits processor)."""
+        m = OPEN_ANNOTATION.search(self.tokenizer.decode(tail[-TAIL_TOKENS:], skip_special_tokens=True))
+        if m is None:
+            return None
+        value = safe_eval(m.group(1))
+        if value is None:  # not an expression: let the model go on by itself
+            return None
+        return self.tokenizer.encode(format_value(value) + ">>", add_special_tokens=False) or None
 
 
 __all__ = ["Calculator", "format_value"]

@@ -15,11 +15,19 @@ prompt. Leading columns no running row needs any more are trimmed at each refill
 Scores: every sampled token's log-probability is taken from the model's *untempered* distribution
 (raw logit minus the logsumexp of the raw logits), so `Sample.score` is the AFT score s(c) of the spec
 regardless of the sampling temperature.
+
+Seeds: with `seeds` (one per prompt; `aftune sample` keys them by question id) every row draws its noise from a
+generator seeded by (prompt seed, row j, step), so a question's k samples do not depend on which questions
+share its batch: a resumed, sharded or continuously batched run gives the same candidates as a straight one,
+and the vLLM engine (vllm_backend) draws the very same noise. Without `seeds`, one generator seeded by
+cfg.seed serves the whole call (cheaper; the draws then depend on the batch schedule).
 """
 
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -119,6 +127,7 @@ class _PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        indices = indices.to(self._k.device)  # device_map="auto": layers live on different devices
         self._k, self._v = self._k[indices], self._v[indices]
         self._sync()
 
@@ -149,6 +158,7 @@ def _refill_layer(
     k_buf = src.new_zeros((rows, src.shape[1], capacity, src.shape[3]))
     v_buf = src.new_zeros((rows, src.shape[1], capacity, src.shape[3]))
     if len(keep):
+        keep = keep.to(layer._k.device)
         k_buf[: len(keep), :, width - old_n : width] = layer._k[keep, :, trim : layer._n]
         v_buf[: len(keep), :, width - old_n : width] = layer._v[keep, :, trim : layer._n]
     b, n = nk.shape[0], nk.shape[-2]
@@ -199,20 +209,66 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64 finaliser, chained): well spread even for neighbouring inputs,
+    so the rows j and j + 1 of one question and the steps t and t + 1 of one row get unrelated streams."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (p & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & _MASK64
+        x ^= x >> 29
+    return x >> 1
+
+
+def question_seed(seed: int, question_id: str) -> int:
+    """The seed of one question's k rows: a function of (run seed, question id) only."""
+    return _mix(seed, zlib.crc32(str(question_id).encode()), len(str(question_id)))
+
+
+def row_key(prompt_seed: int, j: int) -> int:
+    """The seed of row j of a prompt (its step t's noise is drawn from _mix(row_key, t))."""
+    return _mix(prompt_seed, j)
+
+
+Noise = Callable[[tuple[int, ...], torch.device], torch.Tensor]
+
+
+def shared_noise(gen: torch.Generator) -> Noise:
+    """Uniform noise for a whole step from one generator (the draws depend on the batch's row order)."""
+    return lambda shape, device: torch.rand(shape, generator=gen, device=device, dtype=torch.float32)
+
+
+def keyed_noise(keys: list[int], steps: list[int]) -> Noise:
+    """Uniform noise whose row i depends only on (keys[i], steps[i]): one reseeded generator per row."""
+
+    def noise(shape, device):
+        out = torch.empty(shape, device=device, dtype=torch.float32)
+        gen = torch.Generator(device=device)
+        for i, (key, t) in enumerate(zip(keys, steps)):
+            gen.manual_seed(_mix(key, t))
+            out[i].uniform_(generator=gen)
+        return out
+
+    return noise
+
+
+def _draw(probs: torch.Tensor, noise: Noise) -> torch.Tensor:
     """One index per row with probability proportional to `probs` (rows need not sum to 1; overwritten).
 
     argmax(p / E) with E ~ Exponential(1) is an exact categorical draw; built from uniform noise it is
     about 15x faster on CPU than torch.multinomial at 128 x 2000 (the exponential_ sampler is slow too).
     In place: at a 262k vocabulary each [rows, vocab] temporary is 1 MiB per row.
     """
-    u = torch.rand(probs.shape, generator=gen, device=probs.device, dtype=torch.float32)
+    u = noise(tuple(probs.shape), probs.device)
     # u < 1 keeps E > 0 (no 0/0 on filtered tokens); the clamp keeps u = 0 from giving E = inf
     e = u.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_()
     return probs.div_(e).argmax(-1)
 
 
-def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
+def pick(logits: torch.Tensor, cfg: SamplingConfig, noise: Noise) -> torch.Tensor:
     """Next token per row: greedy at temperature 0, else temperature + nucleus sampling."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
@@ -222,13 +278,108 @@ def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> to
         # keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does
         drop = (sorted_p.cumsum(-1) - sorted_p) >= cfg.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
-        return order.gather(-1, _draw(sorted_p, gen).unsqueeze(-1)).squeeze(-1)
-    return _draw(probs, gen)
+        return order.gather(-1, _draw(sorted_p, noise).unsqueeze(-1)).squeeze(-1)
+    return _draw(probs, noise)
 
 
 def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+STOP_MARGIN = 4  # tail tokens decoded beyond the longest stop string's length in characters
+
+
+class StopCheck:
+    """Which rows' text now contains a stop string, decoding only each row's last tokens.
+
+    Checked every step, a stop string first appears in the text ending with the newest token, so only the tail
+    is decoded: a stop of c characters lies within the last c tokens that produce text (the margin covers tokens
+    that decode to nothing or to part of a character). The tails of all rows come over in one transfer, not one
+    device-to-host sync per row.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.window = max(len(x) for x in self.stop) + STOP_MARGIN
+
+    def __call__(self, tokens: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """tokens: [rows, T] by global row; rows / ends: the rows to check and how many tokens each has."""
+        cols = ends.unsqueeze(1) - self.window + torch.arange(self.window, device=ends.device)
+        tails = tokens[rows.unsqueeze(1), cols.clamp(min=0)].masked_fill(cols < 0, -1)
+        hit = [
+            _cut_at_stop(self.tokenizer.decode([t for t in tail if t >= 0], skip_special_tokens=True), self.stop)[1]
+            for tail in tails.tolist()
+        ]
+        return torch.tensor(hit, dtype=torch.bool, device=rows.device)
+
+
+def _advance(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    noise: Noise,
+    live: torch.Tensor,
+    alive: torch.Tensor,
+    at: torch.Tensor,
+    tokens: torch.Tensor,
+    lps: torch.Tensor,
+    eos_t: torch.Tensor,
+    calc: Calculator | None,
+    stops: StopCheck | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's work shared by both decode loops: draw, log-prob, calculator, EOS and stop checks.
+
+    alive: each cache row's global row; at: its token count before this step; tokens / lps: [rows, T] buffers
+    by global row, written at (alive, at) for live rows. Returns (the step's token per cache row, finished)."""
+    lse = torch.logsumexp(logits, dim=-1)  # log-probs as logit - lse: no [rows, vocab] log_softmax kept
+    tok = pick(logits, cfg, noise)
+    if calc is not None:
+        tok = calc.override(tok, alive, live)
+    rows, pos = alive[live], at[live]
+    tokens[rows, pos] = tok[live]
+    lps[rows, pos] = (logits.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - lse)[live]
+    ends = at + 1
+    if calc is not None:
+        calc.observe(tok, alive, live, tokens, ends)
+    finished = live & torch.isin(tok, eos_t) if len(eos_t) else torch.zeros_like(live)
+    if stops is not None:
+        j = torch.nonzero(live & ~finished).flatten()
+        if len(j):
+            finished[j[stops(tokens, alive[j], ends[j])]] = True
+    return tok, finished
+
+
+def _noise_for(gen: torch.Generator, row_keys: list[int] | None, alive: torch.Tensor, at: torch.Tensor) -> Noise:
+    """The step's noise: keyed by (row, step) with per-prompt seeds, else the call's one generator."""
+    if row_keys is None:
+        return shared_noise(gen)
+
+    def noise(shape, device):  # the row lists only where a draw is made (not for greedy decoding)
+        return keyed_noise([row_keys[r] for r in alive.tolist()], at.tolist())(shape, device)
+
+    return noise
+
+
+def _devices(model) -> tuple[torch.device, torch.device]:
+    """(where inputs go, where logits come out): with device_map="auto" the embedding and the LM head may sit
+    on different devices, neither of which need be the first parameter's."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    in_dev = weight.device if weight is not None else next(model.parameters()).device
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return in_dev, (weight.device if weight is not None else in_dev)
+
+
+def _select_rows(cache, keep: torch.Tensor) -> None:
+    """cache.batch_select_indices with the index on each layer's own device (device_map="auto")."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        cache.batch_select_indices(keep)
+        return
+    for layer in layers:
+        dev = layer._k.device if isinstance(layer, _PreallocatedLayer) else getattr(layer.keys, "device", None)
+        layer.batch_select_indices(keep.to(dev) if dev is not None else keep)
 
 
 def _generate_batch(
@@ -243,14 +394,16 @@ def _generate_batch(
     stats: dict[str, int],
     preallocate_cache: bool,
     calc: Calculator | None = None,
-) -> list[list[Sample]]:
-    device = next(model.parameters()).device
+    row_keys: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch, k rows per prompt -> (tokens [B*k, T], log-probs [B*k, T], lengths [B*k]) by row q * k + j."""
+    in_dev, _ = _devices(model)
     B, k, T = len(prompt_ids), cfg.k, cfg.max_new_tokens
     lens = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
     L = int(lens.max())
     ids, mask = pad_sequences(prompt_ids, pad_id, left=True)  # every row's last prompt token at position L-1
     padded = bool((lens < L).any())
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = ids.to(in_dev), mask.to(in_dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
 
     cache_kw = cache_kwarg(model)
@@ -264,6 +417,7 @@ def _generate_batch(
         raise TypeError(f"{type(model).__name__} returned no KV cache; generate_k needs a model with use_cache")
     logits = out.logits[:, -1, :].float()
     del out
+    device = logits.device  # the row bookkeeping lives where the logits are
 
     # One prefill, then k decode rows per question: the prompt's keys/values are copied, never recomputed.
     _expand_cache(cache, k, L + T, preallocate_cache)
@@ -278,25 +432,12 @@ def _generate_batch(
     tokens = torch.full((R, T), pad_id, dtype=torch.long, device=device)
     lps = torch.zeros((R, T), dtype=torch.float32, device=device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    stops = StopCheck(tokenizer, cfg.stop) if cfg.stop else None
     for t in range(T):
-        lse = torch.logsumexp(logits, dim=-1)  # log-probs as logit - lse: no [rows, vocab] log_softmax kept
-        tok = _pick(logits, cfg, gen)
         live = ~done[alive]
-        if calc is not None:
-            tok = calc.override(tok, alive, live)
-        rows = alive[live]
-        tokens[rows, t] = tok[live]
-        lps[rows, t] = (logits.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - lse)[live]
-        if calc is not None:
-            calc.observe(tok, alive, live, tokens, torch.full_like(alive, t + 1))
-        finished = torch.isin(tok, eos_t) & live if len(eos) else torch.zeros_like(live)
-        if cfg.stop:
-            # Stop strings are checked on decoded text (a stop may span several tokens).
-            for j in torch.nonzero(live & ~finished).flatten().tolist():
-                r = int(alive[j])
-                text = tokenizer.decode(tokens[r, : t + 1].tolist(), skip_special_tokens=True)
-                if _cut_at_stop(text, cfg.stop)[1]:
-                    finished[j] = True
+        at = torch.full_like(alive, t)
+        noise = _noise_for(gen, row_keys, alive, at)
+        tok, finished = _advance(logits, cfg, noise, live, alive, at, tokens, lps, eos_t, calc, stops)
         newly = alive[finished]
         done[newly] = True
         length[newly] = t + 1
@@ -307,16 +448,16 @@ def _generate_batch(
         if n_dead and n_dead >= compact_at * len(alive):
             # Finished rows would still cost a forward each step; drop them from the cache.
             keep = torch.nonzero(still).flatten()
-            cache.batch_select_indices(keep)
-            alive, tok, mask, next_pos = alive[keep], tok[keep], mask[keep], next_pos[keep]
+            _select_rows(cache, keep)
+            alive, tok, next_pos = alive[keep], tok[keep], next_pos[keep]
+            mask = mask[keep.to(mask.device)]
             stats["compactions"] += 1
         if padded:
             mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=-1)
         logits, cache = _decode_step(model, tok, mask if padded else None, next_pos, cache, cache_kw, extra)
         next_pos = next_pos + 1
         stats["row_steps"] += len(alive)
-
-    return _collect(tokenizer, cfg, eos, tokens, lps, length, B)
+    return tokens, lps, length
 
 
 # Continuous batching admits waiting questions once this fraction of the batch's rows (and at least one
@@ -327,9 +468,9 @@ REFILL_AT = 0.25
 def _prefill(model, prompt_ids: list[list[int]], pad_id: int, extra: dict, span: int):
     """One left-padded prefill of new questions -> (per-layer (keys, values), last-position logits, mask), or
     None where the cache layers cannot be refilled for rows of up to `span` tokens (_plain_layers)."""
-    device = next(model.parameters()).device
+    in_dev, _ = _devices(model)
     ids, mask = pad_sequences(prompt_ids, pad_id, left=True)
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = ids.to(in_dev), mask.to(in_dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
     cache = returned_cache(out)
@@ -352,43 +493,58 @@ def _generate_continuous(
     compact_at: float,
     stats: dict[str, int],
     calc: Calculator | None = None,
-) -> list[list[Sample]] | None:
+    row_keys: list[int] | None = None,
+    emit: Callable[[list[int], torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """All prompts through one running batch of cfg.batch_size * k rows, admitted in `order` as rows free up.
-    Returns None (before sampling anything) where the model's cache layers cannot be refilled."""
-    device = next(model.parameters()).device
+    Returns (tokens, log-probs, lengths) by global row q * k + j, or None (before sampling anything) where the
+    model's cache layers cannot be refilled. `emit(questions, tokens, lps, length)` is called as questions
+    finish (all k rows done)."""
+    in_dev, _ = _devices(model)
     k, T, n_q = cfg.k, cfg.max_new_tokens, len(enc)
     max_rows = cfg.batch_size * k
     span = max(len(e) for e in enc) + T
     threshold = max(k, REFILL_AT * max_rows)
     cache_kw = cache_kwarg(model)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(model) else {}
-    tokens = torch.full((n_q * k, T), pad_id, dtype=torch.long, device=device)  # by global row q * k + j
-    lps = torch.zeros((n_q * k, T), dtype=torch.float32, device=device)
-    length = torch.zeros(n_q * k, dtype=torch.long, device=device)
-    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     waiting = list(order)
     cache = DynamicCache()
-    empty = torch.zeros(0, dtype=torch.long, device=device)
-    alive, step, next_pos = empty, empty, empty  # per cache row: global row, tokens so far, next position
-    fin = torch.zeros(0, dtype=torch.bool, device=device)  # finished, still in the cache
-    mask = torch.zeros((0, 0), dtype=torch.long, device=device)
-    logits = torch.zeros((0, 0), device=device)
-    padded = False
+    state: dict[str, Any] = {}
+    stops = StopCheck(tokenizer, cfg.stop) if cfg.stop else None
 
     def admit() -> bool:
         """Drop finished rows and add the next waiting questions (k rows each): one cache rebuild."""
-        nonlocal waiting, cache, alive, step, next_pos, fin, mask, logits, padded
-        keep = torch.nonzero(~fin).flatten()
-        n_keep = len(keep)
-        n_new = min(len(waiting), (max_rows - n_keep) // k)
-        batch, waiting = waiting[:n_new], waiting[n_new:]
+        nonlocal waiting
+        n_new = min(len(waiting), (max_rows - (int((~state["fin"]).sum()) if state else 0)) // k)
+        batch, new_waiting = waiting[:n_new], waiting[n_new:]
         # a row never sees keys of another: its span is at most its prompt + T, wherever it sits in the cache
         got = _prefill(model, [enc[i] for i in batch], pad_id, extra, span)
         if got is None:
             return False
+        waiting = new_waiting
         layer_kv, new_logits, new_mask = got
+        if not state:  # the buffers live where the logits come out (device_map="auto": the last device)
+            device = new_logits.device
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            state.update(
+                tokens=torch.full((n_q * k, T), pad_id, dtype=torch.long, device=device),  # by global row q*k+j
+                lps=torch.zeros((n_q * k, T), dtype=torch.float32, device=device),
+                length=torch.zeros(n_q * k, dtype=torch.long, device=device),
+                left=torch.full((n_q,), k, dtype=torch.long, device=device),  # rows still running per question
+                eos=torch.tensor(eos, dtype=torch.long, device=device),
+                alive=empty,  # per cache row: global row, tokens so far, next position
+                step=empty,
+                next_pos=empty,
+                fin=torch.zeros(0, dtype=torch.bool, device=device),  # finished, still in the cache
+                mask=torch.zeros((0, 0), dtype=torch.long, device=in_dev),
+                logits=torch.zeros((0, 0), device=device),
+            )
+        st = state
+        device = st["alive"].device
         stats["refills"] = stats.get("refills", 0) + 1
-        kmask = mask[keep]
+        keep = torch.nonzero(~st["fin"]).flatten()
+        n_keep = len(keep)
+        kmask = st["mask"][keep.to(in_dev)]
         # columns left of every kept row's first real one are needed by no row: trimmed
         trim = int(kmask.argmax(-1).min()) if n_keep else kmask.shape[1]
         old_n = kmask.shape[1] - trim
@@ -397,48 +553,41 @@ def _generate_continuous(
             cache.layers = [_PreallocatedLayer(kk[:0, :, :0], vv[:0, :, :0], 1, 0) for kk, vv in layer_kv]
         for layer, kv in zip(cache.layers, layer_kv):
             _refill_layer(layer, keep, kv, trim, width, k, width + T)
-        m = mask.new_zeros((n_keep + n_new * k, width))
+        m = kmask.new_zeros((n_keep + n_new * k, width))
         m[:n_keep, width - old_n :] = kmask[:, trim:]
         m[n_keep:, width - new_mask.shape[1] :] = new_mask.repeat_interleave(k, dim=0)
-        mask, padded = m, not bool(m.all())
+        st["mask"], st["padded"] = m, not bool(m.all())
         new_rows = (torch.tensor(batch, device=device).unsqueeze(1) * k + torch.arange(k, device=device)).flatten()
-        alive = torch.cat([alive[keep], new_rows])
-        step = torch.cat([step[keep], empty.new_zeros(len(new_rows))])
-        next_pos = torch.cat([next_pos[keep], new_mask.sum(-1).repeat_interleave(k)])
-        logits = (
-            torch.cat([logits[keep], new_logits.repeat_interleave(k, dim=0)])
-            if n_keep
-            else new_logits.repeat_interleave(k, dim=0)
-        )
-        fin = torch.zeros(len(alive), dtype=torch.bool, device=device)
+        st["alive"] = torch.cat([st["alive"][keep], new_rows])
+        st["step"] = torch.cat([st["step"][keep], st["step"].new_zeros(len(new_rows))])
+        st["next_pos"] = torch.cat([st["next_pos"][keep], new_mask.sum(-1).to(device).repeat_interleave(k)])
+        new_logits = new_logits.to(device).repeat_interleave(k, dim=0)
+        st["logits"] = torch.cat([st["logits"][keep], new_logits]) if n_keep else new_logits
+        st["fin"] = torch.zeros(len(st["alive"]), dtype=torch.bool, device=device)
         return True
 
     if not admit():
         return None
+    st = state
+    tokens, lps, length = st["tokens"], st["lps"], st["length"]
     while True:
-        lse = torch.logsumexp(logits, dim=-1)  # log-probs as logit - lse: no [rows, vocab] log_softmax kept
-        tok = _pick(logits, cfg, gen)
+        alive, step, fin = st["alive"], st["step"], st["fin"]
         live = ~fin
-        if calc is not None:
-            tok = calc.override(tok, alive, live)
-        rows, at = alive[live], step[live]
-        tokens[rows, at] = tok[live]
-        lps[rows, at] = (logits.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - lse)[live]
+        noise = _noise_for(gen, row_keys, alive, step)
+        tok, finished = _advance(st["logits"], cfg, noise, live, alive, step, tokens, lps, st["eos"], calc, stops)
         step = step + live.long()
-        if calc is not None:
-            calc.observe(tok, alive, live, tokens, step)
-        finished = live & (step >= T)
-        if len(eos):
-            finished |= live & torch.isin(tok, eos_t)
-        if cfg.stop:
-            # stop strings are checked on decoded text (a stop may span several tokens)
-            for j in torch.nonzero(live & ~finished).flatten().tolist():
-                r = int(alive[j])
-                text = tokenizer.decode(tokens[r, : int(step[j])].tolist(), skip_special_tokens=True)
-                if _cut_at_stop(text, cfg.stop)[1]:
-                    finished[j] = True
-        length[alive[finished]] = step[finished]
+        finished |= live & (step >= T)
+        if bool(finished.any()):
+            ended = alive[finished]
+            length[ended] = step[finished]
+            qs = ended.div(k, rounding_mode="floor")
+            st["left"].index_add_(0, qs, torch.full_like(qs, -1))
+            if emit is not None:
+                complete = sorted({q for q in qs.tolist() if int(st["left"][q]) == 0})
+                if complete:
+                    emit(complete, tokens, lps, length)
         fin = fin | finished
+        st["step"], st["fin"] = step, fin
         n_live = len(alive) - int(fin.sum())
         if n_live == 0 and not waiting:
             break
@@ -446,51 +595,54 @@ def _generate_continuous(
         if n_live and not refill and int(fin.sum()) >= compact_at * len(alive) and bool(fin.any()):
             # finished rows would still cost a forward each step; drop them from the cache
             keep = torch.nonzero(~fin).flatten()
-            cache.batch_select_indices(keep)
-            alive, tok, mask, next_pos, step, fin = (
-                alive[keep],
-                tok[keep],
-                mask[keep],
-                next_pos[keep],
-                step[keep],
-                fin[keep],
-            )
+            _select_rows(cache, keep)
+            for name in ("alive", "next_pos", "step", "fin"):
+                st[name] = st[name][keep]
+            tok = tok[keep]
+            st["mask"] = st["mask"][keep.to(in_dev)]
             stats["compactions"] += 1
         if n_live:
             # (before a refill this also computes the rows that just finished: the rebuild drops them without
             # a second copy of the cache)
-            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=-1)
-            logits, cache = _decode_step(model, tok, mask if padded else None, next_pos, cache, cache_kw, extra)
-            next_pos = next_pos + 1
-            stats["row_steps"] += len(alive)
+            mask = st["mask"] = torch.cat([st["mask"], st["mask"].new_ones((len(st["alive"]), 1))], dim=-1)
+            st["logits"], cache = _decode_step(
+                model, tok, mask if st["padded"] else None, st["next_pos"], cache, cache_kw, extra
+            )
+            st["next_pos"] = st["next_pos"] + 1
+            stats["row_steps"] += len(st["alive"])
         if refill and not admit():
             raise RuntimeError("cache layer types changed between prefills")
-    return _collect(tokenizer, cfg, eos, tokens, lps, length, n_q)
+    return tokens, lps, length
 
 
-def _collect(tokenizer, cfg, eos, tokens, lps, length, n_q) -> list[list[Sample]]:
+def make_sample(tokenizer, cfg: SamplingConfig, eos, token_ids: list[int], token_logprobs: list[float]) -> Sample:
+    """A Sample from a row's generated ids and their untempered log-probs: the text is the ids decoded (EOS
+    dropped, special tokens skipped) and cut before the first stop string. Both engines build samples here."""
+    body = token_ids[:-1] if token_ids and token_ids[-1] in eos else token_ids
+    text = tokenizer.decode(body, skip_special_tokens=True)
+    if cfg.stop:
+        text = _cut_at_stop(text, cfg.stop)[0]
+    row = torch.tensor(token_logprobs, dtype=torch.float32)
+    return Sample(
+        text=text,
+        token_ids=list(token_ids),
+        logprob_sum=float(row.double().sum()),
+        n_tokens=len(token_ids),
+        token_logprobs=row.tolist(),
+    )
+
+
+def _collect(tokenizer, cfg, eos, tokens, lps, length, questions: list[int]) -> list[list[Sample]]:
+    """Samples of the given questions (rows q * k .. q * k + k - 1 of the buffers), one transfer per buffer."""
     k = cfg.k
-    tokens_l, lps_l, length_l = tokens.cpu().tolist(), lps.cpu(), length.cpu().tolist()
+    rows = torch.tensor([q * k + j for q in questions for j in range(k)], dtype=torch.long, device=tokens.device)
+    tokens_l, lps_l, length_l = tokens[rows].cpu().tolist(), lps[rows].cpu().tolist(), length[rows].cpu().tolist()
     result: list[list[Sample]] = []
-    for q in range(n_q):
+    for i in range(len(questions)):
         samples = []
-        for r in range(q * k, (q + 1) * k):
+        for r in range(i * k, (i + 1) * k):
             n = length_l[r]
-            tid = tokens_l[r][:n]
-            body = tid[:-1] if tid and tid[-1] in eos else tid
-            text = tokenizer.decode(body, skip_special_tokens=True)
-            if cfg.stop:
-                text = _cut_at_stop(text, cfg.stop)[0]
-            row = lps_l[r, :n]
-            samples.append(
-                Sample(
-                    text=text,
-                    token_ids=tid,
-                    logprob_sum=float(row.double().sum()),
-                    n_tokens=n,
-                    token_logprobs=row.tolist(),
-                )
-            )
+            samples.append(make_sample(tokenizer, cfg, eos, tokens_l[r][:n], lps_l[r][:n]))
         result.append(samples)
     return result
 
@@ -506,6 +658,8 @@ def generate_k(
     stats: dict[str, int] | None = None,
     preallocate_cache: bool = True,
     continuous: bool = True,
+    seeds: list[int] | None = None,
+    on_done: Callable[[list[tuple[int, list[Sample]]]], None] | None = None,
 ) -> list[list[Sample]]:
     """For each prompt, cfg.k samples (in prompt order).
 
@@ -526,9 +680,15 @@ def generate_k(
     a different row order). With at most cfg.batch_size prompts both schedules are the same computation.
     `stats` then also counts refills. cfg.calculator: forced `result>>` after every `<<expr=` (calculator
     module); `stats["calculator_tokens"]` counts the forced tokens.
+
+    seeds: one per prompt (replacing cfg.seed): each row's draws then depend only on its prompt's seed, its row
+    and its step, so the result is the same under any schedule, batch size or company of other prompts.
+    on_done([(prompt index, samples), ...]) is called as prompts finish (a caller can store them at once).
     """
     if not prompts:
         return []
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"generate_k: {len(seeds)} seeds for {len(prompts)} prompts")
     stats = stats if stats is not None else {}
     stats.setdefault("row_steps", 0)
     stats.setdefault("compactions", 0)
@@ -540,26 +700,38 @@ def generate_k(
     if any(len(e) == 0 for e in enc):
         raise ValueError("generate_k: a prompt tokenized to zero tokens (empty prompt without a BOS token)")
     order = sorted(range(len(prompts)), key=lambda i: len(enc[i]), reverse=True)  # longest first: OOM shows early
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device)
+    _, out_dev = _devices(model)
+    gen = torch.Generator(device=out_dev)
     gen.manual_seed(cfg.seed)
+    keys = None if seeds is None else [row_key(sd, j) for sd in seeds for j in range(cfg.k)]
     results: list[list[Sample] | None] = [None] * len(prompts)
     calc = Calculator(tokenizer) if cfg.calculator else None
+    bar = tqdm(total=len(prompts), desc="sampling", unit="q", disable=not progress)
+
+    def emit(questions, tokens, lps, length):
+        done = _collect(tokenizer, cfg, eos, tokens, lps, length, questions)
+        for q, samples in zip(questions, done):
+            results[q] = samples
+        bar.update(len(questions))
+        if on_done is not None:
+            on_done(list(zip(questions, done)))
+
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             if continuous and preallocate_cache and len(order) > cfg.batch_size:
-                out = _generate_continuous(
-                    model, enc, order, cfg, eos, pad_id, gen, tokenizer, compact_at, stats, calc
+                got = _generate_continuous(
+                    model, enc, order, cfg, eos, pad_id, gen, tokenizer, compact_at, stats, calc, keys, emit
                 )
-                if out is not None:
-                    return out
-            batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-            for batch in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
-                out = _generate_batch(
+                if got is not None:
+                    return results  # type: ignore[return-value]
+            for i in range(0, len(order), cfg.batch_size):
+                batch = order[i : i + cfg.batch_size]
+                batch_keys = None if keys is None else [keys[q * cfg.k + j] for q in batch for j in range(cfg.k)]
+                tokens, lps, length = _generate_batch(
                     model,
-                    [enc[i] for i in batch],
+                    [enc[q] for q in batch],
                     cfg,
                     eos,
                     pad_id,
@@ -569,10 +741,16 @@ def generate_k(
                     stats,
                     preallocate_cache,
                     calc,
+                    batch_keys,
                 )
-                for i, s in zip(batch, out):
-                    results[i] = s
+                done = _collect(tokenizer, cfg, eos, tokens, lps, length, list(range(len(batch))))
+                for q, samples in zip(batch, done):
+                    results[q] = samples
+                bar.update(len(batch))
+                if on_done is not None:
+                    on_done(list(zip(batch, done)))
     finally:
+        bar.close()
         model.train(was_training)
         if calc is not None:
             stats["calculator_tokens"] = stats.get("calculator_tokens", 0) + calc.forced
@@ -581,10 +759,11 @@ def generate_k(
 
 def _decode_step(model, tok, mask, next_pos, cache, cache_kw: str, extra: dict):
     """One cached decoding step of every live row: (next-token logits in fp32, the cache to use next)."""
+    in_dev = mask.device if mask is not None else _devices(model)[0]
     out = model(
-        input_ids=tok.unsqueeze(-1),
+        input_ids=tok.unsqueeze(-1).to(in_dev),
         attention_mask=mask,
-        position_ids=next_pos.unsqueeze(-1),
+        position_ids=next_pos.unsqueeze(-1).to(in_dev),
         use_cache=True,
         **{cache_kw: cache},
         **extra,
