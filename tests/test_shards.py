@@ -67,21 +67,21 @@ def shards(tiny_model, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("s") / "cands.jsonl"
     s0, s1 = shard_file(out, 0, 2), shard_file(out, 1, 2)
-    real = store.generate_k
+    real = store.append_jsonl
     calls = []
 
-    def dies_on_second_batch(*a, **k):
+    def dies_on_second_append(*a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    store.generate_k = dies_on_second_batch
+    store.append_jsonl = dies_on_second_append
     try:
         with pytest.raises(KeyboardInterrupt):
             _sample(tiny_model, out, "0/2")
     finally:
-        store.generate_k = real
+        store.append_jsonl = real
     interrupted = {"ids": _ids(s0), "status": json.loads(meta_path_for(s0).read_text())["status"]}
     first_line = s0.read_text().splitlines()[0]
     stats1 = _sample(tiny_model, out, "1/2")  # the other shard is independent of shard 0's state

@@ -21,6 +21,12 @@ def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+BACKEND_HELP = (
+    "sampling engine: auto (vLLM where it is installed and the model is large enough to pay for its start-up, "
+    "else hf) | hf (aftune's built-in sampler) | vllm"
+)
+
+
 @dataclass
 class Common:
     task: str = opt("arith", "task name or task file (.yaml), or several joined by commas (gsm8k,aqua,my.yaml)")
@@ -61,6 +67,10 @@ class TrainCommon(Common):
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj", "LoRA target modules")
     merge_lora: bool = opt(False, "also save the LoRA-merged model")
     resume: bool = opt(True, "resume from the last checkpoint in --out if there is one")
+    deepspeed: str | None = opt(
+        None,
+        "DeepSpeed JSON config (e.g. configs/deepspeed/zero3.json); launch with torchrun (docs/scaling.md)",
+    )
 
 
 @dataclass
@@ -88,7 +98,7 @@ class SampleConfig(Common):
     top_p: float = opt(1.0, "nucleus sampling")
     max_new_tokens: int = opt(256, "max tokens per sample")
     batch_size: int = opt(32, "questions per batch")
-    backend: str = opt("hf", "hf (built-in prefix-shared sampler) | vllm")
+    backend: str = opt("auto", BACKEND_HELP)
     shard: str = opt("", "i/n: sample only shard i of n (merge with `aftune merge`)")
 
 
@@ -138,6 +148,7 @@ class EvalConfig(Common):
     max_new_tokens: int = opt(256, "max tokens per answer")
     candidates: str | None = opt(None, "also report assessment accuracy on this candidates file")
     out: str = opt("runs/eval.json", "metrics JSON (per-question predictions next to it)")
+    backend: str = opt("auto", BACKEND_HELP)
 
 
 @dataclass
@@ -152,6 +163,7 @@ class AssessConfig(Common):
     max_new_tokens: int = opt(256, "max tokens per sample")
     batch_size: int = opt(16, "questions per scoring batch")
     out: str = opt("runs/assess", "output folder (assessment.json, assessment.md, PNGs)")
+    backend: str = opt("auto", BACKEND_HELP + " (when sampling first)")
 
 
 @dataclass
@@ -312,6 +324,7 @@ class IterateConfig(AlignConfig):
     eval_split: str = opt("test", "split for each round's greedy accuracy")
     eval_questions: int | None = opt(None, "first N questions of --eval-split (default: all)")
     eval_batch_size: int = opt(64, "questions per batched greedy pass")
+    backend: str = opt("auto", BACKEND_HELP + " (each round's sampling and greedy eval)")
 
 
 @dataclass

@@ -216,6 +216,7 @@ class CandidatesMeta:
     n_shards: int | None = None
     derived_from: str | None = None  # a subsample of another candidates file
     prompt_format: dict[str, Any] | None = None  # aftune.prompting: {"kind": "plain"} or chat + template hash
+    engine: dict[str, Any] | None = None  # the sampling engine: {"name": "hf" | "vllm", "version", "dtype"}
     format_version: int = META_FORMAT_VERSION
 
     def signature(self) -> dict[str, Any]:
@@ -228,6 +229,11 @@ class CandidatesMeta:
             # files written before prompt formats existed hold plain prompts
             "prompt_format": self.prompt_format or {"kind": "plain"},
         }
+        # a file is continued only by the engine (and version) that began it: the same seeds draw the same
+        # candidates only there (files from before engines were recorded: the built-in sampler, any version)
+        engine = self.engine or {"name": "hf"}
+        sig["engine"] = engine.get("name")
+        sig["engine.version"] = engine.get("version")
         for key in CHECKED_SAMPLING:
             value = self.sampling.get(key)
             sig[f"sampling.{key}"] = list(value) if isinstance(value, (list, tuple)) else value
@@ -240,7 +246,9 @@ class CandidatesMeta:
         return [
             (k, mine[k], theirs[k])
             for k in mine
-            if mine[k] != theirs[k] and not (any_model and k == "model" and not (mine[k] and theirs[k]))
+            if mine[k] != theirs[k]
+            and not (any_model and k == "model" and not (mine[k] and theirs[k]))
+            and not (k == "engine.version" and None in (mine[k], theirs[k]))
         ]
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,8 +11,9 @@ from aftune.evaluation.report import assessment_report
 from aftune.io import InputError
 from aftune.prompting import resolve_prompt_format, stop_strings
 from aftune.records import Group, read_groups
+from aftune.sampling.engines import Engine, open_engine, resolve_backend
 from aftune.sampling.sampler import SamplingConfig
-from aftune.sampling.store import sample_candidates
+from aftune.sampling.store import builtin_engine_info, sample_candidates
 from aftune.scoring import score_texts
 
 
@@ -52,6 +53,11 @@ def run_assess(cfg: AssessConfig) -> dict:
         task = single_task(cfg)
         examples = load_examples(task, cfg.split)[: cfg.n_questions]
         model, tok = models[names[0]]
+        eng = (
+            Engine("hf", model, tok, builtin_engine_info(model))
+            if resolve_backend(cfg.backend, paths[0]) == "hf"
+            else open_engine("vllm", paths[0], trust_remote_code=cfg.trust_remote_code)
+        )
         fmt = resolve_prompt_format(cfg.chat_template, tok)
         path = out / "candidates.jsonl"
         sample_candidates(
@@ -72,6 +78,8 @@ def run_assess(cfg: AssessConfig) -> dict:
             model_name=paths[0],
             progress=not cfg.quiet,
             prompt_format=fmt,
+            generate=eng.generate,
+            engine=eng.info,
         )
         groups = read_groups(path)
     return assess_models(models, groups, out, cfg.batch_size, progress=not cfg.quiet, chat_template=cfg.chat_template)

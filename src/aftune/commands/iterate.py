@@ -75,6 +75,7 @@ def sample_config(cfg: IterateConfig, r: int, model: str, out: Path) -> tuple[Sa
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.sample_batch_size,
         shard=f"{r - 1}/{cfg.rounds}" if fresh else "",
+        backend=cfg.backend,
     )
     return scfg, (shard_file(out, r - 1, cfg.rounds) if fresh else out)
 
@@ -96,6 +97,7 @@ def eval_config(cfg: IterateConfig, model: str, out: Path) -> EvalConfig:
         batch_size=cfg.eval_batch_size,
         max_new_tokens=cfg.max_new_tokens,
         out=str(out),
+        backend=cfg.backend,
     )
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aftune.commands.common import check_positive, load_examples, load_for_inference, parse_shard, single_task
+from aftune.commands.common import check_positive, load_examples, parse_shard, single_task
 from aftune.config import SampleConfig, save_config
 from aftune.distributed import env_shard
 from aftune.io import InputError
-from aftune.modeling import load_tokenizer, resolve_model
 from aftune.prompting import resolve_prompt_format, stop_strings
+from aftune.sampling.engines import BACKENDS, open_engine
 from aftune.sampling.sampler import SamplingConfig
 from aftune.sampling.shards import shard_file
 from aftune.sampling.store import sample_candidates
@@ -20,8 +20,8 @@ def run_sample(cfg: SampleConfig) -> dict:
     if cfg.k < 2:
         raise InputError(f"k must be >= 2 to have anything to compare, got {cfg.k}", field="--k")
     check_positive(cfg, ("n_questions", "batch_size", "max_new_tokens"))
-    if cfg.backend not in ("hf", "vllm"):
-        raise InputError(f"unknown backend '{cfg.backend}' (hf | vllm)", field="--backend")
+    if cfg.backend not in BACKENDS:
+        raise InputError(f"unknown backend '{cfg.backend}' ({' | '.join(BACKENDS)})", field="--backend")
     task = single_task(cfg)
     examples = load_examples(task, cfg.split)
     if cfg.n_questions:
@@ -33,14 +33,8 @@ def run_sample(cfg: SampleConfig) -> dict:
         examples = examples[shard[0] :: shard[1]]
     out = Path(cfg.out) if shard is None else shard_file(cfg.out, *shard)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if cfg.backend == "vllm":
-        from aftune.sampling.vllm_backend import generate_k_vllm  # optional dependency (GPU machines)
-
-        model, tok = None, load_tokenizer(cfg.model, cfg.trust_remote_code)  # for the meta check; vLLM loads its own
-    else:
-        model, tok = load_for_inference(
-            cfg.model, dtype="bfloat16" if cfg.bf16 else "float32", trust_remote_code=cfg.trust_remote_code
-        )
+    eng = open_engine(cfg.backend, cfg.model, "bfloat16" if cfg.bf16 else "float32", cfg.trust_remote_code)
+    tok = eng.tokenizer
     fmt = resolve_prompt_format(cfg.chat_template, tok)
     scfg = SamplingConfig(
         k=cfg.k,
@@ -52,12 +46,8 @@ def run_sample(cfg: SampleConfig) -> dict:
         stop=stop_strings(task, fmt, tok),
         calculator=task.calculator,
     )
-    # vLLM reads a model folder: a built-in name or a .gguf file goes through resolve_model
-    generate = (
-        (lambda prompts, c: generate_k_vllm(resolve_model(cfg.model), prompts, c)) if cfg.backend == "vllm" else None
-    )
     stats = sample_candidates(
-        model,
+        eng.model,
         tok,
         task,
         examples,
@@ -65,9 +55,11 @@ def run_sample(cfg: SampleConfig) -> dict:
         scfg,
         model_name=cfg.model,
         progress=not cfg.quiet,
-        generate=generate,
+        generate=eng.generate,
         prompt_format=fmt,
+        engine=eng.info,
     )
+    stats["backend"] = eng.name
     # Saved once the file is complete: a run refused by the meta check must not overwrite the config
     # that produced the existing candidates.
     save_config(cfg, out.parent, f"{out.stem}.config.yaml")

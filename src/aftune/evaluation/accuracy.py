@@ -32,8 +32,10 @@ def greedy_predictions(
     batch_size: int = 64,
     progress: bool = False,
     prompt_format: PromptFormat = PLAIN,
+    generate=None,
 ) -> list[dict]:
-    """Greedy completion of every (task, example), graded; rows in the order of `items`."""
+    """Greedy completion of every (task, example), graded; rows in the order of `items`. `generate(prompts, cfg)`
+    swaps the engine (aftune.sampling.engines.Engine.generate)."""
     rows: list[dict | None] = [None] * len(items)
     by_task: dict[str, list[int]] = defaultdict(list)
     for i, (t, _) in enumerate(items):
@@ -49,7 +51,11 @@ def greedy_predictions(
             calculator=task.calculator,
         )
         prompts = [prompt_format.render(tokenizer, task.prompt(items[i][1])) for i in idx]
-        outs = generate_k(model, tokenizer, prompts, cfg, progress=progress)
+        outs = (
+            generate(prompts, cfg, progress=progress)
+            if generate is not None
+            else generate_k(model, tokenizer, prompts, cfg, progress=progress)
+        )
         for i, (s,) in zip(idx, outs):
             rows[i] = prediction_row(task, items[i][1], s)
     return rows  # type: ignore[return-value]
@@ -75,6 +81,7 @@ def greedy_accuracy(
     batch_size: int = 64,
     progress: bool = False,
     prompt_format: PromptFormat = PLAIN,
+    generate=None,
 ) -> dict:
     """{"accuracy", "n", "per_task", "predictions"}: greedy accuracy of `model` on `items`.
 
@@ -84,5 +91,5 @@ def greedy_accuracy(
         >>> task = get_task("arith", n_train=10, n_validation=2, n_test=4)
         >>> res = greedy_accuracy(model, tok, [(task, e) for e in task.load("test")])  # doctest: +SKIP
     """
-    rows = greedy_predictions(model, tokenizer, items, max_new_tokens, batch_size, progress, prompt_format)
+    rows = greedy_predictions(model, tokenizer, items, max_new_tokens, batch_size, progress, prompt_format, generate)
     return {**summarize(rows), "predictions": rows}

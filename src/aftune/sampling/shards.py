@@ -114,6 +114,8 @@ def merge_shards(
         model=first.model,
         tokenizer=first.tokenizer,
         sampling=first.sampling,
+        prompt_format=first.prompt_format,
+        engine=first.engine,
         status="complete",
         stats=stats,
         merged_from=[p.name for p in paths],

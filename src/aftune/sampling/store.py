@@ -1,7 +1,10 @@
 """The resumable `aftune sample` step: k labelled candidates per training question, one Group per line.
 
-The output file only ever grows: each batch of finished questions is appended (and fsynced) as a unit,
-so a killed run loses at most the batch in flight. On restart a torn last line is cut, the ids already
+The output file only ever grows: questions are appended (and fsynced) as they finish, so a killed run loses
+only the questions in flight. Each question's k samples are drawn from its own seed (sampler.question_seed:
+the run's seed and the question id), so a resumed, sharded or straight run writes the same candidates, and
+the built-in sampler gets every question in one call (its continuous batching keeps the running batch full).
+On restart a torn last line is cut, the ids already
 written are skipped, and a sidecar `<out>.meta.json` guards against mixing candidates from different
 tasks, tokenizers or sampling settings in one file.
 """
@@ -10,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +23,7 @@ from tqdm.auto import tqdm
 from aftune.io import InputError, append_jsonl, iter_jsonl, require, truncate_torn_tail, write_jsonl
 from aftune.prompting import PLAIN, PromptFormat, encode_prompt
 from aftune.records import Candidate, CandidatesMeta, Example, Group, meta_path_for, read_groups
-from aftune.sampling.sampler import Sample, SamplingConfig, generate_k
+from aftune.sampling.sampler import Sample, SamplingConfig, generate_k, question_seed
 from aftune.tasks.feedback import assign_ranks
 
 
@@ -118,13 +120,17 @@ def sample_candidates(
     cfg: SamplingConfig,
     model_name: str = "",
     progress: bool = True,
-    generate: Callable[[list[str], SamplingConfig], list[list[Sample]]] | None = None,
+    generate: Callable[..., list[list[Sample]]] | None = None,
     prompt_format: PromptFormat = PLAIN,
+    engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Sample, label and append one Group per example to `out_path` (JSONL), resuming a partial file.
 
     Questions are processed in order of prompt length (less padding), so the file's line order is not the
     input order; match groups by id. Returns the stats that are also stored in the meta sidecar.
+
+    generate(prompts, cfg, seeds=..., on_done=...) swaps the engine (vllm_backend.VLLMEngine.generate); `engine`
+    names it in the sidecar ({"name", "version", ...}; default: the built-in sampler on this torch).
     """
     out_path = Path(out_path)
     meta_path = meta_path_for(out_path)
@@ -140,6 +146,7 @@ def sample_candidates(
         tokenizer=tokenizer_info(tokenizer),
         sampling=cfg.to_dict(),
         prompt_format=prompt_format.to_meta(tokenizer),
+        engine=engine or builtin_engine_info(model),
     )
     has_data = out_path.exists() and out_path.stat().st_size > 0
     if has_data and meta_path.exists():
@@ -163,29 +170,33 @@ def sample_candidates(
     lengths = {ex.id: len(encode_prompt(tokenizer, prompts[ex.id])) for ex in todo}
     todo.sort(key=lambda ex: -lengths[ex.id])  # stable: equal lengths keep input order
     t0 = time.perf_counter()
-    n_samples = n_tokens = 0
+    counts = {"samples": 0, "tokens": 0}
     with tqdm(total=len(todo), desc=f"sampling {task.name}", unit="q", disable=not progress) as bar:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start : start + cfg.batch_size]
-            # A seed per batch keyed by its first question: distinct streams per batch, reproducible reruns.
-            seed = zlib.crc32(f"{cfg.seed}:{batch[0].id}".encode())
-            batch_prompts, batch_cfg = [prompts[ex.id] for ex in batch], replace(cfg, seed=seed)
-            # `generate` swaps the engine (e.g. vLLM); labelling, resume and the file format stay the same
-            samples = (
-                generate(batch_prompts, batch_cfg)
-                if generate is not None
-                else generate_k(model, tokenizer, batch_prompts, batch_cfg)
-            )
-            groups = [build_group(task, ex, prompts[ex.id], s, cfg.k) for ex, s in zip(batch, samples)]
-            if prompt_format.kind == "chat":  # the user turn as a message too: TRL's conversational format
-                for ex, g in zip(batch, groups):
+
+        def store(done: list[tuple[int, list[Sample]]]) -> None:
+            """Label and append the questions that just finished (one fsynced append)."""
+            groups = []
+            for i, samples in done:
+                ex = todo[i]
+                g = build_group(task, ex, prompts[ex.id], samples, cfg.k)
+                if prompt_format.kind == "chat":  # the user turn as a message too: TRL's conversational format
                     g.meta["messages"] = [{"role": "user", "content": task.prompt(ex).strip()}]
-            for g, s in zip(groups, samples):  # compute accounting: every sampled token, duplicates included
-                g.meta["generated_tokens"] = sum(x.n_tokens for x in s)
+                # compute accounting: every sampled token, duplicates included
+                g.meta["generated_tokens"] = sum(x.n_tokens for x in samples)
+                counts["samples"] += len(samples)
+                counts["tokens"] += g.meta["generated_tokens"]
+                groups.append(g)
             append_jsonl(out_path, [g.to_dict() for g in groups])
-            n_samples += sum(len(s) for s in samples)
-            n_tokens += sum(x.n_tokens for s in samples for x in s)
-            bar.update(len(batch))
+            bar.update(len(done))
+
+        if todo:
+            todo_prompts = [prompts[ex.id] for ex in todo]
+            seeds = [question_seed(cfg.seed, ex.id) for ex in todo]
+            if generate is not None:
+                generate(todo_prompts, cfg, seeds=seeds, on_done=store)
+            else:
+                generate_k(model, tokenizer, todo_prompts, cfg, seeds=seeds, on_done=store)
+    n_samples, n_tokens = counts["samples"], counts["tokens"]
     wall = time.perf_counter() - t0
 
     groups = read_groups(out_path) if out_path.exists() else []
@@ -204,6 +215,14 @@ def sample_candidates(
     )
     replace(meta, status="complete", stats=stats).write(meta_path)
     return stats
+
+
+def builtin_engine_info(model) -> dict[str, Any]:
+    """The sidecar's engine entry for the built-in sampler: its kernels are torch's."""
+    import torch
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.") if model is not None else None
+    return {"name": "hf", "version": f"torch {torch.__version__}", **({"dtype": dtype} if dtype else {})}
 
 
 def subsample_candidates(src: str | os.PathLike, dst: str | os.PathLike, k: int) -> None:

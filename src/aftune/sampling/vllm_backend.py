@@ -195,10 +195,6 @@ def _load_weights(worker, named: list[tuple[str, torch.Tensor]]) -> int:
 # ----------------------------------------------------------------------------------------------- driver side
 
 
-def engine_kwargs_from_env() -> dict[str, Any]:
-    return {}
-
-
 class VLLMEngine:
     """One vLLM engine on a model folder, sampling as aftune does (module docstring). Start-up takes 30-60 s on
     CPU; keep one and call `generate` many times."""
@@ -257,7 +253,9 @@ class VLLMEngine:
     ) -> list[list[Sample]]:
         """cfg.k samples per prompt, as `generate_k(model, tok, prompts, cfg, seeds=seeds)` draws them.
 
-        Without `seeds`, prompt i's seed is derived from (cfg.seed, i)."""
+        Without `seeds`, prompt i's seed is derived from (cfg.seed, i). With `on_done`, prompts go to the engine
+        4 * cfg.batch_size at a time and each finished chunk is handed over (a killed run keeps what was
+        stored); the draws do not depend on the chunking."""
         from vllm.inputs import TokensPrompt
 
         from aftune.prompting import encode_prompt
@@ -278,6 +276,14 @@ class VLLMEngine:
                 f"prompt {too_long[0]} has {len(enc[too_long[0]])} tokens: with max_new_tokens "
                 f"{cfg.max_new_tokens} that exceeds the engine's max_model_len {self.max_model_len}"
             )
+        if on_done is not None:
+            results: list[list[Sample]] = []
+            step = 4 * cfg.batch_size
+            for c0 in range(0, len(prompts), step):
+                got = self.generate(prompts[c0 : c0 + step], cfg, seeds[c0 : c0 + step], progress=progress)
+                on_done([(c0 + i, s) for i, s in enumerate(got)])
+                results += got
+            return results
         requests, params = [], []
         for e, sd in zip(enc, seeds):
             for j in range(cfg.k):
@@ -315,8 +321,6 @@ class VLLMEngine:
                 n = self.cut(ids, stops)
                 samples.append(make_sample(self.tokenizer, cfg, self.eos, ids[:n], lps[:n]))
             results.append(samples)
-        if on_done is not None:
-            on_done(list(enumerate(results)))
         return results
 
     def cut(self, ids: list[int], stops: StopCheck | None) -> int:
