@@ -19,14 +19,22 @@ recomputed one chunk at a time in backward. Anything else (unknown class, FSDP1 
 adapters, no `logits_to_keep`) takes the exact full-logits path, which is also the reference the tests compare
 against (`chunk_size=0`).
 
-Sharded models (FSDP2 `fully_shard`, DeepSpeed ZeRO-3) keep the chunked path: the head's weight exists whole only
-inside the head module's call, between the engine's gather and release hooks. So the whole chunk loop runs as one
-call of the head module, `head(h)`, with the loop as its forward (`_in_head`): FSDP2's pre-forward hook all-gathers
-the weight once (a standalone call of a module of a `fully_shard` group, the pattern torch >= 2.13 supports for
-chunked losses), ZeRO-3's gathers the partitions and its post-forward hook releases them; in backward, the hooks
-the engines put on the call's output and input gather the weight again for the chunks' recomputation and then
-reduce-scatter its gradient (tests/test_fsdp.py, tests/test_scoring_sharded.py: values and gradients equal the
-unsharded path, with two gloo processes). DDP and unwrapped models take the same call without hooks.
+Sharded models (FSDP2 `fully_shard`, DeepSpeed ZeRO-3) keep the chunked path, with the head weight gathered once
+per scoring call (`_in_head`):
+- ZeRO-3: the weight exists whole only inside a call of the head module, between the engine's gather and release
+  hooks. So the whole chunk loop runs as one call `head(h)` with the loop as its forward: the pre-forward hook
+  gathers the partitions, the post-forward hook releases them, and in backward the hooks DeepSpeed puts on the
+  call's output and input gather the weight again for the chunks' recomputation, then release it; the gradient
+  reaches the partitions through ZeRO's parameter hooks as usual.
+- FSDP2: the model's own forward has just called the head (on no position), so the head's FSDP group is
+  unsharded, and stays so until its post-backward when it does not reshard after forward (accelerate's layout:
+  final norm + head, `reshard_after_forward=False`; the root never reshards after forward). The chunks use that
+  unsharded weight directly, and their gradient lands in its `.grad`, which FSDP2's post-backward reduce-scatters
+  with the rest of the group. A head whose group did reshard is unsharded once (`FSDPModule.unshard()`); FSDP2's
+  end-of-backward callback then reduce-scatters and reshards it. (A second, standalone call of a grouped head
+  module through its hooks crashes torch 2.13 in backward, so the hooks are not used here.)
+tests/test_scoring_sharded.py checks values and gradients against the unsharded path with two gloo processes, for
+both engines and three FSDP2 layouts. DDP and unwrapped models take the ZeRO-3 route, where the call has no hooks.
 
 Padding: candidates of one question differ in length (GSM8K: tens to hundreds of tokens), and padding every
 one to the longest costs positions x (hidden work + attention). On the chunked path the candidates are
@@ -144,6 +152,7 @@ class _Head:
     attn: str | None = None  # config._attn_implementation: the packed path builds masks for sdpa / eager only
     mask_dict: bool = False  # the decoder takes {"full_attention": m, "sliding_attention": m} as attention_mask
     layer_types: tuple[str, ...] | None = None  # config.layer_types (hybrid sliding / full models)
+    fsdp_owner: torch.nn.Module | None = None  # FSDP2: the fully_shard module whose group holds the head weight
 
     def logits(self, h: torch.Tensor, forward=None) -> torch.Tensor:
         """z for hidden states h [n, H] -> [n, V] float32: the matmul in the ambient (autocast) dtype, the
@@ -196,6 +205,9 @@ def _find_head(model) -> _Head | None:
     elif kind == "divide":
         value = float(inner.config.logits_scaling)
     types = getattr(inner.config, "layer_types", None)
+    owner = next((m for m in (head, inner) if _is_fsdp2(m)), None)
+    if owner is None and any(_is_fsdp2(m) for m in inner.modules()):
+        return None  # sharded, but not by a group we can name (the head's or the root's): full logits
     return _Head(
         decoder,
         head,
@@ -205,7 +217,16 @@ def _find_head(model) -> _Head | None:
         attn=getattr(inner.config, "_attn_implementation", None),
         mask_dict=name in _MASK_DICT,
         layer_types=tuple(types) if types else None,
+        fsdp_owner=owner,
     )
+
+
+def _is_fsdp2(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def _model_class(module) -> type:
@@ -220,11 +241,19 @@ def _model_class(module) -> type:
     return cls
 
 
-def _in_head(head: torch.nn.Module, fn, h: torch.Tensor) -> torch.Tensor:
-    """fn(h, forward) run as the forward of one call `head(h)` (forward: the head's own forward).
+def _in_head(plan: _Head, fn, h: torch.Tensor) -> torch.Tensor:
+    """fn(h, forward) with the head's whole weight available (forward: the head's own forward).
 
-    The call goes through the module's hooks, so a sharding engine holds the whole weight for exactly this call
-    and attaches its backward hooks to h and to the result (see the module docstring)."""
+    FSDP2: the head's group is unsharded (once, if it is not already) and fn runs on it directly. Otherwise fn
+    runs as the forward of one call `head(h)`, through the module's hooks, so a ZeRO-3 engine holds the whole
+    weight for exactly this call and attaches its backward hooks to h and to the result (module docstring)."""
+    head = plan.head
+    if plan.fsdp_owner is not None:
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in head.parameters()):
+            plan.fsdp_owner.unshard()
+        return fn(h, head.forward)
     own = head.__dict__.get("forward")
     forward = head.forward
     head.forward = lambda x: fn(x, forward)
@@ -237,8 +266,9 @@ def _in_head(head: torch.nn.Module, fn, h: torch.Tensor) -> torch.Tensor:
             head.forward = own
 
 
-def _forward_hidden(model, plan: _Head, cache=None, **inputs):
+def _forward_hidden(model, plan: _Head, cache=None, keep_last: bool = False, **inputs):
     """model(...) with the LM head applied to no position; returns (last hidden states, cache, autocast state).
+    keep_last: the head applied to the last position instead; its logits are then returned as got["logits"].
 
     The call goes through the top-level model (and its wrappers' forward: DDP's reducer, accelerate's
     autocast) and a forward hook on the decoder picks up its output. The autocast state seen inside is
@@ -254,10 +284,12 @@ def _forward_hidden(model, plan: _Head, cache=None, **inputs):
 
     handle = plan.decoder.register_forward_hook(hook)
     try:
-        none = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
-        _, cache = forward_with_cache(model, cache, logits_to_keep=none, **inputs)
+        keep = 1 if keep_last else torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
+        out, cache = forward_with_cache(model, cache, logits_to_keep=keep, **inputs)
     finally:
         handle.remove()
+    if keep_last:
+        got["autocast"] += (out.logits[:, -1],)
     return got["h"], cache, got["autocast"]
 
 
@@ -294,7 +326,7 @@ def _head_logps(
         return torch.cat(out)
 
     with torch.autocast(dev, dtype=dtype, enabled=enabled):
-        return _in_head(plan.head, chunks, h)
+        return _in_head(plan, chunks, h)
 
 
 def _masked_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -387,13 +419,30 @@ def _score_shared_chunked(
 ):
     """The shared-prompt path with the head chunked: same two forwards, the head skipped in both. With `flat`
     (the candidates' token ids) the candidate forward is packed where `_packed_inputs` can mask it exactly."""
+    # FSDP2: the prompt forward's final norm + head must see the gradient of its own output, or FSDP2 has resharded
+    # them (after the candidate forward's backward) by the time the norm's backward runs; so there each
+    # candidate's first token is scored from that forward's own last-position logits ([questions, V], one row per
+    # question), not from its hidden state through the chunks.
+    first_in_model = plan.fsdp_owner is not None
     hp, cache, ac = _forward_hidden(
-        model, plan, input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True
+        model,
+        plan,
+        keep_last=first_in_model,
+        input_ids=p_ids,
+        attention_mask=p_mask,
+        position_ids=p_pos,
+        use_cache=True,
     )
+    first = None
+    if first_in_model:
+        *ac, z = ac
+        ac = tuple(ac)
+        z = z.float()
+        first = (z[rows, c_ids[:, 0]] - torch.logsumexp(z, dim=-1)[rows]) * c_mask[:, 0]
     if flat is not None and c_ids.shape[1] > 1:
         packed = _packed_inputs(plan, cache, flat, rows, p_mask, p_pos, hp.dtype)
         if packed is not None:
-            return _score_packed(model, plan, chunk_size, hp, cache, ac, flat, rows, packed)
+            return _score_packed(model, plan, chunk_size, hp, cache, ac, flat, rows, packed, first)
     # hidden state predicting candidate token j: the prompt's last position (left-padded: column -1) for
     # j = 0, candidate position j-1 after it
     pred = [hp[:, -1][rows].unsqueeze(1)]
@@ -411,8 +460,13 @@ def _score_shared_chunked(
         )
         pred.append(hc)
     sel = c_mask.bool()
+    if first is not None:  # token 0 already scored
+        sel[:, 0] = False
     h = torch.cat(pred, dim=1)[sel]  # [response tokens, H]: the head runs on these positions only
-    return _masked_sums(_head_logps(plan, h, c_ids[sel], chunk_size, ac), sel)
+    if h.shape[0] == 0:
+        return first
+    rest = _masked_sums(_head_logps(plan, h, c_ids[sel], chunk_size, ac), sel)
+    return rest if first is None else first + rest
 
 
 @dataclass
@@ -520,8 +574,11 @@ def _packed_inputs(plan: _Head, cache, flat, rows, p_mask, p_pos, dtype) -> _Pac
     return _Packed(ids, pos, row_q, mask, start)
 
 
-def _score_packed(model, plan: _Head, chunk_size, hp, cache, ac, flat, rows, packed: _Packed) -> torch.Tensor:
-    """Candidate forward on packed rows, the head on response positions only, sums per candidate."""
+def _score_packed(
+    model, plan: _Head, chunk_size, hp, cache, ac, flat, rows, packed: _Packed, first=None
+) -> torch.Tensor:
+    """Candidate forward on packed rows, the head on response positions only, sums per candidate. `first`: each
+    candidate's first-token log-prob when already scored (FSDP2, see _score_shared_chunked)."""
     cache.batch_select_indices(packed.row_q)
     hc, _, _ = _forward_hidden(
         model,
@@ -540,16 +597,19 @@ def _score_packed(model, plan: _Head, chunk_size, hp, cache, ac, flat, rows, pac
     for i, c in enumerate(flat):
         if not c:
             continue
-        index.append(group[i])  # token 0 is predicted by the prompt's last position
+        skip = 1 if first is not None else 0
+        if not skip:
+            index.append(group[i])  # token 0 is predicted by the prompt's last position
         if len(c) > 1:
             index.extend(range(n_q + packed.start[i], n_q + packed.start[i] + len(c) - 1))
-        cand.extend([i] * len(c))
+        cand.extend([i] * (len(c) - skip))
     device = hp.device
     index_t = torch.tensor(index, dtype=torch.long, device=device)
     cand_t = torch.tensor(cand, dtype=torch.long, device=device)
-    targets = torch.tensor([t for c in flat for t in c], dtype=torch.long, device=device)
+    targets = torch.tensor([t for c in flat for t in c[skip:]], dtype=torch.long, device=device)
     logps = _head_logps(plan, table[index_t], targets, chunk_size, ac)
-    return logps.new_zeros(len(flat)).index_add(0, cand_t, logps)
+    sums = logps.new_zeros(len(flat)).index_add(0, cand_t, logps)
+    return sums if first is None else first + sums
 
 
 def _score_naive(
