@@ -104,6 +104,7 @@ def run_generate(model, tok, prompts, cfg) -> int:
                 do_sample=True,
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
+                top_k=0,  # generate's global default is top-k 50; aftune samples from the whole distribution
                 num_return_sequences=cfg.k,
                 max_new_tokens=cfg.max_new_tokens,
                 pad_token_id=tok.pad_token_id,

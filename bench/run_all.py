@@ -473,6 +473,9 @@ def run_sample(args, shape, k, dtype, real=None) -> dict:
                         do_sample=True,
                         temperature=1.0,
                         top_p=1.0,
+                        # generate's global default is top-k 50 (transformers 5.x applies it when unset): on a
+                        # near-flat random model that makes the hooked EOS ~40x likelier and rows end at once
+                        top_k=0,
                         num_return_sequences=k,
                         max_new_tokens=max_new,
                         pad_token_id=tok.pad_token_id,
@@ -638,6 +641,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gsm8k", default=str(ROOT.parent / "shared" / "data" / "gsm8k"))
     ap.add_argument(
+        "--lengths",
+        default="",
+        help="a JSON file of GSM8K lengths written by --save-lengths (machines without the data or tokenizer)",
+    )
+    ap.add_argument("--save-lengths", default="", help="write the GSM8K lengths used to this JSON file")
+    ap.add_argument(
         "--tokenizer", default="", help="tokenizer folder for the GSM8K lengths (default: Gemma 3 in the GGUF cache)"
     )
     ap.add_argument(
@@ -692,14 +701,20 @@ def main():
     ceil0 = {d: ceiling(d, args.device) for d in dtypes}
     print(json.dumps(info), flush=True)
 
-    tok, tok_label = find_tokenizer(args.tokenizer)
-    if Path(args.gsm8k, "train.jsonl").exists():
+    tok, tok_label = (None, "") if args.lengths else find_tokenizer(args.tokenizer)
+    if args.lengths:  # measured elsewhere (scripts/gpu_check.py carries them to a machine without the data)
+        saved = json.loads(Path(args.lengths).read_text())
+        p_lens, r_lens, src, tok = saved["p_lens"], saved["r_lens"], saved["src"], saved["tokenizer"]
+    elif Path(args.gsm8k, "train.jsonl").exists():
         p_lens, r_lens = gsm8k_lengths(args.gsm8k, tok, 2000 if not args.smoke else 200, args.seed)
         src = f"GSM8K train, {tok_label}"
     else:
         g = random.Random(args.seed)  # labelled approximation: no data
         p_lens, r_lens = [g.randint(40, 200) for _ in range(500)], [g.randint(30, 300) for _ in range(500)]
         src = "approx: no GSM8K data found, uniform 40-200 / 30-300"
+    if args.save_lengths:
+        saved = {"p_lens": p_lens, "r_lens": r_lens, "src": src, "tokenizer": tok_label if tok else None}
+        Path(args.save_lengths).write_text(json.dumps(saved))
     if args.smoke:  # keep the real length distribution's shape, at a tenth of the length
         p_lens, r_lens = [max(2, x // 10) for x in p_lens], [max(2, x // 10) for x in r_lens]
     args.p_lens, args.r_lens = p_lens, r_lens
