@@ -183,7 +183,8 @@ def stage_engines(args, out: Path) -> dict:
         work / "sample.log",
         args.step_timeout,
     )
-    rows = {"sample": {"rc": rc, "s": s, "last": f"{sum(1 for _ in open(cands))} questions sampled" if rc == 0 else ""}}
+    sampled = f"{sum(1 for _ in open(cands))} questions sampled" if rc == 0 else ""
+    rows = {"sample": {"rc": rc, "s": s, "last": sampled}}
     if rc != 0:
         return rows
     align = ["align", "--model", "arith-base", "--candidates", str(cands), "--method", "dpo", *task]
