@@ -185,11 +185,18 @@ def __getattr__(name: str):  # vLLM's worker imports `aftune.sampling.vllm_backe
     raise AttributeError(name)
 
 
-def _load_weights(worker, named: list[tuple[str, torch.Tensor]]) -> int:
-    """In vLLM's worker: load Hugging Face-named weights into the running model (collective_rpc target)."""
-    model = worker.model_runner.model
-    model.load_weights(iter(named))
-    return len(named)
+class WeightSync:
+    """Mixed into vLLM's worker (LLM(worker_extension_cls=...)): `collective_rpc("aftune_load_weights", ...)`
+    loads Hugging Face-named weights into the running model through the model's own weight loader."""
+
+    def aftune_load_weights(self, items: list[tuple[str, str, list[int], bytes]]) -> int:
+        """items: (name, dtype, shape, raw bytes) per tensor (plain values: vLLM's RPC encoding keeps those)."""
+        weights = [
+            (name, torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(shape))
+            for name, dtype, shape, raw in items
+        ]
+        self.model_runner.model.load_weights(weights)
+        return len(weights)
 
 
 # ----------------------------------------------------------------------------------------------- driver side
@@ -226,6 +233,7 @@ class VLLMEngine:
             "logprobs_mode": "raw_logprobs",
             "logits_processors": [__getattr__("AftuneSampling")],
             "enable_prefix_caching": True,  # the k requests of a question share one prefill
+            "worker_extension_cls": f"{__name__}.WeightSync",
             "trust_remote_code": False,
             **({"max_model_len": max_model_len} if max_model_len else {}),
             **llm_kwargs,
@@ -239,8 +247,16 @@ class VLLMEngine:
         weight loader, by Hugging Face parameter names, as TRL does. LoRA adapters are merged first."""
         if hasattr(model, "merge_and_unload") or hasattr(model, "peft_config"):
             raise ValueError("load_weights takes a plain (merged) model, not a PEFT-wrapped one")
-        named = [(n, p.detach().to("cpu").contiguous()) for n, p in model.state_dict().items()]
-        self.llm.collective_rpc(_load_weights, args=(named,))
+        if not torch.cuda.is_available():
+            # vLLM's CPU build repacks the linear weights after loading; its loader then fails ("'Parameter'
+            # object has no attribute 'weight_loader'"): semi-online resampling and GRPO keep the built-in sampler
+            raise NotImplementedError("vLLM's CPU build cannot reload weights into a running engine")
+        items = []
+        for name, t in model.state_dict().items():
+            t = t.detach().cpu().contiguous()
+            raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            items.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), raw))
+        self.llm.collective_rpc("aftune_load_weights", args=(items,))
         self.llm.reset_prefix_cache()  # cached prompt keys were computed with the old weights
 
     def generate(
@@ -308,6 +324,7 @@ class VLLMEngine:
                     )
                 )
         outputs = self.llm.generate(requests, params, use_tqdm=progress)
+        self.prompt_ids = [list(outputs[i * cfg.k].prompt_token_ids) for i in range(len(prompts))]  # as vLLM ran them
         stops = StopCheck(self.tokenizer, cfg.stop) if cfg.stop else None
         results = []
         for i in range(len(prompts)):
