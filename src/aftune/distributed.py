@@ -166,7 +166,10 @@ def merge_adapter(
     `aftune eval` / `sample` read. Reads from disk, so it works whatever sharded the training (FSDP, ZeRO-3)."""
     from peft import PeftModel  # optional dependency (the `lora` extra)
 
-    base = load_model(str(base_path), trust_remote_code=trust_remote_code)
+    from aftune.training.zero import whole_model_loading
+
+    with whole_model_loading():  # the main process alone: not partitioned under a ZeRO-3 config
+        base = load_model(str(base_path), trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out = Path(out_dir)
     merged.save_pretrained(str(out), safe_serialization=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from aftune.commands.training import (
 )
 from aftune.config import AlignConfig, save_config
 from aftune.evaluation.diagnostics import DiagnosticsCallback
-from aftune.io import InputError, atomic_write_json, file_sha256
+from aftune.io import InputError, atomic_write_json
 from aftune.prompting import PromptFormat, resolve_prompt_format, stop_strings
 from aftune.records import CandidatesMeta, Group, meta_path_for, read_groups
 from aftune.sampling.sampler import SamplingConfig
@@ -40,21 +38,10 @@ from aftune.training.trainer import AFTTrainer
 
 
 def reference_cache(cfg: AlignConfig) -> Path:
-    """Where the start model's log-probs of these candidates are cached: next to the candidates, keyed by
-    everything they depend on, so runs of one experiment that share candidates compute them once."""
-    key = hashlib.sha256(
-        json.dumps(
-            [
-                file_sha256(cfg.candidates),
-                str(Path(cfg.model).resolve()),
-                cfg.max_candidates,
-                cfg.include_reference,
-                cfg.max_response_tokens,
-                cfg.seed,
-            ]
-        ).encode()
-    ).hexdigest()
-    return Path(cfg.candidates).parent / f"reflogps-{key[:16]}.json"
+    """Where the start model's log-probs of these candidates are cached: the candidates' folder. AFTTrainer
+    names the file by the start weights' content, the selected candidates' token ids and the precision, so
+    runs of one experiment that share candidates and a start model compute them once."""
+    return Path(cfg.candidates).parent
 
 
 def check_prompt_format(candidates: str, fmt: PromptFormat, tokenizer) -> None:
@@ -96,6 +83,10 @@ def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
             raise InputError(
                 f"candidates are for task '{g.task}', but --task is '{cfg.task}'", cfg.candidates, i + 1, "task"
             )
+    ckpt = out / "checkpoints"
+    # before the model is loaded: under a ZeRO-3 DeepSpeed config from_pretrained then partitions the weights
+    # as it reads them (no whole copy per process)
+    args = training_args(cfg, ckpt)
     model, tok = load_model_checked(cfg.model, trust_remote_code=cfg.trust_remote_code)
     fmt = resolve_prompt_format(cfg.chat_template, tok)
     check_prompt_format(cfg.candidates, fmt, tok)
@@ -123,8 +114,6 @@ def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
         nll_per_item=cfg.nll_per_question,
         end=end,
     )
-    ckpt = out / "checkpoints"
-    args = training_args(cfg, ckpt)
     diag = None
     extra = list(callbacks)
     if held_out:

@@ -26,6 +26,7 @@ from aftune.prompting import resolve_prompt_format
 from aftune.training.compute import training_compute
 from aftune.training.data import NLLDataset
 from aftune.training.trainer import AFTTrainer
+from aftune.training.zero import whole_model_loading
 
 
 def build_tiny(out: Path, cfg: SFTConfig, texts: list[str]) -> Path:
@@ -111,7 +112,11 @@ def run_sft(cfg: SFTConfig) -> dict:
         return metrics
     if cfg.eval_accuracy:
         # several processes: the weights may be sharded (FSDP / ZeRO-3), so read the saved model
-        eval_model = trainer.model if args.world_size == 1 else load_model_checked(str(path))[0].to(args.device)
+        if args.world_size == 1:
+            eval_model = trainer.model
+        else:
+            with whole_model_loading():  # the main process alone: not partitioned under a ZeRO-3 config
+                eval_model = load_model_checked(str(path))[0].to(args.device)
         acc = greedy_accuracy(
             eval_model,
             tok,

@@ -17,6 +17,7 @@ from aftune.config import AlignConfig, TrainCommon
 from aftune.distributed import barrier, is_main_process, lora_config, main_process_first, merge_adapter
 from aftune.io import InputError
 from aftune.training.config import AFTConfig
+from aftune.training.zero import deepspeed_launch
 
 
 def check_train_args(cfg: TrainCommon) -> None:
@@ -47,7 +48,9 @@ def trainer_kwargs(cfg: TrainCommon, out_dir: Path) -> dict:
         report_to=[r for r in cfg.report_to.split(",") if r and r != "none"] or "none",
         disable_tqdm=cfg.quiet,
         dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
+        # DeepSpeed runs on its CPU accelerator where there is no GPU; use_cpu would make accelerate drop it
+        use_cpu=not torch.cuda.is_available() and not (cfg.deepspeed or deepspeed_launch()),
+        deepspeed=cfg.deepspeed or None,
         # only when asked: the argument was renamed in transformers 5 (activation_checkpointing)
         **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
     )

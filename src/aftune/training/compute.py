@@ -14,6 +14,11 @@ Counted quantities (all cumulative over one run, kept exact under kill-and-resum
 
 Evaluation passes (eval loss, greedy accuracy) are not training compute and are reported as wall time only.
 
+Under several processes the token counts are the whole run's, summed over processes: each optimiser step's
+per-process counts are all-reduced at the step's end, so every process holds the same totals, checkpoints
+(written by the main process) hold them, and a resumed run restores them on every process. Wall seconds are
+the main process's.
+
 The training counters live in a `ComputeCounter` callback that is an `ExportableState`: Trainer writes its
 counts into every checkpoint's trainer_state.json (``stateful_callbacks``), and on resume the counter reads
 them back in ``on_train_begin``, so a resumed run reports the same totals as a straight one (the work lost
@@ -27,6 +32,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
+
+from aftune.distributed import rank_and_world
 
 TRAIN_COUNTS = ("nll_tokens_scored", "candidate_tokens_scored", "generated_tokens", "resamples")
 TRAIN_SECONDS = ("train_seconds", "resample_seconds")
@@ -45,21 +52,42 @@ class ComputeCounter(TrainerCallback, ExportableState):
 
     def __init__(self) -> None:
         self.counts: dict[str, float] = zero_counts()
+        self._pending: dict[str, float] = {}  # this process's counts since the last step end (several processes)
         self._last: float | None = None
 
     def state(self) -> dict:
         return {"args": {}, "attributes": {"counts": dict(self.counts)}}
 
     def add(self, key: str, value: float) -> None:
-        self.counts[key] = self.counts.get(key, 0) + value
+        if rank_and_world()[1] > 1:
+            self._pending[key] = self._pending.get(key, 0) + value
+        else:
+            self.counts[key] = self.counts.get(key, 0) + value
+
+    def flush(self, device=None) -> None:
+        """Add every process's pending counts to the totals (a collective: all processes call it together)."""
+        if rank_and_world()[1] == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        values = torch.tensor([float(self._pending.get(k, 0)) for k in TRAIN_COUNTS], dtype=torch.float64)
+        values = values.to(device or "cpu")
+        dist.all_reduce(values)
+        for k, v in zip(TRAIN_COUNTS, values.tolist()):
+            self.counts[k] = self.counts.get(k, 0) + v
+        self._pending = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.counts = saved_counts(state) or zero_counts()
+        self._pending = {}
         # a checkpoint written before this counter existed has no entry; Trainer's save would KeyError on it
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         self._last = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        # before Trainer saves this step's checkpoint (its state() must hold the step's totals)
+        self.flush(args.device)
         now = time.perf_counter()
         if self._last is not None:
             self.counts["train_seconds"] += now - self._last

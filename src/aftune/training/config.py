@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from transformers import TrainingArguments
 
+from aftune.io import InputError
 from aftune.training.arguments import AlignmentArguments
+from aftune.training.zero import count_deepspeed_processes, deepspeed_requested
 
 
 @dataclass
@@ -31,5 +34,20 @@ class AFTConfig(AlignmentArguments, TrainingArguments):
     max_response_tokens: int | None = field(default=256, metadata={"help": "truncate responses to this many tokens"})
 
     def __post_init__(self):
+        if self.use_cpu and deepspeed_requested(self):
+            # accelerate sets up plain DDP when asked for the CPU, dropping the DeepSpeed config without a word
+            raise InputError(
+                "DeepSpeed with use_cpu=True would silently train without DeepSpeed; leave use_cpu off "
+                "(on a machine without GPUs, DeepSpeed runs on its CPU accelerator: DS_ACCELERATOR=cpu)",
+                field="use_cpu",
+            )
         super().__post_init__()
         self.check_alignment()
+
+    @cached_property
+    def _setup_devices(self):
+        # TrainingArguments sets up the process group here, before it fills the DeepSpeed config's batch sizes
+        # from world_size; on CPU processes accelerate counts one process under DeepSpeed (aftune.training.zero)
+        device = TrainingArguments._setup_devices.func(self)
+        count_deepspeed_processes(self.distributed_state)
+        return device

@@ -3,6 +3,7 @@ tokenised batch -> scores -> loss. accelerate / DeepSpeed / FSDP, PEFT, logging 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import defaultdict
 from functools import partial
@@ -21,7 +22,29 @@ from aftune.training.config import AFTConfig
 from aftune.training.data import AlignDataset, NLLDataset, collate, default_nll_pairs, to_groups
 from aftune.training.fsdp import attach_fsdp_on_cpu
 from aftune.training.methods import CandidateBatch, get_method
-from aftune.training.reference import question_betas, reference_logps
+from aftune.training.reference import cache_path, question_betas, reference_logps
+from aftune.training.zero import weights_digest
+
+# the metrics compute_loss records, in one fixed order so that processes can average them together
+METRICS = ("nll", "align_loss", "score_pos", "score_neg")
+
+
+def check_trainer_hooks() -> None:
+    """Fail loudly on a transformers whose Trainer lacks the hooks AFTTrainer relies on. Without
+    `loss_is_scaled_for_ga` read in `training_step`, Trainer divides the step-normalised loss by the
+    accumulation steps once more, without any error; without `_prepare_for_training` the DPO reference would
+    not be computed by the training engine."""
+    step = getattr(Trainer, "training_step", None)
+    if "loss_is_scaled_for_ga" not in getattr(getattr(step, "__code__", None), "co_names", ()):
+        raise RuntimeError(
+            "this transformers Trainer does not honour `loss_is_scaled_for_ga` (its training_step never reads "
+            "it), so gradient accumulation would be scaled twice; upgrade transformers (aftune is tested with 5.19)"
+        )
+    if not callable(getattr(Trainer, "_prepare_for_training", None)):
+        raise RuntimeError(
+            "this transformers Trainer has no `_prepare_for_training`, where AFTTrainer computes the DPO "
+            "reference with the training engine; upgrade transformers (aftune is tested with 5.19)"
+        )
 
 
 class TrainingDiverged(RunError):
@@ -40,17 +63,19 @@ class AFTTrainer(Trainer):
             correct solution), or of candidates records. Already tokenised `AlignDataset` / `NLLDataset`
             objects are used as they are.
         processing_class: the tokenizer (loaded from `model` when that is a path).
-        peft_config: a `peft` config (e.g. `LoraConfig`); the model is wrapped after the DPO reference
-            log-probs are computed, so the reference is the base model.
+        peft_config: a `peft` config (e.g. `LoraConfig`); the DPO reference is the base model (the adapter
+            disabled while it is scored).
         nll_dataset: the L_VFT term's data, as (prompt, response) text pairs or a dataset with `prompt` and
             `completion` columns. Default: each group's reference, or its correct candidates if it has none.
-        reference_cache: a JSON file for the reference log-probs (computed once, shared by processes).
+        reference_cache: where the reference log-probs are cached: a folder (default: `args.output_dir`) for
+            `reflogps-<key>.json`, the key a hash of the start weights, the candidates and the precision, or a
+            `.json` file used as given. Computed once (each process scores its share), read back on resume.
         prompt_format: an `aftune.prompting.PromptFormat` when the prompts are chat-rendered: responses then
             end with the template's turn end instead of EOS (the prompts themselves are used as given).
 
     The trainer tokenises the groups, builds its collator, keeps its columns whatever
     `remove_unused_columns` says, and computes the reference log-probs (DPO) and the per-question beta
-    (`beta_auto="gap"`) with the start model before training.
+    (`beta_auto="gap"`) with the start model when training starts, through the prepared training engine.
 
     Example:
         >>> from datasets import Dataset
@@ -80,6 +105,7 @@ class AFTTrainer(Trainer):
         data_collator=None,
         **kwargs,
     ):
+        check_trainer_hooks()
         if isinstance(model, (str, os.PathLike)):
             processing_class = processing_class or load_tokenizer(str(model))
             model = load_model(str(model))
@@ -93,12 +119,22 @@ class AFTTrainer(Trainer):
         end = (prompt_format or PLAIN).response_end(processing_class)
         train_dataset = self._tokenised(train_dataset, processing_class, args, nll_dataset, end, "train_dataset")
         eval_dataset = self._tokenised(eval_dataset, processing_class, args, nll_dataset, end, "eval_dataset")
+        # the reference is computed when training starts (_prepare_for_training), by the prepared engine; the
+        # cache file is named now, by the start weights (under ZeRO-3 gathered one parameter at a time)
+        pending: list[tuple[AlignDataset, Any]] = []
         if self.method.needs_reference_logps or args.beta_auto:
+            todo = [
+                ds
+                for ds in (train_dataset, eval_dataset)
+                if isinstance(ds, AlignDataset) and any(it.ref_logps is None for it in ds.items)
+            ]
+            digest = weights_digest(model) if todo else ""
+            precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+            for ds in todo:
+                where = reference_cache if ds is train_dataset and reference_cache is not None else args.output_dir
+                pending.append((ds, cache_path(where, digest, ds, precision)))
             for ds in (train_dataset, eval_dataset):
-                if isinstance(ds, AlignDataset) and any(it.ref_logps is None for it in ds.items):
-                    cache = reference_cache if ds is train_dataset else None
-                    reference_logps(model, processing_class, ds, cache, device=args.device)
-                if isinstance(ds, AlignDataset) and args.beta_auto == "gap":
+                if isinstance(ds, AlignDataset) and ds not in todo and args.beta_auto == "gap":
                     question_betas(ds, args.beta, args.beta_floor)
         if peft_config is not None:
             from peft import get_peft_model  # optional dependency (the `lora` extra)
@@ -117,6 +153,38 @@ class AFTTrainer(Trainer):
         if find_counter(self) is None:  # tokens scored, saved in checkpoints (aftune.training.compute)
             self.add_callback(ComputeCounter())
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._pending_references = pending
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        self._compute_references(model, resumed=resume_from_checkpoint is not None)
+        return model, train_dataloader
+
+    def evaluate(self, *args, **kwargs):
+        if self._pending_references:  # evaluated before training: the weights are still the start model's
+            self._compute_references(self.model_wrapped, resumed=self.state.global_step > 0)
+        return super().evaluate(*args, **kwargs)
+
+    def _compute_references(self, model, resumed: bool) -> None:
+        """The start model's log-probs of the candidates, by `model` (the prepared engine): the cache when it
+        exists, else computed now; a resumed run's weights are trained, so only LoRA (whose base is frozen:
+        the adapter is disabled) may compute them then."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        lora = callable(getattr(unwrapped, "disable_adapter", None))
+        context = unwrapped.disable_adapter if lora else contextlib.nullcontext
+        for ds, path in self._pending_references:
+            reference_logps(
+                model,
+                self.processing_class,
+                ds,
+                path,
+                batch_size=self.args.per_device_train_batch_size,
+                context=context,
+                may_compute=lora or not resumed,
+            )
+            if self.args.beta_auto == "gap":
+                question_betas(ds, self.args.beta, self.args.beta_floor)
+        self._pending_references = []
 
     @staticmethod
     def _tokenised(data, tokenizer, args: AFTConfig, nll_data, end: list[int], name: str) -> Dataset | None:
@@ -248,10 +316,18 @@ class AFTTrainer(Trainer):
             for k, v in stats.items():
                 if v == v:  # skip NaN (no positives/negatives in this batch)
                     self._metrics[prefix + k].append(v)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss.detach()))
+        ok = finite
+        if self.accelerator.num_processes > 1:
+            # every process learns that one diverged and all raise together (one raising alone would leave the
+            # others waiting in their next collective until the timeout)
+            flag = torch.tensor(int(finite), device=loss.device)
+            ok = int(self.accelerator.reduce(flag, reduction="sum")) == self.accelerator.num_processes
+        if not ok:
+            what = f"became {loss.item()}" if not finite else "became non-finite on another process"
             raise TrainingDiverged(
-                f"loss became {loss.item()} at step {self.state.global_step}; stopping. The last saved checkpoint "
-                f"in {self.args.output_dir} is intact. Try a lower learning rate, bf16 off, or a smaller lambda."
+                f"loss {what} at step {self.state.global_step}; stopping. The last saved checkpoint in "
+                f"{self.args.output_dir} is intact. Try a lower learning rate, bf16 off, or a smaller lambda."
             )
         return (loss, None) if return_outputs else loss
 
@@ -284,9 +360,17 @@ class AFTTrainer(Trainer):
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        is_eval = any(k.startswith("eval_") for k in logs)
-        for k in list(self._metrics):
-            if k.startswith("eval_") == is_eval:
-                vals = self._metrics.pop(k)
-                logs[k] = sum(vals) / len(vals)
+        """Adds the means of the recorded metrics since the last log, over every micro-batch of every process
+        (Trainer calls log on all processes at the same points)."""
+        prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
+        keys = [prefix + k for k in METRICS]
+        sums = [[sum(self._metrics.get(k, [])), len(self._metrics.get(k, []))] for k in keys]
+        for k in keys:
+            self._metrics.pop(k, None)
+        totals = torch.tensor(sums, dtype=torch.float64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        for k, (total, n) in zip(keys, totals.tolist()):
+            if n > 0:
+                logs[k] = total / n
         super().log(logs, *args, **kwargs)
