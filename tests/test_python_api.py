@@ -67,6 +67,7 @@ def test_trains_on_a_trl_unpaired_dataset(method, tiny_model, candidates, tmp_pa
 
 def test_dpo_reference_is_the_start_model(tiny_model, candidates, tmp_path):
     trainer = AFTTrainer(model=str(tiny_model), args=_args(tmp_path, "dpo"), train_dataset=str(candidates))
+    trainer.train()  # the reference is scored when training starts, by the prepared model (before any step)
     model, tok = load_model_and_tokenizer(str(tiny_model))
     items = trainer.train_dataset.items[:3]
     with torch.no_grad():
