@@ -140,7 +140,8 @@ def _same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
-@pytest.mark.parametrize("kind", ["align-dpo", "sft"])
+# BC (no reference) also runs in the kill-and-resume test below; its one-process equivalence is the slow case
+@pytest.mark.parametrize("kind", ["align-dpo", "sft", pytest.param("align-bc", marks=pytest.mark.slow)])
 def test_fsdp2_two_processes_equal_one_process(kind, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
