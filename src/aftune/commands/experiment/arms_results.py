@@ -25,7 +25,15 @@ import statistics
 from pathlib import Path
 
 from aftune.commands.experiment.arms import CONTROL_ARM, Arm, ArmsStudy, arm_dir
-from aftune.commands.experiment.results import delta_text, mean_std_text, paired_evals
+from aftune.commands.experiment.results import (
+    PAIRED_TEST,
+    STATS_LEGEND,
+    delta_text,
+    mean_std_text,
+    p_text,
+    paired_evals,
+    seeds_text,
+)
 from aftune.evaluation.plots import plot_experiment, pyplot, save_figure
 from aftune.evaluation.report import markdown_image, markdown_table, write_report
 from aftune.evaluation.stats import summary
@@ -177,6 +185,7 @@ def write_arms_results(root: Path, report: Path, study: ArmsStudy) -> dict:
         "data_seed": study.data_seed,
         "sample_k": study.kmax,
         "control": CONTROL_ARM,
+        "paired_test": PAIRED_TEST,
         "shared_sampling": sampling,
         "vft": vft,
         "arms": arms,
@@ -218,9 +227,9 @@ def _sections(study: ArmsStudy, results: dict, plots: list[tuple[Path, str]], re
             "method": method,
             "test acc %": mean_std_text(acc, 100),
             "per seed %": _per_seed_text(acc),
-            "Δ vs control (pts)": delta_text(t),
-            "b / c": f"{t['b']} / {t['c']}",
-            "p (McNemar)": f"{t['p']:.3g}",
+            "Δ vs control, pts [95% CI]": delta_text(t),
+            "p": p_text(t),
+            "Δ per seed (McNemar p); sd": seeds_text(t),
             "generated tokens": comp.get("generated_tokens"),
             "tokens scored": comp.get("tokens_scored"),
             "optimiser steps": comp.get("optimizer_steps"),
@@ -236,9 +245,9 @@ def _sections(study: ArmsStudy, results: dict, plots: list[tuple[Path, str]], re
     notes = f"""
 Mean ± std over {len(study.seeds)} VFT seed(s) {list(study.seeds)} (data seed {study.data_seed}: every seed sees
 the same {study.plan.n_test} test questions). **test acc**: greedy accuracy of the arm's final model. **Δ vs
-control**: mean per-question accuracy difference to the `{results["control"]}` arm of the same seed, pooled over
-seeds, ± its standard error; **b / c**: questions only the arm / only the control got right; **p**: exact two-sided
-McNemar test on the pooled discordant counts (the control against itself: 0, p = 1). Compute columns are means over
+control**: against the `{results["control"]}` arm of the same seed (the control against itself: 0, p = 1).
+{STATS_LEGEND}
+Compute columns are means over
 seeds: **generated tokens**: every token sampled for the arm (an align arm whose method reads the candidates is
 charged the shared k={study.kmax} sampling pass; iterate: every round's pass; semi-online: + its resampling; grpo:
 its rollouts); **tokens scored**: tokens forwarded in training; **wall min**: sampling + training seconds (no model

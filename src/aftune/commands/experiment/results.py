@@ -10,6 +10,7 @@ from pathlib import Path
 from aftune.commands.demo import runs_dir
 from aftune.commands.experiment.config import CONTROL, Experiment
 from aftune.commands.experiment.grid import Run
+from aftune.commands.experiment.tuning import default_lr, tuning_rows
 from aftune.evaluation.plots import plot_experiment
 from aftune.evaluation.report import markdown_image, markdown_table, write_report
 from aftune.evaluation.stats import paired_test, summary
@@ -60,8 +61,40 @@ def mean_std_text(m: dict, scale: float = 1.0, fmt: str = ".1f") -> str | None:
 
 
 def delta_text(t: dict | None) -> str | None:
-    """A `paired_test`'s difference as '+d ± SE' in points."""
-    return None if not t or t["diff"] is None else f"{100 * t['diff']:+.1f} ± {100 * (t['se'] or 0):.1f}"
+    """A `paired_test`'s difference and its question-level 95% interval in points: '+d [lo, hi]'."""
+    if not t or t["diff"] is None:
+        return None
+    if t["ci95"] is None:
+        return f"{100 * t['diff']:+.1f}"
+    lo, hi = t["ci95"]
+    return f"{100 * t['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def p_text(t: dict | None) -> str | None:
+    """A `paired_test`'s question-level p."""
+    return None if not t else f"{t['p_question']:.2g}"
+
+
+def seeds_text(t: dict | None) -> str | None:
+    """Each seed's difference (points) with its own exact McNemar p, and the std of those differences."""
+    if not t:
+        return None
+    per = "; ".join(
+        "–" if s["diff"] is None else f"{100 * s['diff']:+.1f} (p {s['p_mcnemar']:.2g})" for s in t["per_seed"]
+    )
+    return per + ("" if t["seed_sd"] is None else f"; sd {100 * t['seed_sd']:.1f}")
+
+
+# Recorded in results.json: the vs_* entries are question-level (`diff`, `ci95`, `se_question`, `p_question`,
+# `per_seed`, `seed_sd`); files written before it pooled seeds (`b`, `c`, `se`, `p`) and are not read back.
+PAIRED_TEST = "question-level: t interval over per-question mean differences, exact sign-flip p; per-seed McNemar"
+
+STATS_LEGEND = """**Δ [95% CI]**: mean per-question accuracy difference (points), averaged over seeds, with its
+question-level interval (the questions are the unit: per question the mean difference over seeds, then a t interval
+over questions; it accounts for which questions the test holds, not for which models training produced); **p**: exact
+sign-flip test over questions on the same per-question differences (one seed: the exact McNemar test); **per seed**:
+each seed's own difference with its exact McNemar p, and **sd**, the standard deviation of the per-seed differences
+(the spread across training runs, which the interval does not include). `evaluation.stats.paired_test`."""
 
 
 def eval_predictions(eval_json: Path) -> dict[str, bool]:
@@ -69,8 +102,10 @@ def eval_predictions(eval_json: Path) -> dict[str, bool]:
 
 
 def paired_evals(a: dict[int, Path], b: dict[int, Path], seeds) -> dict:
-    """`paired_test` of eval files a[s] against b[s] (their per-question predictions), pooled over `seeds`."""
-    return paired_test([(eval_predictions(a[s]), eval_predictions(b[s])) for s in seeds])
+    """`paired_test` of eval files a[s] against b[s] (their per-question predictions) over `seeds`, the question
+    as the unit."""
+    seeds = list(seeds)
+    return paired_test([(eval_predictions(a[s]), eval_predictions(b[s])) for s in seeds], seeds=seeds)
 
 
 def _metrics(eval_json: Path) -> dict[str, float | None]:
@@ -79,12 +114,16 @@ def _metrics(eval_json: Path) -> dict[str, float | None]:
     return {col: src[s].get(key) for col, (s, key) in METRICS.items()}
 
 
-def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) -> dict:
-    """report/results.json, results.md and plots from the files the runs wrote under root (rerunnable)."""
+def write_results(
+    root: Path, report: Path, exp: Experiment, runs: list[Run], tuning: list[dict] | None = None
+) -> dict:
+    """report/results.json, results.md and plots from the files the runs wrote under root (rerunnable).
+    `tuning`: the tuned study's selections (experiment.tuning.selection), one per cell."""
     cells: dict[str, list[Run]] = {}
     for r in runs:
         cells.setdefault(r.cell, []).append(r)
     vft_eval = {s: root / f"seed{s}" / "eval" / "VFT.json" for s in exp.seeds}
+    control_cell = next((r.cell for r in runs if r.method == CONTROL), CONTROL)  # tuned: vft-lr<x> unless default
     out_cells = []
 
     def cell_entry(
@@ -98,17 +137,18 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
             "k": r.k if r else None,
             "beta": r.beta_label if r else None,
             "lambda": r.lam if r else None,
+            "lr": (r.lr if r.lr is not None else default_lr(exp.plan, protocol)) if r else None,
             "seeds": list(evals),
             "metrics": {col: summary([per_seed[s][col] for s in evals]) for col in METRICS},
         }
-        if control is not None and name != CONTROL:
+        if control is not None and name != control_cell:
             entry["vs_control"] = paired_evals(evals, control, evals)
         if r is not None:
             entry["vs_vft"] = paired_evals(evals, vft_eval, evals)
         return entry
 
     controls = {
-        p: {s: root / f"seed{s}" / runs_dir(p) / CONTROL / "eval.json" for s in exp.seeds} for p in exp.protocols
+        p: {s: root / f"seed{s}" / runs_dir(p) / control_cell / "eval.json" for s in exp.seeds} for p in exp.protocols
     }
     # the VFT start against the first protocol's control: what the extra steps alone bring
     out_cells.append(cell_entry("VFT", "VFT (start)", vft_eval, None, None, controls[exp.protocols[0]]))
@@ -138,11 +178,13 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
         "plan": dataclasses.asdict(exp.plan),
         "seeds": list(exp.seeds),
         "data_seed": exp.data_seed,
-        "control": CONTROL,
+        "control": control_cell,
         "protocols": list(exp.protocols),
+        "paired_test": PAIRED_TEST,
         "sanity_checks": sanity,
         "cells": out_cells,
         "auto_beta": auto,
+        **({"tuning": tuning} if tuning is not None else {}),
     }
     atomic_write_json(report / "results.json", results)
 
@@ -156,25 +198,26 @@ def write_results(root: Path, report: Path, exp: Experiment, runs: list[Run]) ->
                 "k": c["k"],
                 "beta": c["beta"],
                 "lambda": c["lambda"],
+                "lr": None if c["lr"] is None else f"{c['lr']:g}",
                 "seeds": len(c["seeds"]),
                 "test acc %": mean_std_text(m["test_acc"], 100),
                 "assess acc %": mean_std_text(m["assess_acc"], 100),
                 "self-rerank %": mean_std_text(m["self_rerank"], 100),
                 "ppl pos": mean_std_text(m["ppl_pos"], fmt=".3f"),
                 "ppl neg": mean_std_text(m["ppl_neg"], fmt=".3f"),
-                "Δ vs control (pts)": delta_text(t),
-                "b / c": None if not t else f"{t['b']} / {t['c']}",
-                "p (McNemar)": None if not t else f"{t['p']:.3g}",
-                "Δ vs VFT (pts)": delta_text(v),
-                "p vs VFT": None if not v else f"{v['p']:.3g}",
-                "Δ vs RFT (pts)": delta_text(c.get("vs_rft")),
-                "p vs RFT": None if not c.get("vs_rft") else f"{c['vs_rft']['p']:.3g}",
+                "Δ vs control, pts [95% CI]": delta_text(t),
+                "p": p_text(t),
+                "Δ vs control per seed (McNemar p); sd": seeds_text(t),
+                "Δ vs VFT, pts [95% CI]": delta_text(v),
+                "p vs VFT": p_text(v),
+                "Δ vs RFT, pts [95% CI]": delta_text(c.get("vs_rft")),
+                "p vs RFT": p_text(c.get("vs_rft")),
             }
         )
-    rft_cols = () if any(c.get("vs_rft") for c in out_cells) else ("Δ vs RFT (pts)", "p vs RFT")
+    rft_cols = () if any(c.get("vs_rft") for c in out_cells) else ("Δ vs RFT, pts [95% CI]", "p vs RFT")
     cols = [col for col in rows[0] if col not in rft_cols]
     rft_legend = "; **Δ / p vs RFT**: against the RFT cell of the same seed and protocol" if "p vs RFT" in cols else ""
-    plots = plot_experiment(report, out_cells, exp.name, CONTROL)
+    plots = plot_experiment(report, out_cells, exp.name, control_cell)
     sections = [
         (
             "Results",
@@ -184,14 +227,27 @@ Mean ± std over {len(exp.seeds)} VFT seed(s) {list(exp.seeds)} (data seed {exp.
 questions). **test acc**: greedy accuracy on {exp.plan.n_test} test questions. **assess acc**: assessment accuracy
 (macro) on held-out candidates sampled from that seed's VFT model; **self-rerank**: accuracy when the model picks its
 own top-scored held-out candidate; **ppl pos / neg**: mean perplexity of correct / wrong held-out candidates.
-**Δ vs control**: mean per-question accuracy difference to the control (`vft`: same steps and NLL batches, no
-alignment term) of the same seed and protocol, pooled over seeds, ± its standard error; **b / c**: questions only
-the method / only the control got right; **p**: exact two-sided McNemar test on the pooled discordant counts;
+**Δ vs control**: against the control (`vft`: same steps and NLL batches, no alignment term) of the same seed and
+protocol. {STATS_LEGEND}
 **Δ / p vs VFT**: the same against the VFT start checkpoint of the seed{rft_legend}. Cells marked [from_base]
 were trained from the base model for VFT's budget instead of continuing from VFT
 (protocols: {", ".join(exp.protocols)}).""",
         ),
         ("Sanity checks of the testbed", sanity_markdown(sanity)),
+        *(
+            [
+                (
+                    f"Tuning ({tuning[0]['split']}, seeds {tuning[0]['seeds']})",
+                    markdown_table(rows_t := tuning_rows(tuning), list(rows_t[0]), {})
+                    + f"\nEvery cell trained once per trial lr on each tuning seed (its own VFT model, never a test "
+                    f"seed) and was scored by greedy accuracy on the first {tuning[0]['n_questions'] or 'all'} "
+                    f"{tuning[0]['split']} questions; the chosen lr (highest mean, ties to the smaller) is the one "
+                    "the test seeds ran. **train min**: the trial's training minutes.",
+                )
+            ]
+            if tuning
+            else []
+        ),
         ("Plots", "\n\n".join(markdown_image(p, alt, report) for p, alt in plots) or "None."),
     ]
     if auto:
@@ -246,14 +302,15 @@ def sanity_checks(cells: list[dict], exp: Experiment) -> dict:
             t = c["vs_vft"]
             rft[c["cell"]] = {
                 "diff_pts": 100 * t["diff"],
-                "se_pts": 100 * (t["se"] or 0.0),
-                "p": t["p"],
-                "pass": 100 * t["diff"] >= RFT_GAIN_MIN and t["p"] < RFT_P_MAX,
+                "ci95_pts": None if t["ci95"] is None else [100 * x for x in t["ci95"]],
+                "p": t["p_question"],
+                "pass": 100 * t["diff"] >= RFT_GAIN_MIN and t["p_question"] < RFT_P_MAX,
             }
     checks["rft_over_vft"] = {
         "cells": rft,
         "pass": any(v["pass"] for v in rft.values()) if rft else None,
-        "rule": f"RFT >= VFT start + {RFT_GAIN_MIN:g} points with McNemar p < {RFT_P_MAX:g} under some protocol",
+        "rule": f"RFT >= VFT start + {RFT_GAIN_MIN:g} points with question-level p < {RFT_P_MAX:g} "
+        "under some protocol",
     }
     return checks
 
@@ -279,7 +336,10 @@ def sanity_markdown(checks: dict) -> str:
         {
             "check": r["rule"],
             "measured": "; ".join(
-                f"{cell}: {v['diff_pts']:+.1f} ± {v['se_pts']:.1f}, p={v['p']:.2g}" for cell, v in r["cells"].items()
+                f"{cell}: {v['diff_pts']:+.1f}"
+                + ("" if v["ci95_pts"] is None else f" [{v['ci95_pts'][0]:+.1f}, {v['ci95_pts'][1]:+.1f}]")
+                + f", p={v['p']:.2g}"
+                for cell, v in r["cells"].items()
             )
             or "n/a (no rft run)",
             "verdict": verdict(r["pass"]),
