@@ -9,7 +9,6 @@ import yaml
 from conftest import TINY_PLAN, cli
 
 from aftune.commands.experiment import grid, load_experiment, run_experiment
-from aftune.evaluation.stats import mcnemar_exact, paired_test
 from aftune.io import InputError
 from aftune.sampling.store import subsample_candidates
 from aftune.training.reference import gap_beta
@@ -69,8 +68,11 @@ def test_grid_runs_end_to_end(experiment):
             assert set(c["metrics"][col]) == {"mean", "std", "n", "values"}
         if name != "vft":
             t = c["vs_control"]
-            assert t["n"] == 2 * 16 and 0 <= t["p"] <= 1
+            assert (t["n_questions"], t["n_seeds"]) == (16, 2) and 0 <= t["p_question"] <= 1
             assert t["diff"] == pytest.approx(acc["mean"] - cells["vft"]["metrics"]["test_acc"]["mean"])
+            ctl = cells["vft"]["metrics"]["test_acc"]["values"]
+            assert t["diff_per_seed"] == pytest.approx([a - b for a, b in zip(acc["values"], ctl)])
+            assert t["ci95"][0] <= t["diff"] <= t["ci95"][1] and "se" not in t and "b" not in t
     for s in (0, 1):
         preds = (out / f"seed{s}" / "runs" / "bc-k2-b0.5-l1" / "eval.predictions.jsonl").read_text().splitlines()
         assert len(preds) == 16 and "correct" in json.loads(preds[0])
@@ -89,7 +91,7 @@ def test_grid_runs_end_to_end(experiment):
         assert not (out / f"seed{s}" / "runs" / "vft" / "checkpoints").exists()
         assert len(list((out / f"seed{s}").glob("reflogps-*.json"))) == 2  # VFT scores for the auto runs (k=2, k=4)
     md = (out / "results.md").read_text()
-    assert "| bc-k4-gap2-l1 |" in md and "McNemar" in md and "Per-question beta" in md
+    assert "| bc-k4-gap2-l1 |" in md and "McNemar" in md and "question-level" in md and "Per-question beta" in md
     assert "vs RFT" not in md and not any("vs_rft" in c for c in results["cells"])  # no RFT cell: no columns
     for png in ("accuracy.png", "delta_vs_control.png", "accuracy_vs_k.png"):
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -233,12 +235,14 @@ def test_from_base_protocol_trains_from_the_base_for_the_vft_budget(tmp_path):
     assert "vs_rft" not in c and "vs_rft" not in cells["rft-k4"]
     w = ctl["vs_rft"]
     assert w["diff"] == pytest.approx(ctl["metrics"]["test_acc"]["mean"] - c["metrics"]["test_acc"]["mean"])
-    assert (w["b"], w["c"]) == (t["c"], t["b"])  # the same discordant questions, seen from the other side
+    # the same discordant questions, seen from the other side
+    assert [(x["b"], x["c"]) for x in w["per_seed"]] == [(x["c"], x["b"]) for x in t["per_seed"]]
+    assert w["p_question"] == pytest.approx(t["p_question"])
     checks = results["sanity_checks"]
     assert set(checks["rft_over_vft"]["cells"]) == {"rft-k4", "rft-k4 [from_base]"}
     assert checks["vft_seed_spread"]["pass"] is None  # one seed: nothing to compare
     md = (out / "results.md").read_text()
-    assert "Sanity checks of the testbed" in md and "| rft-k4 [from_base] |" in md and "Δ vs RFT (pts)" in md
+    assert "Sanity checks of the testbed" in md and "| rft-k4 [from_base] |" in md and "Δ vs RFT, pts [95% CI]" in md
 
 
 def test_sanity_checks_by_hand():
@@ -258,13 +262,13 @@ def test_sanity_checks_by_hand():
 
     exp = Experiment(name="x", out="o", plan=None, seeds=(0, 1, 2), grids=())
     base = [cell("VFT", "VFT (start)", [0.40, 0.42, 0.43], assess=0.7)]
-    good = {"diff": 0.025, "se": 0.008, "p": 0.01}
+    good = {"diff": 0.025, "ci95": [0.01, 0.04], "p_question": 0.01}
     checks = sanity_checks(base + [cell("rft-k8", "rft", [0.43] * 3, vs_vft=good)], exp)
     assert checks["vft_seed_spread"]["spread_pts"] == pytest.approx(3.0)
     assert checks["vft_seed_spread"]["pass"] and checks["vft_assessment"]["pass"] and checks["rft_over_vft"]["pass"]
     # a gain below 2 points, or one that is not significant, fails; either protocol passing is enough
-    small = {"diff": 0.015, "se": 0.005, "p": 0.001}
-    noisy = {"diff": 0.03, "se": 0.02, "p": 0.2}
+    small = {"diff": 0.015, "ci95": [0.005, 0.025], "p_question": 0.001}
+    noisy = {"diff": 0.03, "ci95": [-0.01, 0.07], "p_question": 0.2}
     checks = sanity_checks(
         [cell("VFT", "VFT (start)", [0.30, 0.40], assess=0.95)]
         + [cell("rft-k8", "rft", [0.4] * 2, vs_vft=small), cell("rft-k8 [from_base]", "rft", [0.4] * 2, vs_vft=noisy)],
@@ -325,24 +329,6 @@ def test_sub_grids_run_their_union_once(tmp_path):
     assert exp.ks == (2, 8) and len(grid(exp)) == 2 * len(cells)
     with pytest.raises(InputError, match="field 'grids\\[0\\].kk'"):
         load_experiment(_write(tmp_path / "b.yaml", {"grids": [{"kk": [2]}]}))
-
-
-def test_mcnemar_and_paired_test_by_hand():
-    # b=1, c=5: P(X<=1 | n=6) = (1 + 6) / 64, two-sided 14/64
-    assert mcnemar_exact(1, 5) == pytest.approx(14 / 64)
-    assert mcnemar_exact(5, 1) == pytest.approx(14 / 64)
-    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
-    # seed 0: q1 method only, q2 control only, q3 both, q4 neither; seed 1: q1, q2 method only
-    m0, c0 = {"q1": True, "q2": False, "q3": True, "q4": False}, {"q1": False, "q2": True, "q3": True, "q4": False}
-    m1, c1 = {"q1": True, "q2": True, "q3": False, "q4": False}, {"q1": False, "q2": False, "q3": False, "q4": False}
-    t = paired_test([(m0, c0), (m1, c1)])
-    # pooled d = [1, -1, 0, 0, 1, 1, 0, 0]: mean 2/8, sample var (4 - 8/16) / 7 = 0.5, se sqrt(0.5/8) = 0.25
-    assert (t["b"], t["c"], t["n"]) == (3, 1, 8)
-    assert t["diff"] == pytest.approx(0.25) and t["se"] == pytest.approx(0.25)
-    assert t["p"] == pytest.approx(2 * 5 / 16)  # n=4, P(X<=1) = 5/16
-    assert t["diff_per_seed"] == [0.0, 0.5]
-    with pytest.raises(ValueError):
-        paired_test([({"q1": True}, {"q2": True})])
 
 
 def test_gap_beta_and_per_question_loss():
@@ -437,7 +423,16 @@ def test_compare_runs_script_matches_the_table(experiment):
         text=True,
         check=True,
     )
-    m = re.search(r": ([+-][\d.]+) ± [\d.]+ pts over (\d+) questions .* b / c (\d+) / (\d+)", r.stdout)
+    m = re.search(r": ([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\] pts over (\d+) questions x (\d+) seeds", r.stdout)
     assert m, r.stdout
     assert float(m[1]) == pytest.approx(100 * t["diff"], abs=0.05)
-    assert (int(m[2]), int(m[3]), int(m[4])) == (t["n"], t["b"], t["c"])
+    assert [float(m[2]), float(m[3])] == pytest.approx([100 * x for x in t["ci95"]], abs=0.05)
+    assert (int(m[4]), int(m[5])) == (t["n_questions"], t["n_seeds"])
+    js = subprocess.run(
+        [sys.executable, str(script), str(out), "runs/bc-k2-b0.5-l1", "runs/vft", "--seeds", "0,1", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    got = json.loads(js.stdout)
+    assert got["per_seed"] == t["per_seed"] and got["p_question"] == pytest.approx(t["p_question"])

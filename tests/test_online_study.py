@@ -95,12 +95,13 @@ def test_arms_study_end_to_end(study):
         assert f"plots/{png}.png" in md
 
     ctl = arms["control"]["vs_control"]
-    assert (ctl["b"], ctl["c"], ctl["diff"], ctl["se"], ctl["p"]) == (0, 0, 0.0, 0.0, 1.0)  # itself: 0
+    assert (ctl["diff"], ctl["se_question"], ctl["p_question"], ctl["ci95"]) == (0.0, 0.0, 1.0, [0.0, 0.0])  # itself
+    assert [(x["b"], x["c"], x["p_mcnemar"]) for x in ctl["per_seed"]] == [(0, 0, 1.0)] * 2
     for name, a in arms.items():
         d = {s: out / f"seed{s}" / "online" / name for s in (0, 1)}
         assert a["test_acc"]["values"] == [_json(d[s] / "eval.json")["accuracy"] for s in (0, 1)]
         t = a["vs_control"]
-        assert t["n"] == 2 * N_TEST
+        assert (t["n_questions"], t["n_seeds"]) == (N_TEST, 2)
         assert t["diff"] == pytest.approx(a["test_acc"]["mean"] - arms["control"]["test_acc"]["mean"])
         for s in (0, 1):
             assert len((d[s] / "eval.predictions.jsonl").read_text().splitlines()) == N_TEST
@@ -182,7 +183,8 @@ def test_results_are_rebuilt_from_the_prediction_files(study, tmp_path):
     after = {a["arm"]: a for a in write_arms_results(copy, copy, study_)["arms"]}["bc_one_pass"]
     t0, t1 = before["vs_control"], after["vs_control"]
     assert t1["diff"] == pytest.approx(t0["diff"] + 2 / (2 * N_TEST))
-    assert t1["b"] - t1["c"] == t0["b"] - t0["c"] + 2
+    b0, b1 = t0["per_seed"][0], t1["per_seed"][0]
+    assert b1["b"] - b1["c"] == b0["b"] - b0["c"] + 2 and t1["per_seed"][1] == t0["per_seed"][1]
     assert after["test_acc"]["values"][0] == pytest.approx(before["test_acc"]["values"][0] + 2 / N_TEST)
     assert after["compute"] == before["compute"]
 

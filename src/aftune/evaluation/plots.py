@@ -390,11 +390,13 @@ def plot_experiment(root: Path, cells: list[dict], name: str, control_cell: str)
     )
 
     # The paired view: seeds differ far more from each other than methods from their seed's control, so
-    # the std bars above hide what the study measures. Per cell: pooled difference to the control with a
-    # 95% interval (1.96 SE), and each seed's own difference as a dot.
+    # the std bars above hide what the study measures. Per cell: the difference to the control with its
+    # question-level 95% interval (evaluation.stats.paired_test), and each seed's own difference as a dot.
     def delta(c: dict) -> tuple[float, float] | None:  # (difference, 95% half-width) in points
         t = c.get("vs_control")
-        return None if not t or t["diff"] is None else (100 * t["diff"], 196 * (t["se"] or 0.0))
+        if not t or t["diff"] is None:
+            return None
+        return 100 * t["diff"], 0.0 if t["ci95"] is None else 50 * (t["ci95"][1] - t["ci95"][0])
 
     paired = [(c, delta(c)) for c in cells if delta(c) is not None]
     if paired:
@@ -412,13 +414,13 @@ def plot_experiment(root: Path, cells: list[dict], name: str, control_cell: str)
         ax.set_xticks(list(x))
         ax.set_xticklabels([c["cell"] for c, _ in paired], rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("test accuracy minus control (points)")
-        ax.set_title(f"{name}: paired difference to the control (bars: pooled ± 95% CI; dots: seeds)", fontsize=10)
+        ax.set_title(f"{name}: difference to the control (bars: question-level 95% CI; dots: seeds)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         out.append(
             (
                 save_figure(fig, root / "plots" / "delta_vs_control.png"),
-                "difference to the same seed's control (pooled over seeds, 95% interval; dots: single seeds)",
+                "difference to the same seed's control (mean over seeds, question-level 95% interval; dots: seeds)",
             )
         )
 

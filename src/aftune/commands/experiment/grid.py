@@ -18,9 +18,15 @@ class Run:
     auto: bool
     lam: float | None  # None: no alignment term
     floor: float | None = None  # auto runs: the per-question beta's floor
+    lr: float | None = None  # None: the protocol's lr (plan.align_lr / vft_lr); else a tuned one, in the name
 
     @property
     def cell(self) -> str:
+        return self.setting + ("" if self.lr is None else f"-lr{self.lr:g}")
+
+    @property
+    def setting(self) -> str:
+        """The cell's name without its lr: what the tuning chooses an lr for."""
         parts = [self.method]
         if self.k is not None:
             parts.append(f"k{self.k}")
