@@ -20,9 +20,10 @@ from aftune.commands.align import run_align
 from aftune.commands.demo import align_config, runs_dir
 from aftune.commands.eval import run_eval
 from aftune.commands.experiment.config import CONTROL, Experiment, load_experiment
-from aftune.commands.experiment.grid import grid
+from aftune.commands.experiment.grid import Run, grid
 from aftune.commands.experiment.results import write_results
 from aftune.commands.experiment.shared import (
+    SeedFiles,
     check_fingerprint,
     check_seeds,
     fingerprint,
@@ -30,6 +31,7 @@ from aftune.commands.experiment.shared import (
     run_and_clean,
     seed_steps,
 )
+from aftune.commands.experiment.tuning import default_lr, eval_name, lr_tag, selection, trial_dir
 from aftune.commands.resumable import Steps
 from aftune.config import EvalConfig, read_yaml_mapping
 from aftune.io import atomic_write_json
@@ -53,7 +55,11 @@ def run_experiment(
     exp = load_experiment(config_path)
     if out is not None:
         exp = replace(exp, out=out)
-    check_seeds(seeds, exp.seeds, config_path)
+    tune = exp.tune
+    tune_seeds = tune.seeds if tune else ()
+    check_seeds(seeds, exp.seeds + tune_seeds, config_path)
+    # tuning seeds first: a process given both runs the trials before the runs that need their choice
+    todo = tuple(s for s in (*tune_seeds, *exp.seeds) if seeds is None or s in seeds)
     root = Path(exp.out)
     report = Path(exp.report or exp.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -76,25 +82,53 @@ def run_experiment(
     timings, skipped = step.timings, step.skipped
 
     kmax = exp.kmax
-    for seed in seeds if seeds is not None else exp.seeds:
+    chosen: dict[tuple[str, str], dict] = {}  # (protocol, setting) -> its tuning selection
+
+    def tuned(r: Run, protocol: str) -> Run:
+        """The test seeds' run of a cell: at its chosen lr (no lr in the name when it is the protocol's own)."""
+        if tune is None:
+            return r
+        key = (protocol, r.setting)
+        if key not in chosen:
+            chosen[key] = selection(root, tune, runs_dir(protocol), r.setting)  # TuningNotDone if unfinished
+        lr = chosen[key]["chosen_lr"]
+        return replace(r, lr=None if lr == default_lr(plan, protocol) else lr)
+
+    if tune is not None and not set(todo) & set(tune_seeds):
+        for p in exp.protocols:  # before any work: a test seed needs every cell's choice
+            for r in runs:
+                tuned(r, p)
+
+    for seed in todo:
         sd = root / f"seed{seed}"
         files = seed_steps(step, root, seed, plan, exp.data_seed, exp.bf16, quiet, kmax, exp.ks)
-        cands, ev = files.candidates, files.eval_args
+        ev = files.eval_args
 
-        for protocol, r in ((p, r) for p in exp.protocols for r in runs if r.seed == seed):
+        if seed in tune_seeds:  # the trials: every cell at every trial lr, scored on the tuning split
+            for protocol, r in ((p, r) for p in exp.protocols for r in runs if r.seed == exp.seeds[0]):
+                tag = "" if protocol == "continue" else f" [{protocol}]"
+                for lr in tune.lrs:
+                    d = trial_dir(root, seed, runs_dir(protocol), r.setting, lr)
+                    name = f"{r.setting}-{lr_tag(lr)}{tag}"
+                    cfg = cell_config(exp, files, replace(r, seed=seed), protocol, d, lr)
+                    step(f"seed{seed}/tune {name}", d / "metrics.json", run_and_clean, run_align, cfg)
+                    step(
+                        f"seed{seed}/eval ({tune.split}) tune {name}",
+                        d / eval_name(tune),
+                        run_eval,
+                        EvalConfig(
+                            **{**ev, "split": tune.split, "candidates": None},
+                            n_questions=tune.n_questions,
+                            model=str(d / "model"),
+                            out=str(d / eval_name(tune)),
+                        ),
+                    )
+            continue
+
+        for protocol, r in ((p, tuned(r, p)) for p in exp.protocols for r in runs if r.seed == seed):
             d = sd / runs_dir(protocol) / r.cell
-            k = r.k or kmax
             tag = "" if protocol == "continue" else f" [{protocol}]"
-            # the protocol's schedule (the same for every method), with this run's k / beta / lambda
-            cfg = replace(
-                align_config(plan, files.common, files.vft_model, cands[k], files.assess, d, r.method, protocol),
-                beta=r.beta if r.beta is not None else plan.beta,
-                lambda_=r.lam if r.lam is not None else 1.0,
-                beta_auto="gap" if r.auto else "",
-                beta_floor=r.floor if r.auto else 0.02,
-                max_candidates=k + 1,
-                diag_every=exp.diag_every,
-            )
+            cfg = cell_config(exp, files, r, protocol, d, r.lr)
             step(f"seed{seed}/align {r.cell}{tag}", d / "metrics.json", run_and_clean, run_align, cfg)
             step(
                 f"seed{seed}/eval {r.cell}{tag}",
@@ -103,10 +137,14 @@ def run_experiment(
                 EvalConfig(**ev, model=str(d / "model"), out=str(d / "eval.json")),
             )
 
-    if seeds is not None and set(seeds) != set(exp.seeds):
-        print(f"[experiment] seeds {list(seeds)} done; run without --seeds to write the results")
+    if set(todo) != set(exp.seeds + tune_seeds):
+        print(f"[experiment] seeds {list(todo)} done; run without --seeds to write the results")
         return {"results": None, "n_runs": len(runs), "skipped": skipped, "timings": timings, "cells": None}
-    results = write_results(root, report, exp, runs)
+    tuning = None
+    if tune is not None:  # the results' cells: the runs at their chosen lr (one protocol: config.py checks it)
+        runs = [tuned(r, exp.protocols[0]) for r in runs]
+        tuning = [chosen[exp.protocols[0], r.setting] for r in runs if r.seed == exp.seeds[0]]
+    results = write_results(root, report, exp, runs, tuning)
     print(f"[experiment] results: {report / 'results.md'}")
     return {
         "results": str(report / "results.md"),
@@ -115,3 +153,20 @@ def run_experiment(
         "timings": timings,
         "cells": results["cells"],
     }
+
+
+def cell_config(exp: Experiment, files: SeedFiles, r: Run, protocol: str, d: Path, lr: float | None):
+    """A cell's align run: the protocol's schedule (the same for every method), with the run's k / beta / lambda,
+    and `lr` in place of the protocol's when given (a tuning trial, or a tuned cell)."""
+    k = r.k or exp.kmax
+    plan = exp.plan
+    cfg = replace(
+        align_config(plan, files.common, files.vft_model, files.candidates[k], files.assess, d, r.method, protocol),
+        beta=r.beta if r.beta is not None else plan.beta,
+        lambda_=r.lam if r.lam is not None else 1.0,
+        beta_auto="gap" if r.auto else "",
+        beta_floor=r.floor if r.auto else 0.02,
+        max_candidates=k + 1,
+        diag_every=exp.diag_every,
+    )
+    return cfg if lr is None else replace(cfg, lr=lr)

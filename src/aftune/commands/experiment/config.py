@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aftune.commands.demo import FULL, PROTOCOLS, QUICK, DemoPlan
+from aftune.commands.experiment.tuning import Tune, parse_tune
 from aftune.config import field_types, key_line, read_yaml_mapping, typed_value
 from aftune.io import InputError
 from aftune.training.arguments import auto_beta_eligible
@@ -29,6 +30,7 @@ TOP_KEYS = (
     "sample_k",
     "diag_every",
     "bf16",
+    "tune",
 )
 AUTO_KEYS = ("mode", "factors", "floor")
 
@@ -63,6 +65,7 @@ class Experiment:
     report: str | None = None  # where results.{md,json} and plots go (default: out)
     sample_k: int | None = None  # candidates sampled per question (default: the largest k of the grids)
     protocols: tuple[str, ...] = ("continue",)  # demo.PROTOCOLS: every run of the grids under each
+    tune: Tune | None = None  # the lr of every cell chosen on validation by tuning seeds (experiment.tuning)
 
     @property
     def ks(self) -> tuple[int, ...]:
@@ -111,6 +114,8 @@ def load_experiment(path: str | Path) -> Experiment:
     if not protocols or not known or len(set(protocols)) != len(protocols):
         raise err("protocols", f"expected distinct protocols from: {', '.join(PROTOCOLS)}; got {protocols!r}")
     report = parse_report(data, err)
+    if "tune" in data and len(protocols) > 1:
+        raise err("tune", "a tuned study takes one protocol (one study per protocol)")
     return Experiment(
         name=name,
         out=str(out),
@@ -123,6 +128,7 @@ def load_experiment(path: str | Path) -> Experiment:
         report=report,
         sample_k=sample_k,
         protocols=tuple(protocols),
+        tune=parse_tune(data, err, seeds),
     )
 
 
