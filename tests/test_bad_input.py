@@ -209,10 +209,19 @@ CASES = {
     ),
     "config: not valid YAML": (_yaml("k: 4\nseed: [1, 2\n"), r"{Y}: line \d+: not valid YAML \(.+\)"),
     "config: mistyped value": (_yaml("seed: 0\nk: four\n"), r"{Y}: line 2: field 'k': expected int, got str"),
-    "config: not a mapping": (_yaml("- k\n- 4\n"), r"{Y}: expected a mapping of keys to values"),
+    "config: not a mapping": (_yaml("- k\n- 4\n"), r"{Y}: expected a mapping of keys to values, got list"),
     "config: file does not exist": (
         lambda t, m, c: ["align", "--config", t / "none.yaml"],
         r"{T}/none\.yaml: config file does not exist",
+    ),
+    "config: alias bomb": (
+        # nine anchors, each nine aliases of the one before: 9^9 values if expanded (tests/test_yaml_io.py)
+        _yaml(
+            "a: &a [x, x, x, x, x, x, x, x, x]\n"
+            + "".join(f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+        ),
+        r"{Y}: refusing a file whose anchors and aliases expand to more than 100,000 values \(.+\); write the "
+        r"values out instead",
     ),
 }
 

@@ -147,3 +147,61 @@ def test_chat_template_through_the_pipeline(tmp_path):
     assert r.code == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "e.predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all("<eot>" not in row["completion"] for row in rows)
+
+
+BAD_TEMPLATES = {
+    # (template text, the message after "FILE: ")
+    "syntax": (
+        "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}",
+        "line 2: field '--chat-template': the chat template is not valid Jinja (unexpected '}')",
+    ),
+    "sandbox": (
+        "{{ ''.__class__.__mro__ }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+        "field '--chat-template': the chat template was refused by the Jinja sandbox (access to attribute "
+        "'__class__' of 'str' object is unsafe.)",
+    ),
+    "raises": (
+        "{{ raise_exception('roles must alternate') }}",
+        "field '--chat-template': the chat template failed to render (TemplateError: roles must alternate)",
+    ),
+    "undefined": (
+        "{{ messages[0].content.upper }}{{ nothing.here }}",
+        "field '--chat-template': the chat template failed to render (UndefinedError: 'nothing' is undefined)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TEMPLATES))
+def test_a_bad_template_file_is_one_input_error(tmp_path, case):
+    text, message = BAD_TEMPLATES[case]
+    path = tmp_path / "t.jinja"
+    path.write_text(text)
+    with pytest.raises(InputError) as e:
+        resolve_prompt_format(str(path), _tokenizer(None))
+    assert str(e.value) == f"{path}: {message}"
+    # the same error from a format built by hand, at render time
+    with pytest.raises(InputError) as e:
+        PromptFormat("chat", text, str(path)).render(_tokenizer(None), "Question: 1+1?")
+    assert str(e.value) == f"{path}: {message}"
+
+
+def test_the_sandbox_is_kept(tmp_path):
+    """The template runs in transformers' sandbox: reaching Python's objects is refused, not merely reported."""
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ cycler.__init__.__globals__.os.system('touch " + str(tmp_path / "pwned") + "') }}")
+    with pytest.raises(InputError, match="refused by the Jinja sandbox|failed to render"):
+        resolve_prompt_format(str(path), _tokenizer(None))
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+@pytest.mark.parametrize("case", ["syntax", "sandbox"])
+def test_a_bad_template_file_through_the_cli_is_one_error_line(tmp_path, command, case):
+    text, message = BAD_TEMPLATES[case]
+    path = tmp_path / "t.jinja"
+    path.write_text(text)
+    out = tmp_path / ("c.jsonl" if command == "sample" else "e.json")
+    r = cli(command, "--model", "arith-base", "--chat-template", path, "--n-questions", "2", "--out", out, "--quiet")
+    assert r.code == 2 and "Traceback" not in r.stderr
+    assert r.error_lines == [f"error: {path}: {message}"]
+    assert not out.exists()

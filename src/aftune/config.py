@@ -15,6 +15,7 @@ import yaml
 
 from aftune.io import InputError, atomic_write_text
 from aftune.training.arguments import AlignmentArguments
+from aftune.yaml_io import YamlDoc, read_yaml_mapping
 
 
 def opt(default: Any, help: str) -> Any:
@@ -205,42 +206,23 @@ def field_types(cls: type) -> dict[str, tuple[type, bool]]:
     return out
 
 
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """yaml.safe_load a file that must hold a mapping; errors name the file (and line)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError("config file does not exist", path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise InputError(
-            f"not valid YAML ({getattr(e, 'problem', e)})", path, None if line is None else line + 1
-        ) from None
-    if not isinstance(data, dict):
-        raise InputError("expected a mapping of keys to values", path)
-    return data
-
-
 def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
-    """Read a YAML config whose keys are flag names; unknown keys are an error naming file and key."""
-    path = Path(path)
-    data = read_yaml_mapping(path)
+    """Read a YAML config whose keys are flag names; unknown keys are an error naming file, line and key."""
+    doc = read_yaml_mapping(path, "config file")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     known = {flag_name(f).replace("-", "_"): f.name for f in fields.values()}
     out = {}
-    for key, value in data.items():
+    for key, value in doc.data.items():
         norm = str(key).replace("-", "_")
         if norm not in known:
-            line = key_line(path, key)
-            raise InputError(f"unknown key (known: {', '.join(sorted(known))})", path, line, str(key))
-        out[known[norm]] = typed_value(value, *field_types(cls)[known[norm]], path, key)
+            raise doc.error(str(key), f"unknown key (known: {', '.join(sorted(known))})")
+        out[known[norm]] = typed_value(value, *field_types(cls)[known[norm]], doc, str(key))
     return out
 
 
-def typed_value(value: Any, base: type, optional: bool, path: Path, key: Any, strict_str: bool = False) -> Any:
-    """The YAML value as the field's type, or InputError: a wrong type would otherwise surface as a
-    traceback deep inside a step."""
+def typed_value(value: Any, base: type, optional: bool, doc: YamlDoc, key: str, strict_str: bool = False) -> Any:
+    """The YAML value as the field's type, or InputError at `key` (a dotted path into `doc`): a wrong type
+    would otherwise surface as a traceback deep inside a step."""
     if value is None and optional:
         return None
     if base is bool and isinstance(value, bool):
@@ -254,14 +236,7 @@ def typed_value(value: Any, base: type, optional: bool, path: Path, key: Any, st
             return str(value)  # `names: 7`, `task_args: 3` are strings the user meant
     want = f"{base.__name__} or null" if optional else base.__name__
     got = "null" if value is None else type(value).__name__
-    raise InputError(f"expected {want}, got {got}", path, key_line(path, str(key).split(".")[-1]), str(key))
-
-
-def key_line(path: Path, key: Any) -> int | None:
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.lstrip().startswith(f"{key}:"):
-            return i
-    return None
+    raise doc.error(key, f"expected {want}, got {got}")
 
 
 def save_config(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> Path:
@@ -278,7 +253,12 @@ def parse_task_args(spec: str) -> dict[str, Any]:
         if "=" not in part:
             raise InputError(f"expected key=value, got '{part}'", field="--task-args")
         k, v = part.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v.strip())
+        try:
+            out[k.strip()] = yaml.safe_load(v.strip())
+        except yaml.YAMLError as e:
+            raise InputError(
+                f"not a valid value in '{part}' ({getattr(e, 'problem', None) or e})", field="--task-args"
+            ) from None
     return out
 
 

@@ -9,9 +9,10 @@ types, each graded by code that already exists here:
 - `math`: MATH-style answers (`math_answers.extract_math_answer`, `math_equal` in the sandboxed worker);
 - `exact`: whitespace-normalised string equality of the text after the answer marker (or in the last box).
 
-The file is read with `yaml.safe_load` only, and the prompt and reference templates allow only `{name}`
-substitutions (no attribute access, indexing, conversions or format specs), rendered with
-`str.format_map` on a plain dict of strings, so a task file can never run code.  Every problem in a task
+The file is read by `aftune.yaml_io` (PyYAML's safe constructors; alias bombs refused), and the prompt and
+reference templates allow only `{name}` substitutions (no attribute access, indexing, conversions or format
+specs), rendered with `str.format_map` on a plain dict of strings, so a task file can never run code.  Every
+problem in a task
 file is one `InputError` naming the file, the line and the key; every problem in a data row names the data
 file, the line (for Parquet and hub data: the 1-based row) and the column.  The format: docs/task-files.md.
 """
@@ -26,14 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from aftune.io import InputError, iter_jsonl, require
 from aftune.records import Example
 from aftune.tasks.answers import DEFAULT_MARKERS, extract_number, normalize_number, numbers_equal
 from aftune.tasks.choices import LETTERS, extract_choice, format_options, normalize_letter
 from aftune.tasks.hub import DatasetTask, import_datasets
 from aftune.tasks.math_answers import extract_math_answer, math_equal
+from aftune.yaml_io import YamlDoc, read_yaml
 
 __all__ = ["FileTask", "TaskSpec", "describe_file", "parse_options", "read_task_spec"]
 
@@ -64,16 +64,6 @@ _FIELD_KEYS = ("question", "solution", "answer", "options", "id")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 # Option entries written as "A) text", "(A) text" or "A. text" (AQuA style).
 _LETTERED = re.compile(r"^\s*\(?([A-E])[).:]\s*(.*?)\s*$", re.DOTALL)
-
-
-def _error(path: str, lines: Mapping[str, int], key: str, message: str) -> InputError:
-    """An InputError at `key` (dotted) of a task file, on the line of the key or of its closest parent."""
-    parts = key.split(".")
-    line = None
-    while parts and line is None:
-        line = lines.get(".".join(parts))
-        parts.pop()
-    return InputError(message, path, line, key)
 
 
 # ------------------------------------------------------------------------------------------- the spec
@@ -108,7 +98,7 @@ class TaskSpec:
     files: dict[str, str] = field(default_factory=dict)  # split -> path (absolute, or starting ${AFTUNE_DATA})
     hub: dict[str, Any] | None = None  # {"path", "name", "revision", "splits": {split: hub split}}
     validation_from_train: int = 0
-    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)  # dotted key -> line
+    doc: YamlDoc | None = field(default=None, compare=False, repr=False)  # the file as read: where each key is
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -118,22 +108,8 @@ class TaskSpec:
         return tuple(s for s in SPLITS if s in have)
 
     def error(self, key: str, message: str) -> InputError:
-        return _error(self.path, self.lines, key, message)
-
-
-def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
-    """Dotted key -> 1-based line of every key of a composed YAML document (for error messages)."""
-    out: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            name = f"{prefix}{k.value}" if isinstance(k, yaml.ScalarNode) else f"{prefix}?"
-            out.setdefault(name, k.start_mark.line + 1)
-            out.update({key: line for key, line in _key_lines(v, name + ".").items() if key not in out})
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out.setdefault(f"{prefix}{i}", item.start_mark.line + 1)
-            out.update({key: line for key, line in _key_lines(item, f"{prefix}{i}.").items() if key not in out})
-    return out
+        """An InputError at `key` (dotted), on the line of the key or of its closest parent."""
+        return InputError(message, self.path, None if self.doc is None else self.doc.line(key), key)
 
 
 def _type_name(value: Any) -> str:
@@ -143,11 +119,8 @@ def _type_name(value: Any) -> str:
 class _Reader:
     """Typed access to the YAML mapping; every failure is one InputError at the key's line."""
 
-    def __init__(self, path: str, data: dict, lines: dict[str, int]):
-        self.path, self.data, self.lines = path, data, lines
-
-    def error(self, key: str, message: str) -> InputError:
-        return _error(self.path, self.lines, key, message)
+    def __init__(self, doc: YamlDoc):
+        self.path, self.data, self.error = doc.path, doc.data, doc.error
 
     def mapping(self, key: str, value: Any, known: tuple[str, ...]) -> dict:
         if not isinstance(value, dict):
@@ -205,25 +178,13 @@ def template_fields(template: str, key: str, reader: _Reader) -> tuple[str, ...]
 
 
 def read_task_spec(path: str | os.PathLike) -> TaskSpec:
-    """Parse and validate a task file (yaml.safe_load only); nothing is loaded from the data yet."""
-    shown = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("task file does not exist", shown)
-    try:
-        text = p.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader)) if data is not None else {}
-    except UnicodeDecodeError as e:
-        raise InputError(f"not UTF-8 text ({e})", shown) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise InputError(
-            f"not valid YAML ({getattr(e, 'problem', None) or e})", shown, None if mark is None else mark.line + 1
-        ) from None
-    r = _Reader(shown, data, lines)
+    """Parse and validate a task file (aftune.yaml_io: safe constructors, no alias bombs); nothing is loaded
+    from the data yet."""
+    doc = read_yaml(path, "task file")
+    data = doc.data
+    r = _Reader(doc)
     if not isinstance(data, dict):
-        raise InputError(f"expected a mapping of keys to values, got {_type_name(data)}", shown)
+        raise InputError(f"expected a mapping of keys to values, got {_type_name(data)}", doc.path)
     r.mapping("", data, _TOP_KEYS)
 
     name = r.string("name", data.get("name"), required=True)
@@ -292,9 +253,9 @@ def read_task_spec(path: str | os.PathLike) -> TaskSpec:
     # A template's other names are data columns: checked per row at load time, naming the data file.
 
     stop = _stop(r, data.get("stop", list(DEFAULT_STOP)))
-    files, hub, holdout = _data(r, p, data.get("data"))
+    files, hub, holdout = _data(r, Path(path), data.get("data"))
     return TaskSpec(
-        path=shown,
+        path=doc.path,
         name=name,
         description=description,
         answer_type=answer_type,
@@ -313,7 +274,7 @@ def read_task_spec(path: str | os.PathLike) -> TaskSpec:
         files=files,
         hub=hub,
         validation_from_train=holdout,
-        lines=lines,
+        doc=doc,
     )
 
 

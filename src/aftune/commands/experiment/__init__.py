@@ -33,8 +33,9 @@ from aftune.commands.experiment.shared import (
 )
 from aftune.commands.experiment.tuning import default_lr, eval_name, lr_tag, selection, trial_dir
 from aftune.commands.resumable import Steps
-from aftune.config import EvalConfig, read_yaml_mapping
+from aftune.config import EvalConfig
 from aftune.io import atomic_write_json
+from aftune.yaml_io import read_yaml_mapping
 
 __all__ = ["CONTROL", "Experiment", "load_experiment", "grid", "run_experiment", "write_results"]
 
@@ -48,7 +49,7 @@ def run_experiment(
     otherwise it is a grid of method x seed x k x beta x lambda.
     `seeds`: run only these of the config's seeds (to spread one experiment over several processes); the
     results are then not written: a run over all seeds (which skips the finished work) writes them."""
-    if "arms" in read_yaml_mapping(config_path):
+    if "arms" in read_yaml_mapping(config_path, "experiment file").data:
         from aftune.commands.experiment.arms import run_arms  # the arms study imports iterate and grpo
 
         return run_arms(config_path, out=out, quiet=quiet, seeds=seeds)

@@ -55,13 +55,12 @@ from aftune.config import (
     IterateConfig,
     field_types,
     flag_name_of,
-    key_line,
-    read_yaml_mapping,
     typed_value,
 )
 from aftune.io import InputError, atomic_write_json
 from aftune.training.methods import METHODS, get_method
 from aftune.training.online import check_semi_online
+from aftune.yaml_io import YamlDoc, read_yaml, read_yaml_mapping
 
 CONTROL_ARM = "control"
 COMMANDS: dict[str, type] = {"align": AlignConfig, "iterate": IterateConfig, "grpo": GRPORunConfig}
@@ -112,38 +111,16 @@ class ArmsStudy:
         return self.sample_k or self.plan.k
 
 
-def arm_key_line(path: Path, arm: str, key: str | None) -> int | None:
-    """The line of `key` inside arm `arm` of the `arms:` mapping (the arm's own line for flow-style arms)."""
-    lines = path.read_text().splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip().startswith("arms:")), None)
-    if start is None:
-        return None
-    at = next((i for i in range(start + 1, len(lines)) if lines[i].strip().startswith(f"{arm}:")), None)
-    if at is None or key is None or f"{key}:" in lines[at]:
-        return None if at is None else at + 1
-    indent = len(lines[at]) - len(lines[at].lstrip())
-    for i in range(at + 1, len(lines)):
-        text = lines[i].strip()
-        if text and not text.startswith("#") and len(lines[i]) - len(lines[i].lstrip()) <= indent:
-            break  # the next arm
-        if text.startswith(f"{key}:"):
-            return i + 1
-    return at + 1
+def arm_key_line(doc: YamlDoc, arm: str, key: str | None) -> int | None:
+    """The line of `key` inside arm `arm` of the `arms:` mapping (the arm's own line when the arm lacks it)."""
+    return doc.line(("arms", arm) if key is None else ("arms", arm, key))
 
 
 def load_arms_study(path: str | Path) -> ArmsStudy:
     """Parse and check an arms study YAML; every mistake is an InputError naming the file (and key)."""
     path = Path(path)
-    data = read_yaml_mapping(path)
-
-    def err(key: str, msg: str) -> InputError:
-        return InputError(msg, path, key_line_of(key), key)
-
-    def key_line_of(key: str) -> int | None:
-        parts = key.split(".")
-        if parts[0] == "arms" and len(parts) >= 2:
-            return arm_key_line(path, parts[1], parts[2] if len(parts) > 2 else None)
-        return key_line(path, parts[-1])
+    doc = read_yaml_mapping(path, "experiment file")
+    data, err = doc.data, doc.error
 
     for key in data:
         if key in GRID_ONLY:
@@ -154,7 +131,7 @@ def load_arms_study(path: str | Path) -> ArmsStudy:
             )
         if key not in TOP_KEYS:
             raise err(str(key), f"unknown key (known: {', '.join(TOP_KEYS)})")
-    plan = parse_plan(data, path, err)
+    plan = parse_plan(doc)
     seeds = num_list(data, "seeds", int, [0], err)
     check_scalars(data, err)
     report = parse_report(data, err)
@@ -164,7 +141,7 @@ def load_arms_study(path: str | Path) -> ArmsStudy:
         raise err("arms", "expected a mapping of arm names to {command: align | iterate | grpo, <its fields>}")
     if CONTROL_ARM not in raw:
         raise err("arms", f"needs an arm named '{CONTROL_ARM}': the matched control every arm is compared with")
-    arms = tuple(_arm(str(n), spec, path, err) for n, spec in raw.items())
+    arms = tuple(_arm(str(n), spec, doc) for n, spec in raw.items())
     study = ArmsStudy(
         name=name,
         out=str(data.get("out", f"runs/experiments/{name}")),
@@ -190,11 +167,12 @@ def load_arms_study(path: str | Path) -> ArmsStudy:
         try:
             check_arm(arm, arm_config(study, arm, placeholder, Path("arm")), path)
         except InputError as e:
-            raise _in_arm(e, arm.name, path) from None
+            raise _in_arm(e, arm.name, doc) from None
     return study
 
 
-def _arm(name: str, spec: Any, path: Path, err) -> Arm:
+def _arm(name: str, spec: Any, doc: YamlDoc) -> Arm:
+    err = doc.error  # its dotted keys find an arm whose name holds dots too
     where = f"arms.{name}"
     if not ARM_NAME.match(name):
         raise err(where, "an arm name is a folder name: letters, digits, '_', '-', '.' (not starting with '.')")
@@ -226,10 +204,7 @@ def _arm(name: str, spec: Any, path: Path, err) -> Arm:
             raise err(f"{where}.{key}", f"unknown field of `aftune {command}` (known: {', '.join(settable)})")
         if known[key] in RESERVED:
             raise err(f"{where}.{key}", "set by the study for every arm (same task, data, start model and eval)")
-        try:
-            fields[known[key]] = typed_value(value, *types_[known[key]], path, key, strict_str=True)
-        except InputError as e:
-            raise err(f"{where}.{key}", _bare_message(e)) from None
+        fields[known[key]] = typed_value(value, *types_[known[key]], doc, f"{where}.{key}", strict_str=True)
     if command in ("align", "iterate") and "method" not in fields:
         raise err(f"{where}.method", f"an {command} arm needs a method (one of: {', '.join(METHODS)})")
     if shared and fields.get("fresh_questions"):
@@ -254,11 +229,11 @@ def _bare_message(e: InputError) -> str:
     return msg
 
 
-def _in_arm(e: InputError, arm: str, path: Path) -> InputError:
+def _in_arm(e: InputError, arm: str, doc: YamlDoc) -> InputError:
     """A command's InputError (field = its flag) restated for the YAML: file, line and arms.<arm>.<field>."""
     field = (e.field or "").lstrip("-").replace("-", "_")
     key = f"arms.{arm}.{field}" if field else f"arms.{arm}"
-    return InputError(_bare_message(e), path, arm_key_line(path, arm, field or None), key)
+    return InputError(_bare_message(e), doc.path, arm_key_line(doc, arm, field or None), key)
 
 
 def check_arm(arm: Arm, cfg, path: Path) -> None:
@@ -344,7 +319,7 @@ def check_arm_folders(root: Path, study: ArmsStudy, seeds: tuple[int, ...], conf
                         f"{rec.parent} was run with other settings ({', '.join(diff)}): rename the arm, or remove "
                         "its folders to run it again",
                         config_path,
-                        arm_key_line(Path(config_path), arm.name, None),
+                        arm_key_line(read_yaml(config_path), arm.name, None),
                         f"arms.{arm.name}",
                     )
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from aftune.commands.demo import FULL, PROTOCOLS, QUICK, DemoPlan
 from aftune.commands.experiment.tuning import Tune, parse_tune
-from aftune.config import field_types, key_line, read_yaml_mapping, typed_value
-from aftune.io import InputError
+from aftune.config import field_types, typed_value
 from aftune.training.arguments import auto_beta_eligible
 from aftune.training.methods import METHODS
+from aftune.yaml_io import YamlDoc, read_yaml_mapping
 
 CONTROL = "vft"
 GRID_KEYS = ("methods", "k", "beta", "lambda", "beta_auto")
@@ -79,16 +79,14 @@ class Experiment:
 def load_experiment(path: str | Path) -> Experiment:
     """Parse and check an experiment YAML; every mistake is an InputError naming the file (and key)."""
     path = Path(path)
-    data = read_yaml_mapping(path)
-
-    def err(key: str, msg: str) -> InputError:
-        return InputError(msg, path, key_line(path, key.split(".")[-1]), key)
+    doc = read_yaml_mapping(path, "experiment file")
+    data, err = doc.data, doc.error
 
     for key in data:
         if key not in TOP_KEYS:
             raise err(str(key), f"unknown key (known: {', '.join(TOP_KEYS)})")
 
-    plan = parse_plan(data, path, err)
+    plan = parse_plan(doc)
     seeds = num_list(data, "seeds", int, [0], err)
     top = _grid(data, "", err, Grid((CONTROL,), (plan.k,), (plan.beta,), (1.0,)))
     grids = [top]
@@ -132,8 +130,9 @@ def load_experiment(path: str | Path) -> Experiment:
     )
 
 
-def parse_plan(data: dict, path: Path, err) -> DemoPlan:
+def parse_plan(doc: YamlDoc) -> DemoPlan:
     """`base` (quick | full) with the `plan` overrides of its DemoPlan fields."""
+    data, err = doc.data, doc.error
     base = data.get("base", "full")
     if base not in ("quick", "full"):
         raise err("base", f"expected quick or full, got {base!r}")
@@ -147,7 +146,7 @@ def parse_plan(data: dict, path: Path, err) -> DemoPlan:
         if key not in fields:
             raise err(f"plan.{key}", f"unknown plan field (known: {', '.join(fields)})")
         want, _ = fields[key]
-        typed[key] = typed_value(value, want, False, path, f"plan.{key}", strict_str=True)
+        typed[key] = typed_value(value, want, False, doc, f"plan.{key}", strict_str=True)
         if want is not str and not value > 0:
             raise err(f"plan.{key}", f"must be > 0, got {value}")
     return replace(plan, **typed)
