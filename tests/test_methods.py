@@ -1,6 +1,8 @@
 """Every training method runs end to end on the same candidates file and moves scores the intended way."""
 
+import dataclasses
 import random
+import re
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from aftune.records import Candidate, Group
 from aftune.scoring import score_texts
 from aftune.tasks import get_task
 from aftune.tasks.arith import ArithTask
+from aftune.training.arguments import AlignmentArguments
 from aftune.training.methods import METHODS
 
 TASK_ARGS = "n_train=60,n_validation=10,n_test=10"
@@ -98,3 +101,15 @@ def test_method_trains_and_moves_scores(setup, control_gap, method):
         return
     # every alignment loss widens the positive-negative score gap beyond what NLL alone does
     assert _gap(model, groups) > control_gap, method
+
+
+def test_beta_help_names_every_method_that_uses_it_in_its_units():
+    """--beta is nats per token for the length-normalised scores, but reward units for DPO's boundary: the help
+    must say which is which for every method that reads it."""
+    help_ = next(f for f in dataclasses.fields(AlignmentArguments) if f.name == "beta").metadata["help"]
+    per_token, reward = re.search(r"\(([^:]+): nats per token.*; ([^:]+): reward units", help_).groups()
+    listed = {"per_token": set(per_token.split(", ")), "reward": set(reward.split(", "))}
+    for name, m in METHODS.items():
+        if m.uses_beta:
+            assert name in listed["reward" if m.needs_reference_logps else "per_token"], name
+    assert listed["per_token"] | listed["reward"] == {n for n, m in METHODS.items() if m.uses_beta}

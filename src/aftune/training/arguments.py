@@ -25,7 +25,12 @@ class AlignmentArguments:
     method: str = _opt(
         "bc", "vft (control) | rft | align | dc | bc | rbc | rrhf | pro | dpo | dpo-pl | ... (see docs)"
     )
-    beta: float = _opt(0.5, "boundary margin, nats per token (bc, rbc, *-bc); with --beta-auto gap: the factor")
+    beta: float = _opt(
+        0.5,
+        "boundary margin of the boundary-constraint methods (bc, rbc, rft-bc, rrhf-bc, pro-bc: nats per token of the "
+        "length-normalised scores; dpo-bc, dpo-pl-bc: reward units, dpo_beta x the summed log-ratio to the "
+        "reference); with --beta-auto gap: the factor",
+    )
     beta_auto: str = _opt("", "'' (one beta) | gap: per-question beta = max(beta_floor, beta x median VFT score gap)")
     beta_floor: float = _opt(0.02, "with --beta-auto gap: the smallest per-question beta")
     lambda_: float = _opt(1.0, "weight of the alignment loss")
