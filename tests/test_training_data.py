@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from tiny import char_tokenizer
+from tiny import char_tokenizer, tiny_llama
 
-from aftune import losses
+from aftune import AFTConfig, AFTTrainer, losses
+from aftune.io import InputError
+from aftune.modeling import ensure_pad_token
 from aftune.records import Candidate, Group
-from aftune.training.data import AlignDataset, NLLDataset
+from aftune.training.data import AlignDataset, NLLDataset, collate
 
 
 def _item(candidates: list[Candidate]):
@@ -29,3 +32,62 @@ def test_reference_ties_the_best_correct_sample():
     ref = it.ranks[it.is_reference.index(True)]
     best_correct = min(r for r, p, is_ref in zip(it.ranks, it.positive, it.is_reference) if p and not is_ref)
     assert ref == best_correct and ref < max(it.ranks)
+
+
+def _padless():
+    tok = char_tokenizer()
+    tok.pad_token = None
+    assert tok.pad_token_id is None and tok.eos_token_id == 1
+    return tok
+
+
+def test_a_tokenizer_without_pad_gets_eos_once_for_every_entry_point():
+    tok = ensure_pad_token(_padless())
+    assert (tok.pad_token, tok.pad_token_id) == ("</s>", 1)
+    tok = _padless()
+    tok.eos_token = None
+    with pytest.raises(InputError, match="field 'processing_class': the tokenizer has no pad token and no EOS"):
+        ensure_pad_token(tok)
+
+
+def test_collate_refuses_a_missing_pad_id_clearly():
+    item = {"nll": [([5, 6], [7])]}
+    with pytest.raises(ValueError, match="collate needs a pad token id, got None"):
+        collate([item], None)
+
+
+def test_trainer_with_a_padless_tokenizer_pads_with_eos_and_trains(tmp_path):
+    tok = _padless()
+    model = tiny_llama(char_tokenizer())
+    groups = [
+        Group(str(i), "arith", f"q: {i}+1?\n", f"{i}+1={i + 1} #### {i + 1}", str(i + 1), cands)
+        for i, cands in enumerate(
+            [
+                [Candidate("1+1=2 #### 2", "2", True), Candidate("1+1=3 #### 3", "3", False)],
+                [Candidate("2+1=4 #### 4", "4", False), Candidate("2+1=3 #### 3", "3", True)],
+            ]
+        )
+    ]
+    args = AFTConfig(
+        output_dir=str(tmp_path),
+        method="bc",
+        max_steps=1,
+        per_device_train_batch_size=2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = AFTTrainer(model=model, processing_class=tok, args=args, train_dataset=groups)
+    assert tok.pad_token_id == tok.eos_token_id == 1
+    # rows of unequal length: the shorter is padded with EOS, and padding is masked out of the labels
+    batch = trainer.data_collator([{"nll": [([5, 6], [7, 8, 9])]}, {"nll": [([5], [7])]}])["nll"]
+    assert batch["input_ids"][1].tolist() == [5, 7, 1, 1, 1] and batch["labels"][1].tolist() == [
+        -100,
+        7,
+        -100,
+        -100,
+        -100,
+    ]
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))

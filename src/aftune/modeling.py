@@ -52,7 +52,20 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Tokenizer from a local folder, a hub id, or a .gguf file (via its cached conversion, see aftune.gguf)."""
     _check_local(name_or_path)
     tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:  # many hub LMs ship without one; EOS is the usual stand-in
+    return ensure_pad_token(tok, name_or_path, "--model")
+
+
+def ensure_pad_token(tok, source: str | None = None, field: str = "processing_class"):
+    """Give a tokenizer without a pad token its EOS as the pad token (many hub LMs ship without one), the one
+    rule for every way a tokenizer comes in (load_tokenizer, AFTTrainer's processing_class). Padding is masked
+    everywhere, so the stand-in never trains or scores as EOS. Neither token: InputError. Returns `tok`."""
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise InputError(
+                "the tokenizer has no pad token and no EOS token to stand in for it; set tokenizer.pad_token",
+                source,
+                field=field,
+            )
         tok.pad_token = tok.eos_token
     return tok
 

@@ -133,6 +133,11 @@ class AlignDataset(Dataset):
 def collate(items: list[dict], pad_id: int) -> dict:
     """NLL pairs -> padded tensors (labels -100 on prompt and padding); groups stay Python lists
     (scoring pads them itself, prompt once per group)."""
+    if pad_id is None:  # a tokenizer without a pad token, past aftune.modeling.ensure_pad_token
+        raise ValueError(
+            "collate needs a pad token id, got None: the tokenizer has no pad token (set tokenizer.pad_token, "
+            "e.g. with aftune.modeling.ensure_pad_token, which uses EOS)"
+        )
     pairs = [p for it in items for p in it["nll"]]
     batch: dict = {}
     if pairs:

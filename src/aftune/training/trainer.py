@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer
 
 from aftune.io import RunError
-from aftune.modeling import load_model, load_tokenizer
+from aftune.modeling import ensure_pad_token, load_model, load_tokenizer
 from aftune.prompting import PLAIN, PromptFormat
 from aftune.scoring import score_groups, to_padded
 from aftune.training.compute import ComputeCounter, candidate_tokens, find_counter
@@ -111,6 +111,7 @@ class AFTTrainer(Trainer):
             model = load_model(str(model))
         if processing_class is None:
             raise ValueError("AFTTrainer needs processing_class (the tokenizer) when model is an object")
+        ensure_pad_token(processing_class)  # the collator and scoring pad with it, as load_tokenizer's would
         if args is None:
             args = AFTConfig(output_dir="aftune-output")
         if not isinstance(args, AFTConfig):
