@@ -16,11 +16,11 @@ Scores: every sampled token's log-probability is taken from the model's *untempe
 (raw logit minus the logsumexp of the raw logits), so `Sample.score` is the AFT score s(c) of the spec
 regardless of the sampling temperature.
 
-Seeds: with `seeds` (one per prompt; `aftune sample` keys them by question id) every row draws its noise from a
-generator seeded by (prompt seed, row j, step), so a question's k samples do not depend on which questions
-share its batch: a resumed, sharded or continuously batched run gives the same candidates as a straight one,
-and the vLLM engine (vllm_backend) draws the very same noise. Without `seeds`, one generator seeded by
-cfg.seed serves the whole call (cheaper; the draws then depend on the batch schedule).
+Seeds: with `seeds` (one per prompt; `aftune sample` keys them by question id) every row's step t draws with
+one uniform hashed from (prompt seed, row j, t) (`keyed_uniform`), so a question's k samples do not depend
+on which questions share its batch: a resumed, sharded or continuously batched run gives the same candidates as
+a straight one, and the vLLM engine (vllm_backend) draws the very same tokens. Without `seeds`, one generator
+seeded by cfg.seed gives the step's uniforms (the draws then depend on the batch schedule).
 """
 
 from __future__ import annotations
@@ -229,57 +229,105 @@ def question_seed(seed: int, question_id: str) -> int:
 
 
 def row_key(prompt_seed: int, j: int) -> int:
-    """The seed of row j of a prompt (its step t's noise is drawn from _mix(row_key, t))."""
+    """The key of row j of a prompt (its step t's uniform is keyed_uniform(row_key, t))."""
     return _mix(prompt_seed, j)
 
 
-Noise = Callable[[tuple[int, ...], torch.device], torch.Tensor]
+# A draw takes one uniform per row: `Uniform(n, device)` -> [n] float64 in [0, 1).
+Uniform = Callable[[int, torch.device], torch.Tensor]
+
+_M32 = 0xFFFFFFFF
 
 
-def shared_noise(gen: torch.Generator) -> Noise:
-    """Uniform noise for a whole step from one generator (the draws depend on the batch's row order)."""
-    return lambda shape, device: torch.rand(shape, generator=gen, device=device, dtype=torch.float32)
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2^32 for int64 x in [0, 2^32): c in 16-bit halves, so no product reaches 2^63 (int64 overflow
+    is undefined in C++, so CPU and CUDA need not wrap alike)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
 
-def keyed_noise(keys: list[int], steps: list[int]) -> Noise:
-    """Uniform noise whose row i depends only on (keys[i], steps[i]): one reseeded generator per row."""
-
-    def noise(shape, device):
-        out = torch.empty(shape, device=device, dtype=torch.float32)
-        gen = torch.Generator(device=device)
-        for i, (key, t) in enumerate(zip(keys, steps)):
-            gen.manual_seed(_mix(key, t))
-            out[i].uniform_(generator=gen)
-        return out
-
-    return noise
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche bijection (xorshift-multiply rounds) on int64 tensors holding values < 2^32."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x735A2D97)
+    return x ^ (x >> 15)
 
 
-def _draw(probs: torch.Tensor, noise: Noise) -> torch.Tensor:
-    """One index per row with probability proportional to `probs` (rows need not sum to 1; overwritten).
+def keyed_uniform(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """[n] float64 uniforms in [0, 1), element i a function of (keys[i], steps[i]) alone: a counter-based hash in
+    integer tensor ops (no generator, no per-row loop), bit-identical on every device.
 
-    argmax(p / E) with E ~ Exponential(1) is an exact categorical draw; built from uniform noise it is
-    about 15x faster on CPU than torch.multinomial at 128 x 2000 (the exponential_ sampler is slow too).
-    In place: at a 262k vocabulary each [rows, vocab] temporary is 1 MiB per row.
+    Two 32-bit lanes absorb the 63-bit key in different orders (so two keys share both lanes' states with
+    probability 2^-64, not 2^-32), then the step; the high word also mixes in the low one, and together they give
+    53 bits."""
+    keys, steps = keys.long(), steps.long()
+    lo, hi, t = keys & _M32, (keys >> 32) & _M32, steps & _M32
+    a = _fmix32(_fmix32(_fmix32(lo ^ 0x9E3779B9) ^ hi) ^ t)
+    b = _fmix32(_fmix32(_fmix32(hi ^ 0x85EBCA6B) ^ lo) ^ t)
+    a = _fmix32(a ^ _fmix32(b ^ 0xC2B2AE35))
+    return ((a >> 6) * (1 << 27) + (b >> 5)).to(torch.float64) * 2.0**-53
+
+
+def shared_uniform(gen: torch.Generator) -> Uniform:
+    """A step's uniforms from one generator (the draws then depend on the batch's row order)."""
+    return lambda n, device: torch.rand(n, generator=gen, device=device, dtype=torch.float64)
+
+
+def keyed(keys: torch.Tensor, steps: torch.Tensor) -> Uniform:
+    """The uniforms of rows with these keys at these steps (keyed_uniform; computed only where a draw is made)."""
+    return lambda n, device: keyed_uniform(keys.to(device), steps.to(device))
+
+
+DRAW_BLOCK = 512  # vocabulary block of the two-level inverse CDF
+
+
+def _last_positive(p: torch.Tensor) -> torch.Tensor:
+    """Per row, the index of the last entry > 0 (-1 if none)."""
+    idx = torch.arange(p.shape[-1], device=p.device)
+    return torch.where(p > 0, idx, -1).amax(-1)
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One index per row with probability proportional to `probs` (>= 0; rows need not sum to 1, each needs some
+    mass), by inverse CDF on the row's uniform u ([rows] float64 in [0, 1)).
+
+    Exact up to float64 rounding: token i owns [C_{i-1}, C_i) of the float64 cumulative sum and u * C_V picks
+    one (searchsorted, right side), so a token of probability 0 owns an empty interval and is never chosen; where
+    rounding puts the point at or past a total, it goes to the last token with mass, never to a zero. Two levels
+    keep it cheap at a 262k vocabulary: float64 block sums pick a block, and only that block of each row is
+    cumulated (no [rows, vocab] float64 temporary).
     """
-    u = noise(tuple(probs.shape), probs.device)
-    # u < 1 keeps E > 0 (no 0/0 on filtered tokens); the clamp keeps u = 0 from giving E = inf
-    e = u.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_()
-    return probs.div_(e).argmax(-1)
+    rows, V = probs.shape
+    bs = min(DRAW_BLOCK, V)
+    n_full = V // bs
+    sums = probs[:, : n_full * bs].view(rows, n_full, bs).sum(-1, dtype=torch.float64)
+    if n_full * bs < V:
+        sums = torch.cat([sums, probs[:, n_full * bs :].sum(-1, dtype=torch.float64, keepdim=True)], -1)
+    cum = sums.cumsum(-1)
+    x = u.to(cum.device, torch.float64) * cum[:, -1]
+    blk = torch.searchsorted(cum, x.unsqueeze(-1), right=True).squeeze(-1)
+    blk = torch.minimum(blk, _last_positive(sums))
+    before = cum.gather(-1, (blk - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    r = x - torch.where(blk > 0, before, 0.0)  # >= 0: cum[blk - 1] <= x
+    cols = blk.unsqueeze(-1) * bs + torch.arange(bs, device=probs.device)
+    p = probs.gather(-1, cols.clamp(max=V - 1)).double().masked_fill(cols >= V, 0.0)
+    j = torch.searchsorted(p.cumsum(-1), r.unsqueeze(-1), right=True).squeeze(-1)
+    return blk * bs + torch.minimum(j, _last_positive(p))
 
 
-def pick(logits: torch.Tensor, cfg: SamplingConfig, noise: Noise) -> torch.Tensor:
-    """Next token per row: greedy at temperature 0, else temperature + nucleus sampling."""
+def pick(logits: torch.Tensor, cfg: SamplingConfig, uniform: Uniform) -> torch.Tensor:
+    """Next token per row: greedy at temperature 0, else temperature + nucleus sampling, one uniform per row."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits if cfg.temperature == 1 else logits / cfg.temperature, dim=-1)
     if cfg.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= cfg.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        return order.gather(-1, _draw(sorted_p, noise).unsqueeze(-1)).squeeze(-1)
-    return _draw(probs, noise)
+        sorted_p = probs.sort(dim=-1, descending=True).values
+        # the smallest prefix whose mass reaches top_p (a token is dropped once the mass before it does); then
+        # every token as probable as the last kept one stays too, so ties never depend on the sort's order
+        n_keep = ((sorted_p.cumsum(-1) - sorted_p) < cfg.top_p).sum(-1, keepdim=True)
+        probs = probs.masked_fill(probs < sorted_p.gather(-1, n_keep - 1), 0.0)
+    return _draw(probs, uniform(probs.shape[0], probs.device))
 
 
 def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -317,7 +365,7 @@ class StopCheck:
 def _advance(
     logits: torch.Tensor,
     cfg: SamplingConfig,
-    noise: Noise,
+    uniform: Uniform,
     live: torch.Tensor,
     alive: torch.Tensor,
     at: torch.Tensor,
@@ -332,7 +380,7 @@ def _advance(
     alive: each cache row's global row; at: its token count before this step; tokens / lps: [rows, T] buffers
     by global row, written at (alive, at) for live rows. Returns (the step's token per cache row, finished)."""
     lse = torch.logsumexp(logits, dim=-1)  # log-probs as logit - lse: no [rows, vocab] log_softmax kept
-    tok = pick(logits, cfg, noise)
+    tok = pick(logits, cfg, uniform)
     if calc is not None:
         tok = calc.override(tok, alive, live)
     rows, pos = alive[live], at[live]
@@ -349,15 +397,11 @@ def _advance(
     return tok, finished
 
 
-def _noise_for(gen: torch.Generator, row_keys: list[int] | None, alive: torch.Tensor, at: torch.Tensor) -> Noise:
-    """The step's noise: keyed by (row, step) with per-prompt seeds, else the call's one generator."""
-    if row_keys is None:
-        return shared_noise(gen)
-
-    def noise(shape, device):  # the row lists only where a draw is made (not for greedy decoding)
-        return keyed_noise([row_keys[r] for r in alive.tolist()], at.tolist())(shape, device)
-
-    return noise
+def _uniform_for(
+    gen: torch.Generator, row_keys: torch.Tensor | None, alive: torch.Tensor, at: torch.Tensor
+) -> Uniform:
+    """The step's uniforms: keyed by (row, step) with per-prompt seeds, else the call's one generator."""
+    return shared_uniform(gen) if row_keys is None else keyed(row_keys[alive], at)
 
 
 def _devices(model) -> tuple[torch.device, torch.device]:
@@ -394,7 +438,7 @@ def _generate_batch(
     stats: dict[str, int],
     preallocate_cache: bool,
     calc: Calculator | None = None,
-    row_keys: list[int] | None = None,
+    row_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch, k rows per prompt -> (tokens [B*k, T], log-probs [B*k, T], lengths [B*k]) by row q * k + j."""
     in_dev, _ = _devices(model)
@@ -436,8 +480,8 @@ def _generate_batch(
     for t in range(T):
         live = ~done[alive]
         at = torch.full_like(alive, t)
-        noise = _noise_for(gen, row_keys, alive, at)
-        tok, finished = _advance(logits, cfg, noise, live, alive, at, tokens, lps, eos_t, calc, stops)
+        uniform = _uniform_for(gen, row_keys, alive, at)
+        tok, finished = _advance(logits, cfg, uniform, live, alive, at, tokens, lps, eos_t, calc, stops)
         newly = alive[finished]
         done[newly] = True
         length[newly] = t + 1
@@ -493,7 +537,7 @@ def _generate_continuous(
     compact_at: float,
     stats: dict[str, int],
     calc: Calculator | None = None,
-    row_keys: list[int] | None = None,
+    row_keys: torch.Tensor | None = None,
     emit: Callable[[list[int], torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """All prompts through one running batch of cfg.batch_size * k rows, admitted in `order` as rows free up.
@@ -573,8 +617,8 @@ def _generate_continuous(
     while True:
         alive, step, fin = st["alive"], st["step"], st["fin"]
         live = ~fin
-        noise = _noise_for(gen, row_keys, alive, step)
-        tok, finished = _advance(st["logits"], cfg, noise, live, alive, step, tokens, lps, st["eos"], calc, stops)
+        uniform = _uniform_for(gen, row_keys, alive, step)
+        tok, finished = _advance(st["logits"], cfg, uniform, live, alive, step, tokens, lps, st["eos"], calc, stops)
         step = step + live.long()
         finished |= live & (step >= T)
         if bool(finished.any()):
@@ -703,7 +747,10 @@ def generate_k(
     _, out_dev = _devices(model)
     gen = torch.Generator(device=out_dev)
     gen.manual_seed(cfg.seed)
-    keys = None if seeds is None else [row_key(sd, j) for sd in seeds for j in range(cfg.k)]
+    # by global row q * k + j, where the logits are (keys < 2^63 fit int64)
+    keys = (
+        None if seeds is None else torch.tensor([row_key(sd, j) for sd in seeds for j in range(cfg.k)], device=out_dev)
+    )
     results: list[list[Sample] | None] = [None] * len(prompts)
     calc = Calculator(tokenizer) if cfg.calculator else None
     bar = tqdm(total=len(prompts), desc="sampling", unit="q", disable=not progress)
@@ -728,7 +775,8 @@ def generate_k(
                     return results  # type: ignore[return-value]
             for i in range(0, len(order), cfg.batch_size):
                 batch = order[i : i + cfg.batch_size]
-                batch_keys = None if keys is None else [keys[q * cfg.k + j] for q in batch for j in range(cfg.k)]
+                rows = [q * cfg.k + j for q in batch for j in range(cfg.k)]
+                batch_keys = None if keys is None else keys[torch.tensor(rows, device=keys.device)]
                 tokens, lps, length = _generate_batch(
                     model,
                     [enc[q] for q in batch],
