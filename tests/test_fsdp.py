@@ -65,9 +65,10 @@ def _sft_cfg(model: str, out: str, batch: int):
     )
 
 
-def _worker(kind: str, model: str, cands: str, out: str, batch: int) -> None:
+def _worker(kind: str, model: str, cands: str, out: str, batch: int, patch=setattr) -> None:
     """One run of `kind` (align-dpo, align-bc, sft) recording per rank: the engine, whether the parameters are
-    FSDP2 shards, the scoring path taken, and the logged per-step losses."""
+    FSDP2 shards, the scoring path taken, and the logged per-step losses. `patch` is monkeypatch.setattr when
+    run inside pytest (undone after the test)."""
     from transformers import TrainerCallback
 
     import aftune.scoring as sc
@@ -78,8 +79,12 @@ def _worker(kind: str, model: str, cands: str, out: str, batch: int) -> None:
 
     rec = {"engine": set(), "dtensor": False, "chunks": 0, "full_logits": 0, "losses": {}}
     real_chunk, real_token = sc._chunk_logps, sc._token_logps
-    sc._chunk_logps = lambda *a, **k: rec.__setitem__("chunks", rec["chunks"] + 1) or real_chunk(*a, **k)
-    sc._token_logps = lambda *a, **k: rec.__setitem__("full_logits", rec["full_logits"] + 1) or real_token(*a, **k)
+    patch(sc, "_chunk_logps", lambda *a, **k: rec.__setitem__("chunks", rec["chunks"] + 1) or real_chunk(*a, **k))
+    patch(
+        sc,
+        "_token_logps",
+        lambda *a, **k: rec.__setitem__("full_logits", rec["full_logits"] + 1) or real_token(*a, **k),
+    )
 
     class Record(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -99,7 +104,7 @@ def _worker(kind: str, model: str, cands: str, out: str, batch: int) -> None:
         self.add_callback(Record())
         rec["engine"].add(self.accelerator.distributed_type.value)
 
-    AFTTrainer.__init__ = init
+    patch(AFTTrainer, "__init__", init)
     if kind == "sft":
         run_sft(_sft_cfg(model, out, batch))
     else:
@@ -117,12 +122,12 @@ def _launch(*argv: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _two_and_one(tmp: Path, kind: str, model: Path, cands: Path) -> tuple[list[dict], dict]:
+def _two_and_one(tmp: Path, kind: str, model: Path, cands: Path, patch) -> tuple[list[dict], dict]:
     """2 FSDP2 processes x 2 per process (launched) and, meanwhile, 1 plain process x 4 (here)."""
     c2, c1 = _copy_candidates(cands, tmp / f"c2-{kind}"), _copy_candidates(cands, tmp / f"c1-{kind}")
     two = _launch(__file__, "--worker", kind, str(model), str(c2), str(tmp / f"two-{kind}"), "2")
     try:
-        _worker(kind, str(model), str(c1), str(tmp / f"one-{kind}"), 4)
+        _worker(kind, str(model), str(c1), str(tmp / f"one-{kind}"), 4, patch)
     except BaseException:
         _kill_tree(two)
         raise
@@ -142,13 +147,13 @@ def _same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
 
 # BC (no reference) also runs in the kill-and-resume test below; its one-process equivalence is the slow case
 @pytest.mark.parametrize("kind", ["align-dpo", "sft", pytest.param("align-bc", marks=pytest.mark.slow)])
-def test_fsdp2_two_processes_equal_one_process(kind, tmp_path):
+def test_fsdp2_two_processes_equal_one_process(kind, tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
     model, cands = _make_inputs(tmp_path)
-    (r0, r1), one = _two_and_one(tmp_path, kind, model, cands)
+    (r0, r1), one = _two_and_one(tmp_path, kind, model, cands, monkeypatch.setattr)
     assert (r0["world"], r1["world"], one["world"]) == (2, 2, 1)
     assert r0["engine"] == r1["engine"] == ["FSDP"] and r0["dtensor"] and r1["dtensor"]  # sharded, not DDP
     assert one["engine"] == ["NO"] and not one["dtensor"]
