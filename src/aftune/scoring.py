@@ -32,7 +32,10 @@ per scoring call (`_in_head`):
   unsharded weight directly, and their gradient lands in its `.grad`, which FSDP2's post-backward reduce-scatters
   with the rest of the group. A head whose group did reshard is unsharded once (`FSDPModule.unshard()`); FSDP2's
   end-of-backward callback then reduce-scatters and reshards it. (A second, standalone call of a grouped head
-  module through its hooks crashes torch 2.13 in backward, so the hooks are not used here.)
+  module through its hooks crashes torch 2.13 in backward, so the hooks are not used here.) On the shared-prompt
+  path each candidate's first token is scored from the prompt forward's own last-position logits instead of its
+  hidden state (`_score_shared_chunked`): the group's final norm must get its backward for that forward while
+  FSDP2 still holds it gathered, which it does only through the head's output of that forward.
 tests/test_scoring_sharded.py checks values and gradients against the unsharded path with two gloo processes, for
 both engines and three FSDP2 layouts. DDP and unwrapped models take the ZeRO-3 route, where the call has no hooks.
 
