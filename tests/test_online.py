@@ -228,8 +228,8 @@ def test_sample_counts_every_generated_token(tiny_model, tmp_path):
     task = get_task("arith", n_train=200, n_validation=20, n_test=20)
     seen = []
 
-    def counting(prompts, cfg):
-        out = generate_k(model, tok, prompts, cfg)
+    def counting(prompts, cfg, seeds=None, on_done=None):  # the engine contract sample_candidates calls
+        out = generate_k(model, tok, prompts, cfg, seeds=seeds, on_done=on_done)
         seen.extend(s.n_tokens for q in out for s in q)
         return out
 

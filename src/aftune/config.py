@@ -14,18 +14,13 @@ from typing import Any
 import yaml
 
 from aftune.io import InputError, atomic_write_text
+from aftune.sampling.arguments import BACKEND_HELP, KSamplingArguments, ResampleArguments, SamplingArguments
 from aftune.training.arguments import AlignmentArguments
 from aftune.yaml_io import YamlDoc, read_yaml_mapping
 
 
 def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
-
-
-BACKEND_HELP = (
-    "sampling engine: auto (vLLM where it is installed and the model is large enough to pay for its start-up, "
-    "else hf) | hf (aftune's built-in sampler) | vllm"
-)
 
 
 @dataclass
@@ -89,23 +84,21 @@ class SFTConfig(TrainCommon):
 
 
 @dataclass
-class SampleConfig(Common):
+class SampleConfig(Common, KSamplingArguments):
+    """`aftune sample`: the sampling options come from KSamplingArguments (aftune.sampling.arguments)."""
+
     model: str = opt("runs/sft/model", "model to sample from")
     out: str = opt("runs/candidates.jsonl", "candidates JSONL (appended; a killed run resumes)")
     split: str = opt("train", "split to sample questions from")
     n_questions: int | None = opt(None, "first N questions of the split (default: all)")
-    k: int = opt(8, "samples per question")
-    temperature: float = opt(0.7, "sampling temperature")
-    top_p: float = opt(1.0, "nucleus sampling")
-    max_new_tokens: int = opt(256, "max tokens per sample")
     batch_size: int = opt(32, "questions per batch")
-    backend: str = opt("auto", BACKEND_HELP)
     shard: str = opt("", "i/n: sample only shard i of n (merge with `aftune merge`)")
 
 
 @dataclass
-class AlignConfig(TrainCommon, AlignmentArguments):
-    """`aftune align`: the method's fields come from AlignmentArguments (shared with AFTConfig)."""
+class AlignConfig(TrainCommon, AlignmentArguments, ResampleArguments):
+    """`aftune align`: the method's fields come from AlignmentArguments (shared with AFTConfig), the semi-online
+    sampling options (--resample-*) from ResampleArguments (aftune.sampling.arguments)."""
 
     model: str = opt("runs/sft/model", "the VFT model to continue from")
     candidates: str = opt("runs/candidates.jsonl", "candidates file written by `aftune sample`")
@@ -130,10 +123,6 @@ class AlignConfig(TrainCommon, AlignmentArguments):
         "re-sample every question's candidates from the current model every S optimiser "
         "steps (0 = off: offline AFT; 1 = on-policy)",
     )
-    resample_k: int = opt(8, "semi-online: samples per question")
-    resample_temperature: float = opt(0.7, "semi-online: sampling temperature")
-    resample_top_p: float = opt(1.0, "semi-online: nucleus sampling")
-    resample_max_new_tokens: int = opt(256, "semi-online: max tokens per sample")
     resample_batch_size: int = opt(32, "semi-online: questions per sampling batch")
 
     def __post_init__(self) -> None:
@@ -153,18 +142,16 @@ class EvalConfig(Common):
 
 
 @dataclass
-class AssessConfig(Common):
+class AssessConfig(Common, KSamplingArguments):
+    """`aftune assess`: the sampling options (used when no candidates are given) from KSamplingArguments."""
+
     model: str = opt("runs/sft/model", "model(s) to assess, comma separated (e.g. VFT,AFT)")
     names: str = opt("", "display names for the models, comma separated")
     candidates: str | None = opt(None, "candidates file; without one, sample --k per question first")
     split: str = opt("train", "split to sample from when no candidates are given")
     n_questions: int | None = opt(200, "questions to sample when no candidates are given")
-    k: int = opt(8, "samples per question when sampling first")
-    temperature: float = opt(0.7, "sampling temperature when sampling first")
-    max_new_tokens: int = opt(256, "max tokens per sample")
-    batch_size: int = opt(16, "questions per scoring batch")
+    batch_size: int = opt(16, "questions per scoring (and sampling) batch")
     out: str = opt("runs/assess", "output folder (assessment.json, assessment.md, PNGs)")
-    backend: str = opt("auto", BACKEND_HELP + " (when sampling first)")
 
 
 @dataclass
@@ -286,8 +273,9 @@ class ImportConfig:
 
 
 @dataclass
-class IterateConfig(AlignConfig):
-    """`aftune iterate`: every `aftune align` field (the method and its training), plus the rounds' sampling and
+class IterateConfig(AlignConfig, KSamplingArguments):
+    """`aftune iterate`: every `aftune align` field (the method and its training), plus the rounds' sampling
+    (KSamplingArguments; max_new_tokens also bounds each greedy eval answer, and backend runs both) and
     evaluation. Each round samples from, and aligns, the previous round's model."""
 
     model: str = opt("runs/sft/model", "the start model M_0 (round 1 samples from it and continues it)")
@@ -296,20 +284,17 @@ class IterateConfig(AlignConfig):
     rounds: int = opt(3, "rounds of sample -> align -> eval")
     fresh_questions: bool = opt(False, "each round samples a disjoint slice of the train split (needs --n-questions)")
     n_questions: int | None = opt(None, "train questions sampled per round (default: all)")
-    k: int = opt(8, "samples per question per round")
-    temperature: float = opt(0.7, "sampling temperature")
-    top_p: float = opt(1.0, "nucleus sampling")
-    max_new_tokens: int = opt(256, "max tokens per sample and per greedy eval answer")
     sample_batch_size: int = opt(32, "questions per sampling batch")
     eval_split: str = opt("test", "split for each round's greedy accuracy")
     eval_questions: int | None = opt(None, "first N questions of --eval-split (default: all)")
     eval_batch_size: int = opt(64, "questions per batched greedy pass")
-    backend: str = opt("auto", BACKEND_HELP + " (each round's sampling and greedy eval)")
 
 
 @dataclass
-class GRPORunConfig(TrainCommon):
-    """`aftune grpo`: GRPO through trl.GRPOTrainer, rewarded by the task's own grader."""
+class GRPORunConfig(TrainCommon, SamplingArguments):
+    """`aftune grpo`: GRPO through trl.GRPOTrainer, rewarded by the task's own grader. The sampling options come
+    from SamplingArguments (max_new_tokens is also TRL's max_completion_length and dr_grpo's constant; backend is
+    the engine of aftune's rollouts)."""
 
     model: str = opt(
         "runs/sft/model",
@@ -323,9 +308,6 @@ class GRPORunConfig(TrainCommon):
         "who generates: trl (TRL's generate) | aftune (aftune's sampler through TRL's rollout_func: stop strings, "
         "the task's calculator) | auto (aftune where the task uses a calculator, else trl)",
     )
-    temperature: float = opt(0.7, "sampling temperature")
-    top_p: float = opt(1.0, "nucleus sampling")
-    max_new_tokens: int = opt(256, "max tokens per completion (TRL max_completion_length; dr_grpo's constant)")
     loss_type: str = opt("dr_grpo", "grpo | dr_grpo | dapo (TRL's loss_type)")
     beta: float = opt(0.0, "KL coefficient to the start model (0 = no reference model)")
     epsilon: float = opt(0.2, "PPO-style clipping range")

@@ -27,9 +27,10 @@ from aftune.commands.training import (
 from aftune.config import AlignConfig, save_config
 from aftune.evaluation.diagnostics import DiagnosticsCallback
 from aftune.io import InputError, atomic_write_json
-from aftune.prompting import PromptFormat, resolve_prompt_format, stop_strings
+from aftune.prompting import PromptFormat, resolve_prompt_format
 from aftune.records import CandidatesMeta, Group, meta_path_for, read_groups
-from aftune.sampling.sampler import SamplingConfig
+from aftune.sampling.arguments import sampling_config
+from aftune.sampling.engines import resolve_training_backend
 from aftune.training.compute import training_compute
 from aftune.training.data import AlignDataset, NLLDataset, rft_pairs
 from aftune.training.methods import get_method
@@ -71,6 +72,7 @@ def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
         if cfg.resample_k < 2:
             raise InputError(f"must be >= 2 to have anything to compare, got {cfg.resample_k}", field="--resample-k")
         check_positive(cfg, ("resample_max_new_tokens", "resample_batch_size"))
+        resample_backend = resolve_training_backend(cfg.resample_backend, cfg.lora_r > 0, "--resample-backend")
     out = Path(cfg.out)
     set_seed(cfg.seed)
     tasks = tasks_for(cfg)
@@ -129,16 +131,17 @@ def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
     resampler = None
     if cfg.resample_every:
         examples = {(t.name, e.id): (t, e) for t in tasks for e in load_examples(t, "train")}
-        scfg = SamplingConfig(
-            k=cfg.resample_k,
-            max_new_tokens=cfg.resample_max_new_tokens,
-            temperature=cfg.resample_temperature,
-            top_p=cfg.resample_top_p,
-            seed=cfg.seed,
-            batch_size=cfg.resample_batch_size,
-            stop=tuple(dict.fromkeys(x for t in tasks for x in stop_strings(t, fmt, tok))),
-            calculator=any(t.calculator for t in tasks),
+        scfg = sampling_config(
+            tasks, fmt, tok, cfg, prefix="resample_", seed=cfg.seed, batch_size=cfg.resample_batch_size
         )
+        engine = None
+        if resample_backend == "vllm":
+            from aftune.modeling import resolve_model
+            from aftune.sampling.vllm_backend import get_engine
+
+            # beside the model being trained on one GPU: the engine takes a third of its memory (as TRL colocates)
+            dtype = "bfloat16" if cfg.bf16 else "float32"
+            engine = get_engine(resolve_model(cfg.model), tok, dtype, gpu_memory_utilization=0.3)
         resampler = ResampleCallback(
             tok,
             ds,
@@ -151,6 +154,7 @@ def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
             cfg.max_response_tokens,
             cfg.seed,
             end,
+            engine=engine,
         )
         extra.append(resampler)
     trainer = AFTTrainer(
@@ -182,6 +186,7 @@ def run_align(cfg: AlignConfig, callbacks: list | tuple = ()) -> dict:
     }
     if cfg.resample_every:
         metrics["resample_every"] = cfg.resample_every
+        metrics["resample_backend"] = resample_backend
         metrics["resamples"] = resample_history(out / "resample", cfg.resample_every, cfg.max_steps)
     if diag is not None:
         metrics["diagnostics"] = diag.history

@@ -9,10 +9,10 @@ from aftune.config import AssessConfig, save_config
 from aftune.evaluation.assessment import assessment_metrics
 from aftune.evaluation.report import assessment_report
 from aftune.io import InputError
-from aftune.prompting import resolve_prompt_format, stop_strings
+from aftune.prompting import resolve_prompt_format
 from aftune.records import Group, read_groups
+from aftune.sampling.arguments import sampling_config
 from aftune.sampling.engines import Engine, open_engine, resolve_backend
-from aftune.sampling.sampler import SamplingConfig
 from aftune.sampling.store import builtin_engine_info, sample_candidates
 from aftune.scoring import score_texts
 
@@ -66,15 +66,7 @@ def run_assess(cfg: AssessConfig) -> dict:
             task,
             examples,
             path,
-            SamplingConfig(
-                k=cfg.k,
-                temperature=cfg.temperature,
-                max_new_tokens=cfg.max_new_tokens,
-                seed=cfg.seed,
-                batch_size=cfg.batch_size,
-                stop=stop_strings(task, fmt, tok),
-                calculator=task.calculator,
-            ),
+            sampling_config([task], fmt, tok, cfg, seed=cfg.seed, batch_size=cfg.batch_size),
             model_name=paths[0],
             progress=not cfg.quiet,
             prompt_format=fmt,

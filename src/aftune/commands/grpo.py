@@ -41,6 +41,8 @@ from aftune.config import EvalConfig, GRPORunConfig, save_config
 from aftune.io import InputError, atomic_write_json
 from aftune.prompting import resolve_prompt_format, stop_strings
 from aftune.records import Example
+from aftune.sampling.arguments import BACKENDS, sampling_config
+from aftune.sampling.engines import resolve_training_backend
 from aftune.tasks import Task
 from aftune.training.compute import ComputeCounter, find_counter, training_compute
 
@@ -98,15 +100,18 @@ class SamplerRollout:
     prompts, each repeated once per completion in a row (its RepeatSampler); a run of identical prompts becomes
     one prompt with k = the run's length. Seeded by (seed, optimiser step, call within the step), so a resumed
     run draws the same completions as a straight one.
+
+    engine: a vllm_backend.VLLMEngine (`--backend vllm`, CUDA only): the policy's current weights are loaded into
+    it before each rollout; None: the built-in sampler on the live policy.
     """
 
-    def __init__(self, tokenizer, cfg: GRPORunConfig, stop: tuple[str, ...], calculator: bool):
-        self.tok, self.cfg, self.stop, self.calculator = tokenizer, cfg, tuple(stop), calculator
+    def __init__(self, tokenizer, cfg: GRPORunConfig, stop: tuple[str, ...], calculator: bool, engine=None):
+        self.tok, self.cfg, self.stop, self.calculator, self.engine = tokenizer, cfg, tuple(stop), calculator, engine
         self._step, self._calls = -1, 0
 
     def __call__(self, prompts: list, trainer) -> dict[str, list]:
         from aftune.prompting import encode_prompt
-        from aftune.sampling.sampler import SamplingConfig, generate_k
+        from aftune.sampling.sampler import generate_k, question_seed
 
         runs: list[list] = []  # [prompt, count] per run of identical consecutive prompts
         for p in prompts:
@@ -124,18 +129,25 @@ class SamplerRollout:
         self._calls = self._calls + 1 if step == self._step else 0
         self._step = step
         seed = zlib.crc32(f"{self.cfg.seed}:grpo:{step}:{self._calls}".encode())
-        scfg = SamplingConfig(
+        scfg = sampling_config(
+            [],
+            None,
+            self.tok,
+            self.cfg,
             k=k,
-            max_new_tokens=self.cfg.max_new_tokens,
-            temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p,
             stop=self.stop,
+            calculator=self.calculator,
             seed=seed,
             batch_size=max(1, len(runs)),
-            calculator=self.calculator,
         )
         model = trainer.accelerator.unwrap_model(trainer.model)
-        samples = generate_k(model, self.tok, [p for p, _ in runs], scfg)
+        prompts = [p for p, _ in runs]
+        seeds = [question_seed(seed, str(i)) for i in range(len(runs))]  # per group: both engines draw alike
+        if self.engine is not None:
+            self.engine.load_weights(model)
+            samples = self.engine.generate(prompts, scfg, seeds)
+        else:
+            samples = generate_k(model, self.tok, prompts, scfg, seeds=seeds)
         out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": []}
         for (p, _), group in zip(runs, samples):
             ids = encode_prompt(self.tok, p)
@@ -147,8 +159,26 @@ class SamplerRollout:
 
 
 def use_sampler(cfg: GRPORunConfig, tasks: list[Task]) -> bool:
-    """--rollout auto: aftune's sampler where a task needs its calculator (TRL's generate has none)."""
-    return cfg.rollout == "aftune" or (cfg.rollout == "auto" and any(t.calculator for t in tasks))
+    """--rollout auto: aftune's sampler where a task needs its calculator (TRL's generate has none) or where
+    --backend vllm asks for vLLM (aftune's rollouts are the ones that can run there)."""
+    return cfg.rollout == "aftune" or (
+        cfg.rollout == "auto" and (any(t.calculator for t in tasks) or cfg.backend == "vllm")
+    )
+
+
+def rollout_engine(cfg: GRPORunConfig, tasks: list[Task]) -> str:
+    """Who generates the rollouts: trl (TRL's own generate), or the engine of aftune's rollouts, hf (the built-in
+    sampler on the live policy; what --backend auto gives) or vllm (CUDA only: refused where it cannot take
+    the changing weights)."""
+    if cfg.rollout == "trl" and cfg.backend == "vllm":
+        raise InputError(
+            "--backend picks the engine of aftune's rollouts, and --rollout trl generates with TRL; "
+            "use --rollout aftune (or auto) with --backend vllm",
+            field="--backend",
+        )
+    if not use_sampler(cfg, tasks):
+        return "trl"
+    return resolve_training_backend(cfg.backend, cfg.lora_r > 0, "--backend")
 
 
 def check_grpo(cfg: GRPORunConfig) -> None:
@@ -161,6 +191,8 @@ def check_grpo(cfg: GRPORunConfig) -> None:
         )
     if cfg.rollout not in ROLLOUTS:
         raise InputError(f"expected one of {', '.join(ROLLOUTS)}, got {cfg.rollout!r}", field="--rollout")
+    if cfg.backend not in BACKENDS:
+        raise InputError(f"expected one of {', '.join(BACKENDS)}, got {cfg.backend!r}", field="--backend")
     if cfg.num_generations < 2:
         raise InputError(
             f"GRPO needs >= 2 completions per prompt, got {cfg.num_generations}", field="--num-generations"
@@ -215,6 +247,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     out = Path(cfg.out)
     set_seed(cfg.seed)
     tasks = tasks_for(cfg)
+    engine_name = rollout_engine(cfg, tasks)  # before the model loads: a refused --backend costs nothing
     train = load_split(tasks, "train", cfg.n_questions)
     model, tok = load_model_checked(cfg.model, trust_remote_code=cfg.trust_remote_code)
     fmt = resolve_prompt_format(cfg.chat_template, tok)
@@ -226,7 +259,17 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     )
     stop = tuple(dict.fromkeys(s for t in tasks for s in stop_strings(t, fmt, tok)))
     reward = TaskReward(examples, stop)
-    rollout = SamplerRollout(tok, cfg, stop, any(t.calculator for t in tasks)) if use_sampler(cfg, tasks) else None
+    rollout = None
+    if engine_name != "trl":
+        engine = None
+        if engine_name == "vllm":
+            from aftune.modeling import resolve_model
+            from aftune.sampling.vllm_backend import get_engine
+
+            # beside the policy on one GPU: the engine takes a third of its memory (as TRL colocates)
+            dtype = "bfloat16" if cfg.bf16 else "float32"
+            engine = get_engine(resolve_model(cfg.model), tok, dtype, gpu_memory_utilization=0.3)
+        rollout = SamplerRollout(tok, cfg, stop, any(t.calculator for t in tasks), engine=engine)
     ckpt = out / "checkpoints"
     trainer = GRPOTrainer(
         rollout_func=rollout,
@@ -253,6 +296,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
         "train_seconds": round(wall, 1),
         "steps": trainer.state.global_step,
         "n_prompts": len(train),
+        "rollout_engine": engine_name,  # trl | hf | vllm
         "compute": compute,
         "log_history": trainer.state.log_history,
     }

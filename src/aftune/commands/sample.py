@@ -8,9 +8,9 @@ from aftune.commands.common import check_positive, load_examples, parse_shard, s
 from aftune.config import SampleConfig, save_config
 from aftune.distributed import env_shard
 from aftune.io import InputError
-from aftune.prompting import resolve_prompt_format, stop_strings
+from aftune.prompting import resolve_prompt_format
+from aftune.sampling.arguments import sampling_config
 from aftune.sampling.engines import BACKENDS, open_engine
-from aftune.sampling.sampler import SamplingConfig
 from aftune.sampling.shards import shard_file
 from aftune.sampling.store import sample_candidates
 
@@ -36,16 +36,7 @@ def run_sample(cfg: SampleConfig) -> dict:
     eng = open_engine(cfg.backend, cfg.model, "bfloat16" if cfg.bf16 else "float32", cfg.trust_remote_code)
     tok = eng.tokenizer
     fmt = resolve_prompt_format(cfg.chat_template, tok)
-    scfg = SamplingConfig(
-        k=cfg.k,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        stop=stop_strings(task, fmt, tok),
-        calculator=task.calculator,
-    )
+    scfg = sampling_config([task], fmt, tok, cfg, seed=cfg.seed, batch_size=cfg.batch_size)
     stats = sample_candidates(
         eng.model,
         tok,

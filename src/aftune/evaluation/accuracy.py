@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from aftune.prompting import PLAIN, PromptFormat, stop_strings
+from aftune.prompting import PLAIN, PromptFormat
 from aftune.records import Example
-from aftune.sampling.sampler import Sample, SamplingConfig, generate_k
+from aftune.sampling.arguments import sampling_config
+from aftune.sampling.sampler import Sample, generate_k
 from aftune.tasks import Task
 
 
@@ -42,13 +43,14 @@ def greedy_predictions(
         by_task[t.name].append(i)
     for idx in by_task.values():  # each task with its own stop strings
         task = items[idx[0]][0]
-        cfg = SamplingConfig(
+        cfg = sampling_config(
+            [task],
+            prompt_format,
+            tokenizer,
             k=1,
             temperature=0.0,
             max_new_tokens=max_new_tokens,
-            stop=stop_strings(task, prompt_format, tokenizer),
             batch_size=batch_size,
-            calculator=task.calculator,
         )
         prompts = [prompt_format.render(tokenizer, task.prompt(items[i][1])) for i in idx]
         outs = (

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from aftune.io import InputError
+from aftune.sampling.arguments import BACKENDS
 from aftune.sampling.sampler import Sample, SamplingConfig, generate_k
 
-BACKENDS = ("auto", "hf", "vllm")
 AUTO_VLLM_MIN_BYTES = 256 * 2**20  # weights at least this large: auto picks vLLM
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,29 @@ def resolve_backend(backend: str, model_name: str) -> str:
         pick = "vllm"
     log.info("--backend auto: sampling with %s", pick)
     return pick
+
+
+def resolve_training_backend(backend: str, lora: bool = False, field: str = "--backend") -> str:
+    """hf or vllm for sampling from a model that is being trained (semi-online resampling, GRPO rollouts).
+
+    auto is the built-in sampler: it samples the live model, where vLLM would need the weights reloaded into its
+    engine before every round. vllm is refused, in one line, where that reload cannot work (vLLM's CPU build; a
+    LoRA-wrapped model, whose adapters load_weights does not merge)."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend '{backend}' ({' | '.join(BACKENDS)})", field=field)
+    if backend == "vllm":
+        from aftune.sampling import vllm_backend
+
+        why = vllm_backend.reload_unsupported()
+        if why is None and lora:
+            why = "the vLLM backend takes full weights, not LoRA adapters, while training"
+        if why is not None:
+            raise InputError(f"{why}; use {field} hf (or auto)", field=field)
+        name = "vllm"
+    else:
+        name = "hf"
+    log.info("%s %s: sampling from the model being trained with %s", field, backend, name)
+    return name
 
 
 class Engine:

@@ -4,9 +4,9 @@ What makes a vLLM candidates file the same kind of file as the built-in sampler'
 - prompts go in as token ids from `aftune.prompting.encode_prompt` (chat templates: no doubled BOS), never as
   text for vLLM to tokenize;
 - aftune draws the tokens itself: every request runs greedy in vLLM, and the logits processor
-  `AftuneSampling` (in vLLM's worker) picks each row's token with the built-in sampler's own `pick` on noise
-  keyed by (question seed, row, step), then leaves only that token finite. A question's k samples therefore
-  depend on (seed, question id) alone, the same noise the built-in sampler draws (`generate_k(seeds=...)`), and
+  `AftuneSampling` (in vLLM's worker) picks each row's token with the built-in sampler's own `pick` on the
+  uniform keyed by (question seed, row, step), then leaves only that token finite. A question's k samples therefore
+  depend on (seed, question id) alone, drawn as the built-in sampler draws them (`generate_k(seeds=...)`), and
   no per-request vLLM seed is used (those fail on vLLM's CPU worker: "CPU Generator does not use offset");
 - the calculator (`Task.calculator`) forces its `result>>` tokens from the same processor, with the same
   decision (`Calculator.forced_after`): no stop-and-continue requests, and a forced token keeps the model's own
@@ -35,7 +35,7 @@ from aftune.sampling.sampler import (
     SamplingConfig,
     StopCheck,
     _eos_ids,
-    keyed_noise,
+    keyed,
     make_sample,
     pick,
     row_key,
@@ -62,6 +62,22 @@ def available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
+
+
+RELOAD_UNSUPPORTED = (
+    "vLLM's CPU build cannot load new weights into a running engine (its loader fails: \"'Parameter' object has "
+    "no attribute 'weight_loader'\"), so it cannot sample from a model being trained"
+)
+
+
+def reload_unsupported() -> str | None:
+    """Why this machine's vLLM cannot sample from a model whose weights change during the run, or None where it
+    can (installed, with CUDA: the CUDA build's loader takes new weights, as TRL uses it)."""
+    if not available():
+        return INSTALL_HINT
+    if not torch.cuda.is_available():
+        return RELOAD_UNSUPPORTED
+    return None
 
 
 def version() -> str:
@@ -161,8 +177,9 @@ def _make_processor_class():
                     draw.setdefault((row.cfg.temperature, row.cfg.top_p), []).append(i)
             for (_, _), idx in draw.items():
                 rows = [self.rows[i] for i in idx]
-                noise = keyed_noise([r.key for r in rows], [len(r.out) for r in rows])
-                tok = pick(logits[idx].float(), rows[0].cfg, noise)
+                keys = torch.tensor([r.key for r in rows], dtype=torch.long, device=logits.device)
+                steps = torch.tensor([len(r.out) for r in rows], dtype=torch.long, device=logits.device)
+                tok = pick(logits[idx].float(), rows[0].cfg, keyed(keys, steps))
                 chosen.update(zip(idx, tok.tolist()))
             if chosen:  # greedy sampling then takes the one finite entry
                 idx = torch.tensor(list(chosen), dtype=torch.long, device=logits.device)
@@ -248,9 +265,9 @@ class VLLMEngine:
         if hasattr(model, "merge_and_unload") or hasattr(model, "peft_config"):
             raise ValueError("load_weights takes a plain (merged) model, not a PEFT-wrapped one")
         if not torch.cuda.is_available():
-            # vLLM's CPU build repacks the linear weights after loading; its loader then fails ("'Parameter'
-            # object has no attribute 'weight_loader'"): semi-online resampling and GRPO keep the built-in sampler
-            raise NotImplementedError("vLLM's CPU build cannot reload weights into a running engine")
+            # vLLM's CPU build repacks the linear weights after loading, and its loader then fails: semi-online
+            # resampling and GRPO refuse --backend vllm up front (engines.resolve_training_backend)
+            raise NotImplementedError(RELOAD_UNSUPPORTED)
         items = []
         for name, t in model.state_dict().items():
             t = t.detach().cpu().contiguous()

@@ -4,8 +4,9 @@ Offline AFT trains all its steps on candidates sampled once from the start model
 re-samples: after optimiser step t with t mod S == 0 (and t < max_steps), every training question q gets
 fresh candidates c_1..c_k ~ pi_theta_t(. | q), labelled by the task's grader, and steps t+1..t+S train on
 them. S >= max_steps is offline AFT, S = 1 is on-policy (each step's candidates come from the weights that
-step starts from). Sampling goes through the same sampler (`generate_k`) and labelling (`build_group`) as
-`aftune sample`, so a group's candidates are built exactly as in a candidates file.
+step starts from). Sampling goes through the same sampler (`generate_k`, or vLLM with the current weights loaded
+into it: `--resample-backend vllm`, CUDA only) and labelling (`build_group`) as `aftune sample`, each question
+drawn from its own seed, so a group's candidates are built exactly as in a candidates file.
 
 Exact under resume. Resampling at step t is seeded by (seed, t), and each resampled set is written to
 OUT/resample/step{t}.jsonl (atomically) before step t+1 runs. A resumed run that reaches step t again reads
@@ -34,7 +35,7 @@ from transformers import TrainerCallback
 
 from aftune.io import InputError, write_jsonl
 from aftune.records import Example, Group, read_groups
-from aftune.sampling.sampler import SamplingConfig, generate_k
+from aftune.sampling.sampler import SamplingConfig, generate_k, question_seed
 from aftune.sampling.store import build_group, group_stats
 from aftune.training.compute import find_counter
 from aftune.training.data import AlignDataset
@@ -85,6 +86,8 @@ class ResampleCallback(TrainerCallback):
         out_dir: where step{t}.jsonl files go.
         max_candidates, include_reference, max_response_tokens, end: as for the AlignDataset.
         seed: the run's seed.
+        engine: a vllm_backend.VLLMEngine to sample with (the model's weights are loaded into it first each
+            time), or None: the built-in sampler on the live model.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class ResampleCallback(TrainerCallback):
         max_response_tokens: int | None,
         seed: int,
         end: list[int] | None = None,
+        engine=None,
     ):
         missing = [g.id for g in dataset.groups if (g.task, g.id) not in examples]
         if missing:
@@ -112,6 +116,7 @@ class ResampleCallback(TrainerCallback):
         self.max_candidates, self.include_reference = max_candidates, include_reference
         self.max_response_tokens, self.seed, self.end = max_response_tokens, seed, end
         self.trainer = None  # set after the trainer is built: the compute counter lives there
+        self.engine = engine
 
     def path(self, step: int) -> Path:
         return self.dir / f"step{step}.jsonl"
@@ -153,7 +158,13 @@ class ResampleCallback(TrainerCallback):
         """k fresh, labelled candidates per training question from `model` (seeded by the step)."""
         groups = self.ds.groups
         cfg = replace(self.sampling, seed=zlib.crc32(f"{self.seed}:resample:{step}".encode()))
-        samples = generate_k(model, self.tok, [g.prompt for g in groups], cfg)
+        prompts = [g.prompt for g in groups]
+        seeds = [question_seed(cfg.seed, f"{g.task}/{g.id}") for g in groups]  # either engine draws the same
+        if self.engine is not None:
+            self.engine.load_weights(model)
+            samples = self.engine.generate(prompts, cfg, seeds)
+        else:
+            samples = generate_k(model, self.tok, prompts, cfg, seeds=seeds)
         out = []
         for g, s in zip(groups, samples):
             task, ex = self.examples[(g.task, g.id)]
