@@ -2,8 +2,12 @@
 
 GSM8K test questions as `Question: ...\\nAnswer:\\n`, k samples each, temperature 0.8, natural lengths (EOS or
 max new tokens), both cores. Each row runs in its own process (vLLM keeps memory and threads), reporting new
-tokens, wall time, new tokens/s and the process tree's peak resident memory (ru_maxrss of itself and its
-children: vLLM's engine and worker processes). Engine start-up is reported apart and not in the wall time.
+tokens, wall time, new tokens/s and the process tree's peak memory: the parent polls the row's process and every
+descendant (vLLM's engine core and worker processes) every POLL_S seconds and keeps the largest sum of their
+resident sets (RSS; pages shared between the processes, such as torch's libraries, count once per process) and
+of their proportional sets (PSS: shared pages split between their users, so the sum is the tree's real
+footprint). A spike shorter than the poll interval can be missed. Engine start-up is reported apart and not in
+the wall time.
 
     .venv/bin/python bench/bench_vllm.py --smoke                 # proves it runs (arith-base, fp32, tiny sizes)
     .venv/bin/python bench/bench_vllm.py --models arith-base,gemma --dtypes float32,bfloat16 \\
@@ -15,9 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,10 +49,58 @@ def prompts(n: int) -> list[str]:
     return [f"Question: {r['question']}\nAnswer:\n" for r in rows]
 
 
-def peak_mib() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + kids) / 1024  # KiB on Linux; children: the largest finished child (vLLM's worker)
+POLL_S = 0.1
+
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants now (from /proc: each process's parent is field 4 of its stat line)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # exited while we looked
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # after the command name, which may hold spaces
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def tree_memory_kib(root: int) -> tuple[int, int]:
+    """(sum of RSS, sum of PSS) over the process tree of `root`, in KiB (smaps_rollup; 0 for a process gone)."""
+    rss = pss = 0
+    for pid in process_tree(root):
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("Rss:"):
+                rss += int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss += int(line.split()[1])
+    return rss, pss
+
+
+def run_polled(cmd: list[str], env: dict) -> tuple[str, str, float, float]:
+    """Run `cmd`, polling its process tree's memory: (stdout, stderr, peak RSS MiB, peak PSS MiB). Output goes to
+    files, not pipes: vLLM's logging would fill a pipe nobody reads while we poll."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        peak_rss = peak_pss = 0
+        while p.poll() is None:
+            rss, pss = tree_memory_kib(p.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            time.sleep(POLL_S)
+        out.seek(0)
+        err.seek(0)
+        return out.read(), err.read(), peak_rss / 1024, peak_pss / 1024
 
 
 def run_row(row: str, folder: str, dtype: str, n: int, k: int, T: int) -> dict:
@@ -130,7 +182,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
         row, model, dtype = a.one.split(",")
         res = run_row(row, model_folder(model), dtype, a.questions, a.k, a.max_new_tokens)
-        res.update(model=model, dtype=dtype, peak_mib=peak_mib())
+        res.update(model=model, dtype=dtype)
         print("RESULT " + json.dumps(res), flush=True)
         return
     env = dict(os.environ)
@@ -145,8 +197,8 @@ def main() -> None:
         f"CPU: {model_name}; {n} threads; flags: {' '.join(f for f in flags if f.startswith(('avx', 'amx')))}",
         f"{a.questions} GSM8K test questions x k={a.k}, temperature 0.8, at most {a.max_new_tokens} new tokens",
         "",
-        "| model | dtype | sampler | new tokens | wall s | new tokens/s | start-up s | peak MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | dtype | sampler | new tokens | wall s | new tokens/s | start-up s | peak RSS MiB | peak PSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model in a.models.split(","):
         for dtype in a.dtypes.split(","):
@@ -154,16 +206,16 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--one", f"{row},{model},{dtype}"]
                 cmd += ["--questions", str(a.questions), "--k", str(a.k), "--max-new-tokens", str(a.max_new_tokens)]
                 cmd += ["--threads", str(n)]
-                p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                got = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+                stdout, stderr, peak_rss, peak_pss = run_polled(cmd, env)
+                got = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
                 if not got:
-                    tail = (p.stderr.strip().splitlines() or ["?"])[-1]
-                    lines.append(f"| {model} | {dtype} | {row} | failed: {tail[:120]} | | | | |")
+                    tail = (stderr.strip().splitlines() or ["?"])[-1]
+                    lines.append(f"| {model} | {dtype} | {row} | failed: {tail[:120]} | | | | | |")
                 else:
                     r = json.loads(got[-1][7:])
                     lines.append(
                         f"| {model} | {dtype} | {row} | {r['new_tokens']:,} | {r['wall_s']:.1f} | {r['tok_s']:.0f} "
-                        f"| {r['startup_s']:.0f} | {r['peak_mib']:.0f} |"
+                        f"| {r['startup_s']:.0f} | {peak_rss:.0f} | {peak_pss:.0f} |"
                     )
                 print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
