@@ -14,13 +14,13 @@ from pathlib import Path
 import yaml
 from conftest import TINY_PLAN
 
-from aftune.commands.demo import runs_dir
 from aftune.commands.experiment.arms import load_arms_study
 from aftune.commands.experiment.arms_results import write_arms_results
 from aftune.commands.experiment.config import load_experiment
 from aftune.commands.experiment.grid import grid
+from aftune.commands.experiment.layout import runs_dir, trial_dir
 from aftune.commands.experiment.results import write_results
-from aftune.commands.experiment.tuning import default_lr, eval_name, selection, trial_dir
+from aftune.commands.experiment.tuning import default_lr, eval_name, selection
 from aftune.io import atomic_write_json, write_jsonl
 from aftune.records import Candidate, CandidatesMeta, Group, meta_path_for
 

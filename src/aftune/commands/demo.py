@@ -232,11 +232,6 @@ PROTOCOLS = {
 }
 
 
-def runs_dir(protocol: str) -> str:
-    """An experiment seed's folder of runs under a protocol (continue keeps the original name)."""
-    return "runs" if protocol == "continue" else f"runs-{protocol.replace('_', '-')}"
-
-
 def base_model(plan: DemoPlan, vft_dir: Path) -> str:
     """The model VFT started from: the plan's base, or (from scratch) the VFT run's saved initialisation."""
     return str(vft_dir / "init") if plan.base == "tiny" else plan.base

@@ -17,10 +17,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from aftune.commands.align import run_align
-from aftune.commands.demo import align_config, runs_dir
+from aftune.commands.demo import align_config
 from aftune.commands.eval import run_eval
 from aftune.commands.experiment.config import CONTROL, Experiment, load_experiment
 from aftune.commands.experiment.grid import Run, grid
+from aftune.commands.experiment.layout import EVAL, METRICS, cell_dir, lr_tag, runs_dir, trial_dir
 from aftune.commands.experiment.results import write_results
 from aftune.commands.experiment.shared import (
     SeedFiles,
@@ -31,7 +32,7 @@ from aftune.commands.experiment.shared import (
     run_and_clean,
     seed_steps,
 )
-from aftune.commands.experiment.tuning import default_lr, eval_name, lr_tag, selection, trial_dir
+from aftune.commands.experiment.tuning import default_lr, eval_name, selection
 from aftune.commands.resumable import Steps
 from aftune.config import EvalConfig
 from aftune.io import atomic_write_json
@@ -101,7 +102,6 @@ def run_experiment(
                 tuned(r, p)
 
     for seed in todo:
-        sd = root / f"seed{seed}"
         files = seed_steps(step, root, seed, plan, exp.data_seed, exp.bf16, quiet, kmax, exp.ks)
         ev = files.eval_args
 
@@ -112,7 +112,7 @@ def run_experiment(
                     d = trial_dir(root, seed, runs_dir(protocol), r.setting, lr)
                     name = f"{r.setting}-{lr_tag(lr)}{tag}"
                     cfg = cell_config(exp, files, replace(r, seed=seed), protocol, d, lr)
-                    step(f"seed{seed}/tune {name}", d / "metrics.json", run_and_clean, run_align, cfg)
+                    step(f"seed{seed}/tune {name}", d / METRICS, run_and_clean, run_align, cfg)
                     step(
                         f"seed{seed}/eval ({tune.split}) tune {name}",
                         d / eval_name(tune),
@@ -127,15 +127,15 @@ def run_experiment(
             continue
 
         for protocol, r in ((p, tuned(r, p)) for p in exp.protocols for r in runs if r.seed == seed):
-            d = sd / runs_dir(protocol) / r.cell
+            d = cell_dir(root, seed, protocol, r.cell)
             tag = "" if protocol == "continue" else f" [{protocol}]"
             cfg = cell_config(exp, files, r, protocol, d, r.lr)
-            step(f"seed{seed}/align {r.cell}{tag}", d / "metrics.json", run_and_clean, run_align, cfg)
+            step(f"seed{seed}/align {r.cell}{tag}", d / METRICS, run_and_clean, run_align, cfg)
             step(
                 f"seed{seed}/eval {r.cell}{tag}",
-                d / "eval.json",
+                d / EVAL,
                 run_eval,
-                EvalConfig(**ev, model=str(d / "model"), out=str(d / "eval.json")),
+                EvalConfig(**ev, model=str(d / "model"), out=str(d / EVAL)),
             )
 
     if set(todo) != set(exp.seeds + tune_seeds):

@@ -17,7 +17,8 @@ test split with per-question predictions, and a table of accuracy against comput
       grpo_dr: {command: grpo, loss_type: dr_grpo, beta: 0.0}
 
 Each arm starts from the study's defaults for its command (`arm_config`) and the arm's fields replace them.
-OUT/seedS/online/<arm>/: arm.json (the arm as run), run/ (the command's --out), eval.json (+ predictions).
+OUT/seedS/online/<arm>/: arm.json (the arm as run), run/ (the command's --out), eval.json (+ predictions); the
+layout and the Arm / ArmsStudy specs are `experiment.layout`'s, which the results (`experiment.arms_results`) read.
 See docs/online.md, "The study".
 """
 
@@ -26,14 +27,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from aftune.commands.align import run_align
-from aftune.commands.demo import DemoPlan, align_config
+from aftune.commands.demo import align_config
 from aftune.commands.eval import run_eval
+from aftune.commands.experiment.arms_results import write_arms_results
 from aftune.commands.experiment.config import check_scalars, num_list, parse_plan, parse_report
+from aftune.commands.experiment.layout import (
+    ARM_SPEC,
+    CONTROL_ARM,
+    EVAL,
+    METRICS,
+    Arm,
+    ArmsStudy,
+    arm_dir,
+    arm_run_dir,
+)
 from aftune.commands.experiment.shared import (
     SeedFiles,
     check_fingerprint,
@@ -62,7 +74,6 @@ from aftune.training.methods import METHODS, get_method
 from aftune.training.online import check_semi_online
 from aftune.yaml_io import YamlDoc, read_yaml, read_yaml_mapping
 
-CONTROL_ARM = "control"
 COMMANDS: dict[str, type] = {"align": AlignConfig, "iterate": IterateConfig, "grpo": GRPORunConfig}
 RUNNERS = {"align": run_align, "iterate": run_iterate, "grpo": run_grpo}
 TOP_KEYS = ("name", "out", "report", "base", "plan", "sample_k", "data_seed", "seeds", "arms", "diag_every", "bf16")
@@ -78,37 +89,6 @@ RESERVED = (
     "eval_questions",
 )
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-@dataclass(frozen=True)
-class Arm:
-    name: str
-    command: str  # a key of COMMANDS
-    fields: dict[str, Any]  # config field name -> value, as the arm gives them (on top of the study's defaults)
-    shared_candidates: bool = False  # iterate: round 1 trains on the seed's shared sampling pass
-
-    @property
-    def spec(self) -> dict:
-        """What the arm asks for, as recorded in its folder (arm.json)."""
-        return {"command": self.command, **self.fields, **({"candidates": "shared"} if self.shared_candidates else {})}
-
-
-@dataclass(frozen=True)
-class ArmsStudy:
-    name: str
-    out: str
-    plan: DemoPlan
-    seeds: tuple[int, ...]
-    arms: tuple[Arm, ...]
-    data_seed: int = 0
-    sample_k: int | None = None
-    diag_every: int = 0
-    bf16: bool = False
-    report: str | None = None
-
-    @property
-    def kmax(self) -> int:
-        return self.sample_k or self.plan.k
 
 
 def arm_key_line(doc: YamlDoc, arm: str, key: str | None) -> int | None:
@@ -258,7 +238,7 @@ def arm_config(study: ArmsStudy, arm: Arm, files: SeedFiles, d: Path):
       accuracy on the test split.
     grpo: the command's defaults, sampling at the plan's temperature and length.
     Every arm starts from the seed's VFT model, on the seed's task and data, and writes to d/run."""
-    plan, kmax, run = study.plan, study.kmax, d / "run"
+    plan, kmax, run = study.plan, study.kmax, arm_run_dir(d)
     cands = files.candidates[kmax]
     if arm.command == "grpo":
         base = GRPORunConfig(
@@ -297,19 +277,15 @@ def arm_config(study: ArmsStudy, arm: Arm, files: SeedFiles, d: Path):
 
 def final_model(command: str, run: Path) -> str:
     """The model an arm ends with, from its command's metrics.json."""
-    m = json.loads((run / "metrics.json").read_text())
+    m = json.loads((run / METRICS).read_text())
     return m["rounds"][-1]["model"] if command == "iterate" else m["model"]
-
-
-def arm_dir(root: Path, seed: int, arm: str) -> Path:
-    return root / f"seed{seed}" / "online" / arm
 
 
 def check_arm_folders(root: Path, study: ArmsStudy, seeds: tuple[int, ...], config_path: str | Path) -> None:
     """A finished arm is skipped on rerun, so an arm whose settings changed must not reuse its old folder."""
     for seed in seeds:
         for arm in study.arms:
-            rec = arm_dir(root, seed, arm.name) / "arm.json"
+            rec = arm_dir(root, seed, arm.name) / ARM_SPEC
             if rec.exists():
                 old = json.loads(rec.read_text())
                 new = json.loads(json.dumps(arm.spec))
@@ -348,22 +324,20 @@ def run_arms(
             d = arm_dir(root, seed, arm.name)
             cfg = arm_config(study, arm, files, d)
             d.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(d / "arm.json", arm.spec)
+            atomic_write_json(d / ARM_SPEC, arm.spec)
             run = Path(cfg.out)
-            step(f"seed{seed}/online {arm.name}", run / "metrics.json", run_and_clean, RUNNERS[arm.command], cfg)
+            step(f"seed{seed}/online {arm.name}", run / METRICS, run_and_clean, RUNNERS[arm.command], cfg)
             step(
                 f"seed{seed}/eval online {arm.name}",
-                d / "eval.json",
+                d / EVAL,
                 run_eval,
-                EvalConfig(**files.eval_args, model=final_model(arm.command, run), out=str(d / "eval.json")),
+                EvalConfig(**files.eval_args, model=final_model(arm.command, run), out=str(d / EVAL)),
             )
 
     n_runs = len(study.arms) * len(study.seeds)
     if set(todo) != set(study.seeds):
         print(f"[experiment] seeds {list(todo)} done; run without --seeds to write the results")
         return {"results": None, "n_runs": n_runs, "skipped": step.skipped, "timings": step.timings, "arms": None}
-    from aftune.commands.experiment.arms_results import write_arms_results  # it reads this module's layout
-
     results = write_arms_results(root, report, study)
     print(f"[experiment] results: {report / 'results-online.md'}")
     return {

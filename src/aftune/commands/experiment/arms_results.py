@@ -24,7 +24,18 @@ import json
 import statistics
 from pathlib import Path
 
-from aftune.commands.experiment.arms import CONTROL_ARM, Arm, ArmsStudy, arm_dir
+from aftune.commands.experiment.layout import (
+    CONTROL_ARM,
+    EVAL,
+    METRICS,
+    Arm,
+    ArmsStudy,
+    arm_dir,
+    arm_run_dir,
+    sampled_candidates,
+    vft_eval,
+)
+from aftune.commands.experiment.plots import plot_compute, plot_experiment
 from aftune.commands.experiment.results import (
     PAIRED_TEST,
     STATS_LEGEND,
@@ -34,7 +45,6 @@ from aftune.commands.experiment.results import (
     paired_evals,
     seeds_text,
 )
-from aftune.evaluation.plots import plot_experiment, pyplot, save_figure
 from aftune.evaluation.report import markdown_image, markdown_table, write_report
 from aftune.evaluation.stats import summary
 from aftune.io import atomic_write_json
@@ -120,63 +130,53 @@ def _mean(values: list[float | None]) -> float | None:
 
 def arm_entry(root: Path, study: ArmsStudy, arm: Arm, control_evals: dict[int, Path]) -> dict:
     """One arm over the study's seeds: accuracy, the paired test against the control, mean compute, curve."""
-    per_seed: dict[int, dict] = {}
-    evals: dict[int, Path] = {}
-    method = None
-    for s in study.seeds:
-        d = arm_dir(root, s, arm.name)
-        metrics = json.loads((d / "run" / "metrics.json").read_text())
-        method = str(metrics.get("method"))
-        charged = arm.command == "align" and trains_on_candidates(method)
-        shared = sampling_stats(root / f"seed{s}" / f"candidates.k{study.kmax}.jsonl") if charged else None
-        comp = arm_compute(arm.command, metrics, shared)
-        evals[s] = d / "eval.json"
-        acc = json.loads(evals[s].read_text())["accuracy"]
-        if comp["points"][-1]["test_acc"] is None:
-            comp["points"][-1]["test_acc"] = acc
-        per_seed[s] = {"test_acc": acc, **comp}
     seeds = list(study.seeds)
-    n_points = len(per_seed[seeds[0]]["points"])
-    curve = [
-        {
-            "round": per_seed[seeds[0]]["points"][i]["round"],
-            "generated_tokens": _mean([per_seed[s]["points"][i]["generated_tokens"] for s in seeds]),
-            "wall_seconds": _mean([per_seed[s]["points"][i]["wall_seconds"] for s in seeds]),
-            "test_acc": summary([per_seed[s]["points"][i]["test_acc"] for s in seeds]),
-        }
-        for i in range(n_points)
-    ]
+    per_seed = {s: arm_seed(root, study, arm, s) for s in seeds}
+    evals = {s: arm_dir(root, s, arm.name) / EVAL for s in seeds}
     return {
         "arm": arm.name,
         "command": arm.command,
-        "method": method,
+        "method": per_seed[seeds[-1]]["method"],
         "settings": arm.spec,
         "seeds": seeds,
         "test_acc": summary([per_seed[s]["test_acc"] for s in seeds]),
         "vs_control": paired_evals(evals, control_evals, seeds),
         "compute": {k: _mean([per_seed[s][k] for s in seeds]) for k in COMPUTE_KEYS},
-        "per_seed": {str(s): {k: v for k, v in per_seed[s].items() if k != "points"} for s in seeds},
-        "curve": curve,
+        "per_seed": {str(s): {k: v for k, v in per_seed[s].items() if k not in ("points", "method")} for s in seeds},
+        "curve": _curve([per_seed[s]["points"] for s in seeds]),
     }
+
+
+def arm_seed(root: Path, study: ArmsStudy, arm: Arm, seed: int) -> dict:
+    """One seed of an arm: its method, test accuracy and compute (`arm_compute`), from the files it wrote."""
+    d = arm_dir(root, seed, arm.name)
+    metrics = json.loads((arm_run_dir(d) / METRICS).read_text())
+    method = str(metrics.get("method"))
+    charged = arm.command == "align" and trains_on_candidates(method)
+    shared = sampling_stats(sampled_candidates(root, seed, study.kmax)) if charged else None
+    comp = arm_compute(arm.command, metrics, shared)
+    acc = json.loads((d / EVAL).read_text())["accuracy"]
+    if comp["points"][-1]["test_acc"] is None:
+        comp["points"][-1]["test_acc"] = acc
+    return {"method": method, "test_acc": acc, **comp}
+
+
+def _curve(points: list[list[dict]]) -> list[dict]:
+    """The mean over seeds of each accuracy-vs-compute point (`points`: one list per seed, the same rounds)."""
+    return [
+        {
+            "round": points[0][i]["round"],
+            "generated_tokens": _mean([p[i]["generated_tokens"] for p in points]),
+            "wall_seconds": _mean([p[i]["wall_seconds"] for p in points]),
+            "test_acc": summary([p[i]["test_acc"] for p in points]),
+        }
+        for i in range(len(points[0]))
+    ]
 
 
 def write_arms_results(root: Path, report: Path, study: ArmsStudy) -> dict:
     """report/results.json, results-online.md and plots/ from the files under root (rerunnable)."""
-    control = {s: arm_dir(root, s, CONTROL_ARM) / "eval.json" for s in study.seeds}
-    vft_evals = {s: root / f"seed{s}" / "eval" / "VFT.json" for s in study.seeds}
-    vft = {
-        "test_acc": summary([json.loads(vft_evals[s].read_text())["accuracy"] for s in study.seeds]),
-        "vs_control": paired_evals(vft_evals, control, study.seeds),
-    }
-    arms = [arm_entry(root, study, arm, control) for arm in study.arms]
-    sampling = {
-        f"seed{s}": {
-            k: v
-            for k, v in sampling_stats(root / f"seed{s}" / f"candidates.k{study.kmax}.jsonl").items()
-            if k in ("questions", "candidates", "frac_correct", "frac_mixed", "generated_tokens", "wall_s")
-        }
-        for s in study.seeds
-    }
+    control = {s: arm_dir(root, s, CONTROL_ARM) / EVAL for s in study.seeds}
     results = {
         "kind": "arms",
         "name": study.name,
@@ -186,27 +186,59 @@ def write_arms_results(root: Path, report: Path, study: ArmsStudy) -> dict:
         "sample_k": study.kmax,
         "control": CONTROL_ARM,
         "paired_test": PAIRED_TEST,
-        "shared_sampling": sampling,
-        "vft": vft,
-        "arms": arms,
+        "shared_sampling": shared_sampling(root, study),
+        "vft": vft_entry(root, study, control),
+        "arms": [arm_entry(root, study, arm, control) for arm in study.arms],
     }
     atomic_write_json(report / "results.json", results)
-
-    plots = plot_compute(report, arms, vft, study.name)
-    cells = [  # plot_experiment's view: the per-arm bars and the paired differences to the control
-        {"cell": "VFT", "method": "VFT (start)", "k": None, "beta": None, "lambda": None, **_cell_metrics(vft)},
-        *(
-            {"cell": a["arm"], "method": a["method"], "k": None, "beta": None, "lambda": None, **_cell_metrics(a)}
-            for a in arms
-        ),
-    ]
-    plots += plot_experiment(report, cells, study.name, CONTROL_ARM)
+    plots = plot_compute(report, results["arms"], results["vft"], study.name)
+    plots += plot_experiment(report, _plot_cells(results), study.name, CONTROL_ARM)
     write_report(
         report / "results-online.md",
         f"aftune experiment: {study.name} (arms)",
         _sections(study, results, plots, report),
     )
     return results
+
+
+def vft_entry(root: Path, study: ArmsStudy, control_evals: dict[int, Path]) -> dict:
+    """The VFT start every arm begins from: its accuracy over seeds and the paired test against the control."""
+    evals = {s: vft_eval(root, s) for s in study.seeds}
+    return {
+        "test_acc": summary([json.loads(evals[s].read_text())["accuracy"] for s in study.seeds]),
+        "vs_control": paired_evals(evals, control_evals, study.seeds),
+    }
+
+
+SAMPLING_STATS = ("questions", "candidates", "frac_correct", "frac_mixed", "generated_tokens", "wall_s")
+
+
+def shared_sampling(root: Path, study: ArmsStudy) -> dict:
+    """Per seed, the shared sampling pass's size and cost (its sidecar's stats)."""
+    return {
+        f"seed{s}": {
+            k: v for k, v in sampling_stats(sampled_candidates(root, s, study.kmax)).items() if k in SAMPLING_STATS
+        }
+        for s in study.seeds
+    }
+
+
+def _plot_cells(results: dict) -> list[dict]:
+    """plot_experiment's view: the per-arm bars and the paired differences to the control."""
+    return [
+        {
+            "cell": "VFT",
+            "method": "VFT (start)",
+            "k": None,
+            "beta": None,
+            "lambda": None,
+            **_cell_metrics(results["vft"]),
+        },
+        *(
+            {"cell": a["arm"], "method": a["method"], "k": None, "beta": None, "lambda": None, **_cell_metrics(a)}
+            for a in results["arms"]
+        ),
+    ]
 
 
 def _cell_metrics(entry: dict) -> dict:
@@ -218,27 +250,47 @@ def _per_seed_text(m: dict) -> str:
 
 
 def _sections(study: ArmsStudy, results: dict, plots: list[tuple[Path, str]], report: Path) -> list[tuple[str, str]]:
-    def row(name: str, command: str | None, method: str | None, acc: dict, t: dict, comp: dict | None) -> dict:
-        comp = comp or {}
-        wall = comp.get("wall_seconds")
-        return {
-            "arm": name,
-            "command": command,
-            "method": method,
-            "test acc %": mean_std_text(acc, 100),
-            "per seed %": _per_seed_text(acc),
-            "Δ vs control, pts [95% CI]": delta_text(t),
-            "p": p_text(t),
-            "Δ per seed (McNemar p); sd": seeds_text(t),
-            "generated tokens": comp.get("generated_tokens"),
-            "tokens scored": comp.get("tokens_scored"),
-            "optimiser steps": comp.get("optimizer_steps"),
-            "wall min": None if wall is None else wall / 60,
-        }
+    """results-online.md's sections, in order (the per-round and sampling tables only when they have rows)."""
+    sections = [("Results", _results_table(study, results))]
+    curve = _curve_table(results["arms"])
+    if curve:
+        sections.append(("Iterate arms per round", curve))
+    sampling = _sampling_table(results["shared_sampling"])
+    if sampling:
+        sections.append(("Shared sampling pass (per seed)", sampling))
+    sections.append(("Plots", "\n\n".join(markdown_image(p, alt, report) for p, alt in plots) or "None."))
+    sections.append(
+        ("Arms", "```\n" + json.dumps({a["arm"]: a["settings"] for a in results["arms"]}, indent=1) + "\n```")
+    )
+    sections.append(("Plan", "```\n" + json.dumps(results["plan"], indent=1) + "\n```"))
+    return sections
 
-    rows = [row("VFT (start)", None, None, results["vft"]["test_acc"], results["vft"]["vs_control"], None)]
+
+def _arm_row(name: str, command: str | None, method: str | None, acc: dict, t: dict, comp: dict | None) -> dict:
+    comp = comp or {}
+    wall = comp.get("wall_seconds")
+    return {
+        "arm": name,
+        "command": command,
+        "method": method,
+        "test acc %": mean_std_text(acc, 100),
+        "per seed %": _per_seed_text(acc),
+        "Δ vs control, pts [95% CI]": delta_text(t),
+        "p": p_text(t),
+        "Δ per seed (McNemar p); sd": seeds_text(t),
+        "generated tokens": comp.get("generated_tokens"),
+        "tokens scored": comp.get("tokens_scored"),
+        "optimiser steps": comp.get("optimizer_steps"),
+        "wall min": None if wall is None else wall / 60,
+    }
+
+
+def _results_table(study: ArmsStudy, results: dict) -> str:
+    """The VFT start and every arm: accuracy, the paired test against the control, mean compute; and the legend."""
+    rows = [_arm_row("VFT (start)", None, None, results["vft"]["test_acc"], results["vft"]["vs_control"], None)]
     rows += [
-        row(a["arm"], a["command"], a["method"], a["test_acc"], a["vs_control"], a["compute"]) for a in results["arms"]
+        _arm_row(a["arm"], a["command"], a["method"], a["test_acc"], a["vs_control"], a["compute"])
+        for a in results["arms"]
     ]
     fmt = {"generated tokens": ",.0f", "tokens scored": ",.0f", "optimiser steps": ",.0f", "wall min": ".1f"}
     table = markdown_table(rows, list(rows[0]), fmt)
@@ -252,7 +304,12 @@ seeds: **generated tokens**: every token sampled for the arm (an align arm whose
 charged the shared k={study.kmax} sampling pass; iterate: every round's pass; semi-online: + its resampling; grpo:
 its rollouts); **tokens scored**: tokens forwarded in training; **wall min**: sampling + training seconds (no model
 loading, no evaluation). See docs/online.md."""
-    curve_rows = [
+    return table + notes
+
+
+def _curve_table(arms: list[dict]) -> str | None:
+    """The iterate arms' accuracy and cumulative compute after each round (None: no iterate arm)."""
+    rows = [
         {
             "arm": a["arm"],
             "round": p["round"],
@@ -260,78 +317,23 @@ loading, no evaluation). See docs/online.md."""
             "cum. generated tokens": p["generated_tokens"],
             "cum. wall min": None if p["wall_seconds"] is None else p["wall_seconds"] / 60,
         }
-        for a in results["arms"]
+        for a in arms
         if a["command"] == "iterate"
         for p in a["curve"]
     ]
-    samp_rows = [{"seed": s, **v} for s, v in results["shared_sampling"].items()]
-    sections = [("Results", table + notes)]
-    if curve_rows:
-        sections.append(
-            (
-                "Iterate arms per round",
-                markdown_table(
-                    curve_rows, list(curve_rows[0]), {"cum. generated tokens": ",.0f", "cum. wall min": ".1f"}
-                ),
-            )
-        )
-    if samp_rows:
-        cols = [
-            "seed",
-            *[
-                k
-                for k in ("questions", "candidates", "generated_tokens", "wall_s", "frac_correct", "frac_mixed")
-                if any(k in r for r in samp_rows)
-            ],
-        ]
-        sections.append(
-            (
-                "Shared sampling pass (per seed)",
-                markdown_table(
-                    samp_rows,
-                    cols,
-                    {"generated_tokens": ",.0f", "wall_s": ".1f", "frac_correct": ".1%", "frac_mixed": ".1%"},
-                ),
-            )
-        )
-    sections.append(("Plots", "\n\n".join(markdown_image(p, alt, report) for p, alt in plots) or "None."))
-    sections.append(
-        ("Arms", "```\n" + json.dumps({a["arm"]: a["settings"] for a in results["arms"]}, indent=1) + "\n```")
-    )
-    sections.append(("Plan", "```\n" + json.dumps(results["plan"], indent=1) + "\n```"))
-    return sections
+    if not rows:
+        return None
+    return markdown_table(rows, list(rows[0]), {"cum. generated tokens": ",.0f", "cum. wall min": ".1f"})
 
 
-def plot_compute(report: Path, arms: list[dict], vft: dict, name: str) -> list[tuple[Path, str]]:
-    """Test accuracy against generated tokens and against wall minutes: a line per arm through its points (iterate:
-    one per round), error bars = std over seeds, the VFT start dashed."""
-    plt = pyplot()
-    out = []
-    for key, scale, xlabel, fname in (
-        ("generated_tokens", 1.0, "generated tokens (mean over seeds)", "accuracy_vs_generated_tokens.png"),
-        ("wall_seconds", 1 / 60, "wall minutes, sampling + training (mean over seeds)", "accuracy_vs_wall_time.png"),
-    ):
-        fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        for i, a in enumerate(arms):
-            pts = [p for p in a["curve"] if p[key] is not None and p["test_acc"]["mean"] is not None]
-            if not pts:
-                continue
-            ax.errorbar(
-                [p[key] * scale for p in pts],
-                [100 * p["test_acc"]["mean"] for p in pts],
-                yerr=[100 * (p["test_acc"]["std"] or 0.0) for p in pts],
-                marker="o",
-                capsize=3,
-                color=f"C{i % 10}",
-                label=a["arm"],
-            )
-        if vft["test_acc"]["mean"] is not None:
-            ax.axhline(100 * vft["test_acc"]["mean"], color="black", linestyle="--", linewidth=1, label="VFT start")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%), ± std over seeds")
-        ax.set_title(f"{name}: accuracy vs {'generated tokens' if key == 'generated_tokens' else 'wall time'}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        out.append((save_figure(fig, report / "plots" / fname), f"test accuracy vs {xlabel}"))
-    return out
+def _sampling_table(shared: dict) -> str | None:
+    """The shared pass per seed, with the stats its sidecars recorded (None: no seed)."""
+    rows = [{"seed": s, **v} for s, v in shared.items()]
+    if not rows:
+        return None
+    cols = ["seed", *[k for k in SAMPLING_TABLE if any(k in r for r in rows)]]
+    fmt = {"generated_tokens": ",.0f", "wall_s": ".1f", "frac_correct": ".1%", "frac_mixed": ".1%"}
+    return markdown_table(rows, cols, fmt)
+
+
+SAMPLING_TABLE = ("questions", "candidates", "generated_tokens", "wall_s", "frac_correct", "frac_mixed")

@@ -7,11 +7,11 @@ import json
 import statistics
 from pathlib import Path
 
-from aftune.commands.demo import runs_dir
 from aftune.commands.experiment.config import CONTROL, Experiment
 from aftune.commands.experiment.grid import Run
+from aftune.commands.experiment.layout import EVAL, cell_dir, sampled_candidates, vft_eval
+from aftune.commands.experiment.plots import plot_experiment
 from aftune.commands.experiment.tuning import default_lr, tuning_rows
-from aftune.evaluation.plots import plot_experiment
 from aftune.evaluation.report import markdown_image, markdown_table, write_report
 from aftune.evaluation.stats import paired_test, summary
 from aftune.io import atomic_write_json, iter_jsonl
@@ -119,60 +119,8 @@ def write_results(
 ) -> dict:
     """report/results.json, results.md and plots from the files the runs wrote under root (rerunnable).
     `tuning`: the tuned study's selections (experiment.tuning.selection), one per cell."""
-    cells: dict[str, list[Run]] = {}
-    for r in runs:
-        cells.setdefault(r.cell, []).append(r)
-    vft_eval = {s: root / f"seed{s}" / "eval" / "VFT.json" for s in exp.seeds}
     control_cell = next((r.cell for r in runs if r.method == CONTROL), CONTROL)  # tuned: vft-lr<x> unless default
-    out_cells = []
-
-    def cell_entry(
-        name: str, method: str, evals: dict[int, Path], r: Run | None, protocol: str | None, control: dict | None
-    ) -> dict:
-        per_seed = {s: _metrics(p) for s, p in evals.items()}
-        entry = {
-            "cell": name if protocol in (None, "continue") else f"{name} [{protocol}]",
-            "method": method,
-            "protocol": protocol,
-            "k": r.k if r else None,
-            "beta": r.beta_label if r else None,
-            "lambda": r.lam if r else None,
-            "lr": (r.lr if r.lr is not None else default_lr(exp.plan, protocol)) if r else None,
-            "seeds": list(evals),
-            "metrics": {col: summary([per_seed[s][col] for s in evals]) for col in METRICS},
-        }
-        if control is not None and name != control_cell:
-            entry["vs_control"] = paired_evals(evals, control, evals)
-        if r is not None:
-            entry["vs_vft"] = paired_evals(evals, vft_eval, evals)
-        return entry
-
-    controls = {
-        p: {s: root / f"seed{s}" / runs_dir(p) / control_cell / "eval.json" for s in exp.seeds} for p in exp.protocols
-    }
-    # the VFT start against the first protocol's control: what the extra steps alone bring
-    out_cells.append(cell_entry("VFT", "VFT (start)", vft_eval, None, None, controls[exp.protocols[0]]))
-    # RFT is the baseline AFT must at least match (the paper's claim), so every other cell is also tested
-    # against the first RFT cell of its protocol, on the seeds both have
-    rft_name = next((n for n, rs in cells.items() if rs[0].method == "rft"), None)
-    for protocol in exp.protocols:
-        where, control = runs_dir(protocol), controls[protocol]
-        rft = {r.seed: root / f"seed{r.seed}" / where / rft_name / "eval.json" for r in cells.get(rft_name, [])}
-        for name, rs in cells.items():
-            evals = {r.seed: root / f"seed{r.seed}" / where / name / "eval.json" for r in rs}
-            entry = cell_entry(name, rs[0].method, evals, rs[0], protocol, control)
-            both = [s for s in evals if s in rft]
-            if name != rft_name and both:
-                entry["vs_rft"] = paired_evals(evals, rft, both)
-            out_cells.append(entry)
-    sanity = sanity_checks(out_cells, exp)
-
-    auto = {}
-    kmax = exp.kmax
-    for f, floor in sorted({(r.beta, r.floor) for r in runs if r.auto}):
-        auto[f"gap x{f:g}, floor {floor:g}"] = {
-            f"seed{s}": auto_beta_summary(root / f"seed{s}" / f"candidates.k{kmax}.jsonl", f, floor) for s in exp.seeds
-        }
+    cells = cell_entries(root, exp, runs, control_cell)
     results = {
         "name": exp.name,
         "plan": dataclasses.asdict(exp.plan),
@@ -181,48 +129,133 @@ def write_results(
         "control": control_cell,
         "protocols": list(exp.protocols),
         "paired_test": PAIRED_TEST,
-        "sanity_checks": sanity,
-        "cells": out_cells,
-        "auto_beta": auto,
+        "sanity_checks": sanity_checks(cells, exp),
+        "cells": cells,
+        "auto_beta": auto_betas(root, exp, runs),
         **({"tuning": tuning} if tuning is not None else {}),
     }
     atomic_write_json(report / "results.json", results)
+    plots = plot_experiment(report, cells, exp.name, control_cell)
+    write_report(report / "results.md", f"aftune experiment: {exp.name}", _sections(exp, results, plots, report))
+    return results
 
-    rows = []
-    for c in out_cells:
-        m, t, v = c["metrics"], c.get("vs_control"), c.get("vs_vft")
-        rows.append(
-            {
-                "cell": c["cell"],
-                "method": c["method"],
-                "k": c["k"],
-                "beta": c["beta"],
-                "lambda": c["lambda"],
-                "lr": None if c["lr"] is None else f"{c['lr']:g}",
-                "seeds": len(c["seeds"]),
-                "test acc %": mean_std_text(m["test_acc"], 100),
-                "assess acc %": mean_std_text(m["assess_acc"], 100),
-                "self-rerank %": mean_std_text(m["self_rerank"], 100),
-                "ppl pos": mean_std_text(m["ppl_pos"], fmt=".3f"),
-                "ppl neg": mean_std_text(m["ppl_neg"], fmt=".3f"),
-                "Δ vs control, pts [95% CI]": delta_text(t),
-                "p": p_text(t),
-                "Δ vs control per seed (McNemar p); sd": seeds_text(t),
-                "Δ vs VFT, pts [95% CI]": delta_text(v),
-                "p vs VFT": p_text(v),
-                "Δ vs RFT, pts [95% CI]": delta_text(c.get("vs_rft")),
-                "p vs RFT": p_text(c.get("vs_rft")),
-            }
-        )
-    rft_cols = () if any(c.get("vs_rft") for c in out_cells) else ("Δ vs RFT, pts [95% CI]", "p vs RFT")
+
+def cell_entries(root: Path, exp: Experiment, runs: list[Run], control_cell: str) -> list[dict]:
+    """The results' cells: the VFT start, then every cell of the grid under each protocol, each with its metrics
+    over seeds and its paired tests (against the control, the VFT start and the RFT cell)."""
+    cells: dict[str, list[Run]] = {}
+    for r in runs:
+        cells.setdefault(r.cell, []).append(r)
+    vft = {s: vft_eval(root, s) for s in exp.seeds}
+    controls = {p: {s: cell_dir(root, s, p, control_cell) / EVAL for s in exp.seeds} for p in exp.protocols}
+    # the VFT start against the first protocol's control: what the extra steps alone bring
+    entries = [_cell_entry(exp, "VFT", "VFT (start)", vft, None, None, controls[exp.protocols[0]], control_cell, vft)]
+    # RFT is the baseline AFT must at least match (the paper's claim), so every other cell is also tested
+    # against the first RFT cell of its protocol, on the seeds both have
+    rft_name = next((n for n, rs in cells.items() if rs[0].method == "rft"), None)
+    for protocol in exp.protocols:
+        rft = {r.seed: cell_dir(root, r.seed, protocol, rft_name) / EVAL for r in cells.get(rft_name, [])}
+        for name, rs in cells.items():
+            evals = {r.seed: cell_dir(root, r.seed, protocol, name) / EVAL for r in rs}
+            entry = _cell_entry(exp, name, rs[0].method, evals, rs[0], protocol, controls[protocol], control_cell, vft)
+            both = [s for s in evals if s in rft]
+            if name != rft_name and both:
+                entry["vs_rft"] = paired_evals(evals, rft, both)
+            entries.append(entry)
+    return entries
+
+
+def _cell_entry(
+    exp: Experiment,
+    name: str,
+    method: str,
+    evals: dict[int, Path],
+    r: Run | None,
+    protocol: str | None,
+    control: dict[int, Path],
+    control_cell: str,
+    vft: dict[int, Path],
+) -> dict:
+    """One cell (r: its first run; None for the VFT start) over the seeds of `evals`."""
+    per_seed = {s: _metrics(p) for s, p in evals.items()}
+    entry = {
+        "cell": name if protocol in (None, "continue") else f"{name} [{protocol}]",
+        "method": method,
+        "protocol": protocol,
+        "k": r.k if r else None,
+        "beta": r.beta_label if r else None,
+        "lambda": r.lam if r else None,
+        "lr": (r.lr if r.lr is not None else default_lr(exp.plan, protocol)) if r else None,
+        "seeds": list(evals),
+        "metrics": {col: summary([per_seed[s][col] for s in evals]) for col in METRICS},
+    }
+    if name != control_cell:
+        entry["vs_control"] = paired_evals(evals, control, evals)
+    if r is not None:
+        entry["vs_vft"] = paired_evals(evals, vft, evals)
+    return entry
+
+
+def auto_betas(root: Path, exp: Experiment, runs: list[Run]) -> dict:
+    """Per beta_auto setting of the grid and per seed, the betas it gives on the seed's sampling pass."""
+    return {
+        f"gap x{f:g}, floor {floor:g}": {
+            f"seed{s}": auto_beta_summary(sampled_candidates(root, s, exp.kmax), f, floor) for s in exp.seeds
+        }
+        for f, floor in sorted({(r.beta, r.floor) for r in runs if r.auto})
+    }
+
+
+def _sections(exp: Experiment, results: dict, plots: list[tuple[Path, str]], report: Path) -> list[tuple[str, str]]:
+    """results.md's sections, in order."""
+    tuning, auto = results.get("tuning"), results["auto_beta"]
+    sections = [
+        ("Results", _results_table(exp, results["cells"])),
+        ("Sanity checks of the testbed", sanity_markdown(results["sanity_checks"])),
+    ]
+    if tuning:
+        sections.append(_tuning_section(tuning))
+    sections.append(("Plots", "\n\n".join(markdown_image(p, alt, report) for p, alt in plots) or "None."))
+    if auto:
+        sections.append(("Per-question beta (beta_auto: gap)", _auto_beta_text(auto)))
+    sections.append(("Plan", "```\n" + json.dumps(dataclasses.asdict(exp.plan), indent=1) + "\n```"))
+    return sections
+
+
+def _cell_row(c: dict) -> dict:
+    m, t, v = c["metrics"], c.get("vs_control"), c.get("vs_vft")
+    return {
+        "cell": c["cell"],
+        "method": c["method"],
+        "k": c["k"],
+        "beta": c["beta"],
+        "lambda": c["lambda"],
+        "lr": None if c["lr"] is None else f"{c['lr']:g}",
+        "seeds": len(c["seeds"]),
+        "test acc %": mean_std_text(m["test_acc"], 100),
+        "assess acc %": mean_std_text(m["assess_acc"], 100),
+        "self-rerank %": mean_std_text(m["self_rerank"], 100),
+        "ppl pos": mean_std_text(m["ppl_pos"], fmt=".3f"),
+        "ppl neg": mean_std_text(m["ppl_neg"], fmt=".3f"),
+        "Δ vs control, pts [95% CI]": delta_text(t),
+        "p": p_text(t),
+        "Δ vs control per seed (McNemar p); sd": seeds_text(t),
+        "Δ vs VFT, pts [95% CI]": delta_text(v),
+        "p vs VFT": p_text(v),
+        "Δ vs RFT, pts [95% CI]": delta_text(c.get("vs_rft")),
+        "p vs RFT": p_text(c.get("vs_rft")),
+    }
+
+
+def _results_table(exp: Experiment, cells: list[dict]) -> str:
+    """The table of every cell (the RFT columns only when some cell was compared with RFT) and its legend."""
+    rows = [_cell_row(c) for c in cells]
+    rft_cols = () if any(c.get("vs_rft") for c in cells) else ("Δ vs RFT, pts [95% CI]", "p vs RFT")
     cols = [col for col in rows[0] if col not in rft_cols]
     rft_legend = "; **Δ / p vs RFT**: against the RFT cell of the same seed and protocol" if "p vs RFT" in cols else ""
-    plots = plot_experiment(report, out_cells, exp.name, control_cell)
-    sections = [
-        (
-            "Results",
-            markdown_table(rows, cols, {"lambda": "g"})
-            + f"""
+    return (
+        markdown_table(rows, cols, {"lambda": "g"})
+        + f"""
 Mean ± std over {len(exp.seeds)} VFT seed(s) {list(exp.seeds)} (data seed {exp.data_seed}: every seed sees the same
 questions). **test acc**: greedy accuracy on {exp.plan.n_test} test questions. **assess acc**: assessment accuracy
 (macro) on held-out candidates sampled from that seed's VFT model; **self-rerank**: accuracy when the model picks its
@@ -231,43 +264,34 @@ own top-scored held-out candidate; **ppl pos / neg**: mean perplexity of correct
 protocol. {STATS_LEGEND}
 **Δ / p vs VFT**: the same against the VFT start checkpoint of the seed{rft_legend}. Cells marked [from_base]
 were trained from the base model for VFT's budget instead of continuing from VFT
-(protocols: {", ".join(exp.protocols)}).""",
-        ),
-        ("Sanity checks of the testbed", sanity_markdown(sanity)),
-        *(
-            [
-                (
-                    f"Tuning ({tuning[0]['split']}, seeds {tuning[0]['seeds']})",
-                    markdown_table(rows_t := tuning_rows(tuning), list(rows_t[0]), {})
-                    + f"\nEvery cell trained once per trial lr on each tuning seed (its own VFT model, never a test "
-                    f"seed) and was scored by greedy accuracy on the first {tuning[0]['n_questions'] or 'all'} "
-                    f"{tuning[0]['split']} questions; the chosen lr (highest mean, ties to the smaller) is the one "
-                    "the test seeds ran. **train min**: the trial's training minutes.",
-                )
-            ]
-            if tuning
-            else []
-        ),
-        ("Plots", "\n\n".join(markdown_image(p, alt, report) for p, alt in plots) or "None."),
-    ]
-    if auto:
-        arows = [{"factor": f, "seed": s, **v} for f, per in auto.items() for s, v in per.items()]
-        sections.append(
-            (
-                "Per-question beta (beta_auto: gap)",
-                markdown_table(
-                    arows,
-                    ["factor", "seed", "n_mixed", "median", "q1", "q3", "frac_at_floor"],
-                    {"frac_at_floor": ".0%"},
-                )
-                + "\nbeta_q = max(floor, factor x median over negatives of (weakest positive - negative)) "
-                "under the VFT model, on mixed training questions (sampled candidates; in training the reference also "
-                "counts as a positive).",
-            )
+(protocols: {", ".join(exp.protocols)})."""
+    )
+
+
+def _tuning_section(tuning: list[dict]) -> tuple[str, str]:
+    rows = tuning_rows(tuning)
+    return (
+        f"Tuning ({tuning[0]['split']}, seeds {tuning[0]['seeds']})",
+        markdown_table(rows, list(rows[0]), {})
+        + f"\nEvery cell trained once per trial lr on each tuning seed (its own VFT model, never a test "
+        f"seed) and was scored by greedy accuracy on the first {tuning[0]['n_questions'] or 'all'} "
+        f"{tuning[0]['split']} questions; the chosen lr (highest mean, ties to the smaller) is the one "
+        "the test seeds ran. **train min**: the trial's training minutes.",
+    )
+
+
+def _auto_beta_text(auto: dict) -> str:
+    rows = [{"factor": f, "seed": s, **v} for f, per in auto.items() for s, v in per.items()]
+    return (
+        markdown_table(
+            rows,
+            ["factor", "seed", "n_mixed", "median", "q1", "q3", "frac_at_floor"],
+            {"frac_at_floor": ".0%"},
         )
-    sections.append(("Plan", "```\n" + json.dumps(dataclasses.asdict(exp.plan), indent=1) + "\n```"))
-    write_report(report / "results.md", f"aftune experiment: {exp.name}", sections)
-    return results
+        + "\nbeta_q = max(floor, factor x median over negatives of (weakest positive - negative)) "
+        "under the VFT model, on mixed training questions (sampled candidates; in training the reference also "
+        "counts as a positive)."
+    )
 
 
 # The testbed's gates (issue #16): checks against what the literature agrees on, not targets for AFT.

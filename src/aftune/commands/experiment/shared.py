@@ -12,6 +12,15 @@ from pathlib import Path
 
 from aftune.commands.demo import DemoPlan, task_args_for, vft_config
 from aftune.commands.eval import run_eval
+from aftune.commands.experiment.layout import (
+    METRICS,
+    assess_candidates,
+    fingerprint_file,
+    sampled_candidates,
+    subsampled_candidates,
+    vft_dir,
+    vft_eval,
+)
 from aftune.commands.resumable import Steps, run_and_mark
 from aftune.commands.sample import run_sample
 from aftune.commands.sft import run_sft
@@ -33,7 +42,7 @@ def fingerprint(plan: DemoPlan, data_seed: int, bf16: bool, max_k: int, diag_eve
 
 def check_fingerprint(root: Path, fp: dict, config_path: str | Path) -> None:
     """Refuse a study whose fingerprint differs from the one `root` was started with; record it if new."""
-    fp_path = root / "experiment.json"
+    fp_path = fingerprint_file(root)
     fp = json.loads(json.dumps(fp))  # as it reads back from disk (tuples -> lists)
     if not fp_path.exists():
         atomic_write_json(fp_path, {"fingerprint": fp})
@@ -88,16 +97,15 @@ def seed_steps(
 ) -> SeedFiles:
     """Run (or skip, when done) the shared steps of one seed: VFT, the k=kmax sampling pass, the assessment
     candidates, the files of every smaller k in `ks`, and the VFT start's test eval."""
-    sd = root / f"seed{seed}"
     common = dict(task="arith", task_args=task_args_for(plan, data_seed), seed=seed, quiet=quiet, bf16=bf16)
-    vft = sd / "vft"
-    step(f"seed{seed}/sft (VFT start)", vft / "metrics.json", run_sft, vft_config(plan, common, vft))
+    vft = vft_dir(root, seed)
+    step(f"seed{seed}/sft (VFT start)", vft / METRICS, run_sft, vft_config(plan, common, vft))
     vft_model = str(vft / "model")
     sample = dict(
         **common, model=vft_model, temperature=plan.temperature, max_new_tokens=plan.max_new_tokens, batch_size=32
     )
-    cands = {kmax: sd / f"candidates.k{kmax}.jsonl"}
-    assess = sd / "assess_candidates.jsonl"
+    cands = {kmax: sampled_candidates(root, seed, kmax)}
+    assess = assess_candidates(root, seed)
     step(
         f"seed{seed}/sample (train, k={kmax})",
         cands[kmax].with_suffix(".done"),
@@ -114,14 +122,14 @@ def seed_steps(
     )
     for k in ks:
         if k != kmax:
-            cands[k] = sd / f"candidates.k{k}-of{kmax}.jsonl"
+            cands[k] = subsampled_candidates(root, seed, k, kmax)
             step(f"seed{seed}/candidates k={k}", cands[k], subsample_candidates, cands[kmax], cands[k], k)
     ev = dict(**common, split="test", batch_size=64, max_new_tokens=plan.max_new_tokens, candidates=str(assess))
     step(
         f"seed{seed}/eval VFT (start)",
-        sd / "eval" / "VFT.json",
+        vft_eval(root, seed),
         run_eval,
-        EvalConfig(**ev, model=vft_model, out=str(sd / "eval" / "VFT.json")),
+        EvalConfig(**ev, model=vft_model, out=str(vft_eval(root, seed))),
     )
     return SeedFiles(common=common, vft_model=vft_model, candidates=cands, assess=assess, eval_args=ev)
 

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from aftune.commands.experiment.layout import METRICS, arm_run_dir, trial_dir
 from aftune.io import InputError
 
 TUNE_KEYS = ("lr", "seeds", "split", "n_questions")
@@ -93,15 +94,6 @@ def default_lr(plan, protocol: str) -> float:
     return plan.align_lr if protocol == "continue" else plan.vft_lr
 
 
-def lr_tag(lr: float) -> str:
-    return f"lr{lr:g}"
-
-
-def trial_dir(root: Path, seed: int, kind: str, name: str, lr: float) -> Path:
-    """A trial's folder: kind is the protocol's runs folder (`runs`, `runs-from-base`)."""
-    return root / f"seed{seed}" / "tune" / kind / f"{name}-{lr_tag(lr)}"
-
-
 def eval_name(tune: Tune) -> str:
     return f"eval.{tune.split}.json"
 
@@ -152,7 +144,7 @@ def selection(root: Path, tune: Tune, kind: str, name: str) -> dict:
 
 def _train_seconds(d: Path) -> float | None:
     """A trial's training seconds from its command's metrics.json (an align / grpo run, or the rounds of iterate)."""
-    for m in (d / "metrics.json", d / "run" / "metrics.json"):
+    for m in (d / METRICS, arm_run_dir(d) / METRICS):
         if m.exists():
             data = json.loads(m.read_text())
             if "rounds" in data:
