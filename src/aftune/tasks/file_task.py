@@ -180,30 +180,69 @@ def template_fields(template: str, key: str, reader: _Reader) -> tuple[str, ...]
 def read_task_spec(path: str | os.PathLike) -> TaskSpec:
     """Parse and validate a task file (aftune.yaml_io: safe constructors, no alias bombs); nothing is loaded
     from the data yet."""
-    doc = read_yaml(path, "task file")
-    data = doc.data
-    r = _Reader(doc)
-    if not isinstance(data, dict):
-        raise InputError(f"expected a mapping of keys to values, got {_type_name(data)}", doc.path)
-    r.mapping("", data, _TOP_KEYS)
+    doc = _parse(path)
+    r, data = _Reader(doc), doc.data
+    # One step per group of keys, in this order: a file with several problems always reports the same one.
+    head = _identity(r, data)
+    columns = _columns(r, data)
+    answer = _answer_source(r, data, head["answer_type"], columns)
+    templates = _templates(r, data, head["answer_type"], columns["solution_field"])
+    stop = _stop(r, data.get("stop", list(DEFAULT_STOP)))
+    files, hub, holdout = _data(r, Path(path), data.get("data"))
+    return TaskSpec(
+        path=doc.path,
+        **head,
+        **columns,
+        **answer,
+        **templates,
+        stop=stop,
+        files=files,
+        hub=hub,
+        validation_from_train=holdout,
+        doc=doc,
+    )
 
+
+def _parse(path: str | os.PathLike) -> YamlDoc:
+    """The task file as a YAML mapping whose top-level keys are all known."""
+    doc = read_yaml(path, "task file")
+    if not isinstance(doc.data, dict):
+        raise InputError(f"expected a mapping of keys to values, got {_type_name(doc.data)}", doc.path)
+    _Reader(doc).mapping("", doc.data, _TOP_KEYS)
+    return doc
+
+
+def _identity(r: _Reader, data: dict) -> dict[str, str]:
+    """name, description and answer_type."""
     name = r.string("name", data.get("name"), required=True)
     if not _NAME_RE.fullmatch(name):
         raise r.error(
             "name", f"expected letters, digits, '_', '-' or '.' (it is part of every example id), got {name!r}"
         )
-    description = r.string("description", data.get("description"), nonempty=False) or ""
-    answer_type = r.choice("answer_type", data.get("answer_type"), ANSWER_TYPES)
+    return {
+        "name": name,
+        "description": r.string("description", data.get("description"), nonempty=False) or "",
+        "answer_type": r.choice("answer_type", data.get("answer_type"), ANSWER_TYPES),
+    }
 
+
+def _columns(r: _Reader, data: dict) -> dict[str, Any]:
+    """`fields`: the data columns, as the TaskSpec's *_field values."""
     if "fields" not in data:
         raise r.error("fields", "missing required key")
     fields = r.mapping("fields", data["fields"], _FIELD_KEYS)
-    question_field = r.string("fields.question", fields.get("question"), required=True)
-    solution_field = r.string("fields.solution", fields.get("solution"))
-    answer_field = r.string("fields.answer", fields.get("answer"))
-    id_field = r.string("fields.id", fields.get("id"))
-    options_field = _options_field(r, fields.get("options"))
+    return {
+        "question_field": r.string("fields.question", fields.get("question"), required=True),
+        "solution_field": r.string("fields.solution", fields.get("solution")),
+        "answer_field": r.string("fields.answer", fields.get("answer")),
+        "id_field": r.string("fields.id", fields.get("id")),
+        "options_field": _options_field(r, fields.get("options")),
+    }
 
+
+def _answer_source(r: _Reader, data: dict, answer_type: str, columns: dict[str, Any]) -> dict[str, str]:
+    """answer_from and answer_marker, checked against the columns the gold answer (and options) come from."""
+    answer_field, solution_field = columns["answer_field"], columns["solution_field"]
     answer_from = r.choice(
         "answer_from",
         data.get("answer_from"),
@@ -226,11 +265,15 @@ def read_task_spec(path: str | os.PathLike) -> TaskSpec:
     if "answer_marker" in data and answer_from == "last_boxed":
         raise r.error("answer_marker", "not used with answer_from 'last_boxed'")
     answer_marker = r.string("answer_marker", data.get("answer_marker")) or "####"
-    if answer_type == "choice" and options_field is None:
+    if answer_type == "choice" and columns["options_field"] is None:
         raise r.error("fields.options", "missing: answer_type 'choice' needs the column(s) holding the options")
-    if answer_type != "choice" and options_field is not None:
+    if answer_type != "choice" and columns["options_field"] is not None:
         raise r.error("fields.options", f"only used with answer_type 'choice', not '{answer_type}'")
+    return {"answer_from": answer_from, "answer_marker": answer_marker}
 
+
+def _templates(r: _Reader, data: dict, answer_type: str, solution_field: str | None) -> dict[str, Any]:
+    """prompt and reference, and the names each substitutes."""
     prompt = r.string("prompt", data.get("prompt")) if "prompt" in data else None
     prompt = prompt if prompt is not None else (DEFAULT_CHOICE_PROMPT if answer_type == "choice" else DEFAULT_PROMPT)
     used = template_fields(prompt, "prompt", r)
@@ -251,31 +294,7 @@ def read_task_spec(path: str | os.PathLike) -> TaskSpec:
     if "options" in ref_used and answer_type != "choice":
         raise r.error("reference", "{options} is only available with answer_type 'choice'")
     # A template's other names are data columns: checked per row at load time, naming the data file.
-
-    stop = _stop(r, data.get("stop", list(DEFAULT_STOP)))
-    files, hub, holdout = _data(r, Path(path), data.get("data"))
-    return TaskSpec(
-        path=doc.path,
-        name=name,
-        description=description,
-        answer_type=answer_type,
-        answer_from=answer_from,
-        answer_marker=answer_marker,
-        prompt=prompt,
-        reference=reference,
-        prompt_fields=used,
-        reference_fields=ref_used,
-        stop=stop,
-        question_field=question_field,
-        solution_field=solution_field,
-        answer_field=answer_field,
-        options_field=options_field,
-        id_field=id_field,
-        files=files,
-        hub=hub,
-        validation_from_train=holdout,
-        doc=doc,
-    )
+    return {"prompt": prompt, "prompt_fields": used, "reference": reference, "reference_fields": ref_used}
 
 
 def _options_field(r: _Reader, value: Any) -> str | tuple[str, ...] | None:
