@@ -176,6 +176,17 @@ def test_fsdp2_two_processes_equal_one_process(kind, tmp_path, monkeypatch):
     _same_weights({k: v for k, v in loaded.state_dict().items()}, one_w)
 
 
+def test_cpu_config_is_fsdp_yaml_on_two_cpu_processes():
+    """The config the tests launch differs from the shipped GPU one only in where it runs, so what they verify
+    is fsdp.yaml's FSDP2 setup (precision aside: fp32 here, for exact comparisons)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cpu, gpu = (load_config_from_file(str(p)) for p in (CONFIG, ROOT / "configs/accelerate/fsdp.yaml"))
+    assert cpu.distributed_type == gpu.distributed_type == "FSDP"
+    assert cpu.fsdp_config == gpu.fsdp_config and cpu.fsdp_config["fsdp_version"] == 2
+    assert (cpu.use_cpu, cpu.num_processes, cpu.mixed_precision) == (True, 2, "no")
+
+
 def _cli_args(model: Path, cands: Path, out: Path) -> list[str]:
     return [
         *("--model", str(model), "--candidates", str(cands), "--out", str(out), "--method", "bc"),
