@@ -6,8 +6,9 @@ attaches that plugin only on accelerator devices: with `use_cpu` it sets up MULT
 the run silently becomes DDP. `attach_fsdp_on_cpu` makes the one decision accelerate makes on a GPU (distributed
 type FSDP, the plugin attached, its mixed precision set); everything after it is accelerate's own FSDP2 code
 (`fully_shard` per decoder layer and for the embedding / final norm + LM head, sharded optimiser states,
-FULL_STATE_DICT saving, sharded checkpoints and their reload), the same code a GPU run takes. fully_shard works on
-a gloo process group with CPU tensors (DTensor shards, all-gather / reduce-scatter over gloo).
+FULL_STATE_DICT saving, checkpoints of model and optimiser as full state dicts and their reload into the shards),
+the same code a GPU run takes. fully_shard works on a gloo process group with CPU tensors (DTensor shards,
+all-gather / reduce-scatter over gloo).
 
 A GPU run never needs this (accelerate attaches the plugin itself there); it is what lets the test suite and any
 CPU cluster run FSDP2 honestly rather than DDP under an FSDP config.
