@@ -187,6 +187,76 @@ def test_cpu_config_is_fsdp_yaml_on_two_cpu_processes():
     assert (cpu.use_cpu, cpu.num_processes, cpu.mixed_precision) == (True, 2, "no")
 
 
+def _python_api_run(model: str, cands: str, out: str, batch: int, fsdp: bool) -> None:
+    """AFTTrainer from Python, FSDP2 asked for in AFTConfig (TrainingArguments.fsdp), TRL-style rows."""
+    from torch.distributed.tensor import DTensor
+
+    from aftune import AFTConfig, AFTTrainer
+    from aftune.distributed import rank_and_world
+
+    rows = [
+        {"prompt": g["prompt"], "completion": c["text"], "label": bool(c["correct"])}
+        for g in map(json.loads, Path(cands).read_text().splitlines())
+        for c in g["candidates"]
+    ]
+    extra = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}} if fsdp else {}
+    args = AFTConfig(
+        output_dir=out,
+        method="bc",
+        max_steps=2,
+        per_device_train_batch_size=batch,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        max_candidates=4,
+        optim="sgd",
+        learning_rate=0.5,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        **extra,
+    )
+    trainer = AFTTrainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    rank, world = rank_and_world()
+    sharded = any(isinstance(p, DTensor) for p in trainer.model.parameters())
+    trainer.save_model(str(Path(out) / "model"))
+    engine = {"world": world, "type": trainer.accelerator.distributed_type.value, "dtensor": sharded}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(engine))
+
+
+def test_fsdp2_from_python_aft_config(tmp_path):
+    """`AFTConfig(fsdp="full_shard", fsdp_config={"fsdp_version": 2})` under torchrun on CPU processes trains with
+    FSDP2 (accelerate drops that plugin on CPU too) and equals one plain process over the same global batch."""
+    import torch
+
+    torch.set_num_threads(1)
+    model, cands = _make_inputs(tmp_path)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out2, out1 = tmp_path / "two", tmp_path / "one"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), __file__, "--python-api"]
+    two = subprocess.Popen(
+        [*cmd, str(model), str(cands), str(out2), "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _python_api_run(str(model), str(cands), str(out1), 4, fsdp=False)
+    except BaseException:
+        _kill_tree(two)
+        raise
+    _finish(two, timeout=200)
+    for r in (0, 1):
+        assert json.loads((out2 / f"rank{r}.json").read_text()) == {"world": 2, "type": "FSDP", "dtensor": True}
+    assert json.loads((out1 / "rank0.json").read_text()) == {"world": 1, "type": "NO", "dtensor": False}
+    one_w, init = _load(out1 / "model"), _load(model)
+    assert max((one_w[k] - init[k]).abs().max().item() for k in init) > 1e-3
+    _same_weights(_load(out2 / "model"), one_w)
+
+
 def _cli_args(model: Path, cands: Path, out: Path) -> list[str]:
     return [
         *("--model", str(model), "--candidates", str(cands), "--out", str(out), "--method", "bc"),
@@ -231,3 +301,5 @@ def test_fsdp2_kill_resumes_to_the_straight_run(tmp_path):
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
     _worker(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6]))
+elif __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--python-api":
+    _python_api_run(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), fsdp=True)

@@ -20,13 +20,16 @@ import os
 
 
 def fsdp_requested() -> bool:
-    """The launcher asked for FSDP (`distributed_type: FSDP` in the accelerate config, or --use_fsdp)."""
+    """FSDP was asked for: by the launcher (`distributed_type: FSDP` in the accelerate config, --use_fsdp), or by
+    `TrainingArguments.fsdp` (accelerate sets this variable when it is given a plugin)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def attach_fsdp_on_cpu(accelerator) -> bool:
+def attach_fsdp_on_cpu(accelerator, plugin_args: dict | None = None) -> bool:
     """Attach the FSDP plugin to a CPU multi-process accelerator that dropped it; True when it did.
 
+    plugin_args: the Trainer's `args.fsdp_plugin_args` (from `TrainingArguments.fsdp` / `fsdp_config`), as the
+    Trainer passes them to accelerate; without them the plugin is read from the launcher's FSDP_* variables.
     Only FSDP2 (`fsdp_version: 2`): FSDP1's `FullyShardedDataParallel` wrapper is not supported on CPU by this
     path. A no-op in one process, on accelerator devices, and without an FSDP request.
     """
@@ -36,7 +39,7 @@ def attach_fsdp_on_cpu(accelerator) -> bool:
     state = accelerator.state
     if not fsdp_requested() or state.distributed_type != DistributedType.MULTI_CPU:
         return False
-    plugin = getattr(state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()  # read from FSDP_* env
+    plugin = getattr(state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin(**(plugin_args or {}))
     if plugin.fsdp_version != 2:
         raise ValueError("FSDP on CPU processes needs fsdp_version: 2 (FSDP2, fully_shard) in the accelerate config")
     # what AcceleratorState.__init__ does for an accelerator device (accelerate/state.py, MULTI_GPU branch)

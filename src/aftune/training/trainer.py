@@ -335,7 +335,7 @@ class AFTTrainer(Trainer):
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
         # accelerate drops an FSDP config on CPU processes (silently DDP); attach it as on a GPU (aftune.training.fsdp)
-        if attach_fsdp_on_cpu(self.accelerator):
+        if attach_fsdp_on_cpu(self.accelerator, getattr(self.args, "fsdp_plugin_args", None)):
             self.is_fsdp_enabled = True
 
     def _count(self, key: str, n: int) -> None:
