@@ -225,6 +225,7 @@ def _python_api_run(model: str, cands: str, out: str, batch: int, fsdp: bool) ->
     Path(out, f"rank{rank}.json").write_text(json.dumps(engine))
 
 
+@pytest.mark.slow  # the default suite covers AFTTrainer through `aftune align` / `sft`; this adds the AFTConfig route
 def test_fsdp2_from_python_aft_config(tmp_path):
     """`AFTConfig(fsdp="full_shard", fsdp_config={"fsdp_version": 2})` under torchrun on CPU processes trains with
     FSDP2 (accelerate drops that plugin on CPU too) and equals one plain process over the same global batch."""
