@@ -192,14 +192,17 @@ def stage_engines(args, out: Path) -> dict:
     align += ["--save-steps", "1000", "--logging-steps", "1", "--max-candidates", "4"]
     align += ["--bf16"] if args.device == "cuda" else []
     engines = ENGINES if args.device == "cuda" else {"plain": None}  # accelerate turns these into DDP on CPU
+    worker = [str(Path(__file__).resolve()), "--engine-worker"]  # `aftune align`, instrumented (engine_worker)
     for name, cfg in engines.items():
         run_out = work / name
         launcher = [] if cfg is None else ["-m", "accelerate.commands.launch", "--config_file", cfg]
-        launcher += [] if cfg is None else ["--num_processes", "1", "--main_process_port", "29555", "-m", "aftune.cli"]
-        cmd = [sys.executable, *launcher, *([] if cfg else ["-m", "aftune.cli"]), *align, "--out", str(run_out)]
+        launcher += [] if cfg is None else ["--num_processes", "1", "--main_process_port", "29555"]
+        cmd = [sys.executable, *launcher, *worker, *align, "--out", str(run_out)]
         rc, s = run(cmd, work / f"{name}.log", args.step_timeout)
         row = {"rc": rc, "s": s, "last": tail(work / f"{name}.log", 2)}
         row.update(_losses_and_model(run_out))
+        if (run_out / "engine_worker.json").exists():
+            row.update(json.loads((run_out / "engine_worker.json").read_text()))
         rows[name] = row
     with open(out / "engines.log", "w") as f:  # the end of every run's log, in one file
         for log in sorted(work.glob("*.log")):
@@ -210,6 +213,50 @@ def stage_engines(args, out: Path) -> dict:
             n = min(len(plain), len(r["losses"]))
             r["max_loss_diff_vs_plain"] = max(abs(a - b) for a, b in zip(plain[:n], r["losses"][:n]))
     return rows
+
+
+def engine_worker(argv: list[str]) -> None:
+    """`aftune align argv` in this process, recording what ran: the engine accelerate set up, whether the weights
+    are sharded (FSDP2 DTensors / ZeRO-3 partitions), how often the chunked head and the full-logits path scored,
+    and the peak CUDA memory. Written to OUT/engine_worker.json next to the run's metrics."""
+    import aftune.scoring as sc
+    from aftune.cli import main as cli_main
+    from aftune.training.trainer import AFTTrainer
+
+    rec = {"engine": None, "sharded": False, "chunks": 0, "full_logits": 0}
+    chunk, token = sc._chunk_logps, sc._token_logps
+
+    def count(key, fn):
+        return lambda *a, **k: rec.__setitem__(key, rec[key] + 1) or fn(*a, **k)
+
+    sc._chunk_logps, sc._token_logps = count("chunks", chunk), count("full_logits", token)
+    init = AFTTrainer.__init__
+
+    def recording_init(self, *a, **k):
+        init(self, *a, **k)
+        rec["engine"] = self.accelerator.distributed_type.value
+
+    AFTTrainer.__init__ = recording_init
+    orig_step = AFTTrainer.training_step
+
+    def recording_step(self, model, *a, **k):
+        from torch.distributed.tensor import DTensor
+
+        rec["sharded"] |= any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+        return orig_step(self, model, *a, **k)
+
+    AFTTrainer.training_step = recording_step
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    sys.argv = ["aftune", *argv]
+    try:
+        cli_main()
+    finally:
+        if torch.cuda.is_available():
+            rec["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "engine_worker.json").write_text(json.dumps(rec))
 
 
 def _losses_and_model(run_out: Path) -> dict:
@@ -248,7 +295,9 @@ def report(res: dict) -> str:
         "|---|---|---|---|",
     ]
     for name in ("bench", "head", "engines"):
-        r = res.get(name, {})
+        r = res.get(name)
+        if r is None:  # not among --stages
+            continue
         if "error" in r:
             md.append(f"| {name} | FAILED | | {r['error']} |")
         elif name == "bench":
@@ -269,6 +318,13 @@ def report(res: dict) -> str:
                     detail += f"; max diff vs plain {e['max_loss_diff_vs_plain']:.2g}"
                 if "model_loads" in e:
                     detail += f"; OUT/model loads: {e['model_loads']}"
+                if e.get("engine"):
+                    detail += (
+                        f"; engine {e['engine']}, sharded {e['sharded']}, chunked-head calls {e['chunks']}, "
+                        f"full-logits calls {e['full_logits']}"
+                    )
+                if e.get("peak_mb"):
+                    detail += f", peak {e['peak_mb']:.0f} MiB"
                 md.append(f"| engines: {eng} | {ok} | {e['s']:.0f} s | {detail} |")
     text = "\n".join(md) + "\n"
     if res.get("bench", {}).get("table"):
@@ -277,6 +333,9 @@ def report(res: dict) -> str:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--engine-worker"]:
+        engine_worker(sys.argv[2:])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     ap.add_argument("--toy", action="store_true", help="toy sizes (seconds on CPU)")

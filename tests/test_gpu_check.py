@@ -32,5 +32,7 @@ def test_gpu_check_runs_every_stage_at_toy_sizes(tmp_path):
     eng = res["engines"]
     assert eng["sample"]["rc"] == 0 and eng["plain"]["rc"] == 0, (tmp_path / "engines.log").read_text()[-2000:]
     assert len(eng["plain"]["losses"]) == 2 and eng["plain"]["model_loads"] is True
+    # the instrumented worker saw the run: no engine, and every score through the chunked head
+    assert eng["plain"]["engine"] == "NO" and eng["plain"]["chunks"] > 0 and eng["plain"]["full_logits"] == 0
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| engines: plain | ok |" in table and "MISMATCH" not in table
