@@ -180,7 +180,7 @@ def template_fields(template: str, key: str, reader: _Reader) -> tuple[str, ...]
 def read_task_spec(path: str | os.PathLike) -> TaskSpec:
     """Parse and validate a task file (aftune.yaml_io: safe constructors, no alias bombs); nothing is loaded
     from the data yet."""
-    doc = _parse(path)
+    doc = _parse_file(path)
     r, data = _Reader(doc), doc.data
     # One step per group of keys, in this order: a file with several problems always reports the same one.
     head = _identity(r, data)
@@ -203,7 +203,7 @@ def read_task_spec(path: str | os.PathLike) -> TaskSpec:
     )
 
 
-def _parse(path: str | os.PathLike) -> YamlDoc:
+def _parse_file(path: str | os.PathLike) -> YamlDoc:
     """The task file as a YAML mapping whose top-level keys are all known."""
     doc = read_yaml(path, "task file")
     if not isinstance(doc.data, dict):
