@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from aftune.sampling.sampler import SamplingConfig, _mix, keyed, pick, row_key, shared_uniform
+from aftune.sampling.sampler import SamplingConfig, _draw, _mix, keyed, pick, row_key, shared_uniform
 
 # ---- the previous draw, kept here as the baseline (it was aftune.sampling.sampler's until issue 26) ----
 
@@ -48,14 +48,16 @@ def old_pick(logits, cfg, noise):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (allocator, lazy init)
-    times = []
+def timed_pair(old, new, repeats: int) -> tuple[float, float]:
+    """Median ms of old() and new(), interleaved call by call so a shared host's load falls on both alike."""
+    old(), new()  # warm-up (allocator, lazy init)
+    a, b = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        for fn, times in ((old, a), (new, b)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(a) * 1e3, statistics.median(b) * 1e3
 
 
 def main() -> None:
@@ -74,18 +76,39 @@ def main() -> None:
     steps_l = list(range(args.rows))
     steps_t = torch.tensor(steps_l)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rows} rows, median of {args.repeats}")
-    print("| vocab | seeds | old ms/step | new ms/step | old / new | softmax only ms |")
-    print("|---|---|---|---|---|---|")
+    print("draw: the token from the step's probabilities (the noise / uniforms included); step: softmax + draw")
+    print("| vocab | seeds | old draw ms | new draw ms | old / new | old step ms | new step ms | old / new |")
+    print("|---|---|---|---|---|---|---|---|")
     for V in args.vocab:
         logits = torch.randn(args.rows, V, generator=torch.Generator().manual_seed(1)) * 3
-        base = timed(lambda: torch.softmax(logits / cfg.temperature, -1), args.repeats)
+        probs = torch.softmax(logits / cfg.temperature, -1)
+        work = probs.clone()  # the old draw overwrites its input: refilled from `probs` outside the timing
         for name, old_noise, new_u in (
             ("shared", lambda: old_shared_noise(gen), lambda: shared_uniform(gen)),
             ("keyed", lambda: old_keyed_noise(keys_l, steps_l), lambda: keyed(keys_t, steps_t)),
         ):
-            old = timed(lambda: old_pick(logits, cfg, old_noise()), args.repeats)
-            new = timed(lambda: pick(logits, cfg, new_u()), args.repeats)
-            print(f"| {V} | {name} | {old:.1f} | {new:.1f} | {old / new:.1f}x | {base:.1f} |", flush=True)
+
+            def old_draw_only():
+                work.copy_(probs)  # a memory pass the sampler does not make
+                old_draw(work, old_noise())
+
+            if name == "keyed":  # what float32 block sums would save (not exact: ~5e-7 relative per block)
+                f64, f32 = timed_pair(
+                    lambda: probs.view(args.rows, -1, 512).sum(-1, dtype=torch.float64),
+                    lambda: probs.view(args.rows, -1, 512).sum(-1),
+                    args.repeats,
+                )
+                print(f"  (vocab {V}: float64 block sums {f64:.1f} ms, float32 block sums {f32:.1f} ms)", flush=True)
+            copy, _ = timed_pair(lambda: work.copy_(probs), lambda: None, args.repeats)
+            od, nd = timed_pair(old_draw_only, lambda: _draw(probs, new_u()(args.rows, probs.device)), args.repeats)
+            od -= copy
+            os_, ns = timed_pair(
+                lambda: old_pick(logits, cfg, old_noise()), lambda: pick(logits, cfg, new_u()), args.repeats
+            )
+            print(
+                f"| {V} | {name} | {od:.1f} | {nd:.1f} | {od / nd:.1f}x | {os_:.1f} | {ns:.1f} | {os_ / ns:.1f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
