@@ -15,9 +15,9 @@ scale, Granite's divisor). Materialising z for every position costs positions x 
 architectures (`_HEADS`) the model runs with its head skipped (`logits_to_keep` = no position), the hidden
 states are taken only where a response token is predicted, and the head is applied `chunk_size` positions at a
 time, each chunk under `torch.utils.checkpoint`: its logits are freed as soon as its log-probs are reduced and
-recomputed one chunk at a time in backward. Anything else (unknown class, FSDP1 wrappers, prompt-learning
-adapters, no `logits_to_keep`) takes the exact full-logits path, which is also the reference the tests compare
-against (`chunk_size=0`).
+recomputed one chunk at a time in backward. Anything else (unknown class, a listed class whose installed forward
+no longer applies the head as `_HEAD_CODE` records, FSDP1 wrappers, prompt-learning adapters, no `logits_to_keep`)
+takes the exact full-logits path, which is also the reference the tests compare against (`chunk_size=0`).
 
 Sharded models (FSDP2 `fully_shard`, DeepSpeed ZeRO-3) keep the chunked path, with the head weight gathered once
 per scoring call (`_in_head`):
@@ -50,6 +50,11 @@ the real token count. Exact: tests/test_packing.py checks values and gradients a
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
+import textwrap
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +76,9 @@ CHUNK_LOGITS = 2**26
 
 # CausalLM class -> what its forward does to lm_head's output before returning logits (read from the
 # transformers 5.x modeling files). Only these take the chunked path: for any other class we cannot know
-# the transform, and a silently different z would be a wrong score.
+# the transform, and a silently different z would be a wrong score. Every entry is tested on a tiny random model
+# (tests/test_architectures.py, transformers 5.19.0; docs/real-models.md has the table), and at run time
+# `_head_code_ok` checks that the installed transformers still has the forward these entries describe.
 _HEADS = {
     "LlamaForCausalLM": None,
     "MistralForCausalLM": None,
@@ -99,6 +106,31 @@ _MASK_DICT = {
     "Gemma3ForCausalLM",
     "Cohere2ForCausalLM",
 }
+
+# The statements of a _HEADS class's forward from its decoder's output to `loss = None` (ast.unparse form),
+# per kind: the hidden states the chunks take, the head applied to them, then the transform `_Head.logits`
+# repeats. A transformers release that changes them (another transform, a norm before the head) makes
+# `_find_head` fall back to the exact full-logits path with a warning instead of scoring a different z.
+_HEAD_PREFIX = (
+    "hidden_states = outputs.last_hidden_state",
+    "slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep",
+    "logits = self.lm_head(hidden_states[:, slice_indices, :])",
+)
+_HEAD_CODE = {
+    None: _HEAD_PREFIX,
+    "softcap": _HEAD_PREFIX
+    + (
+        "if self.config.final_logit_softcapping is not None:\n"
+        "    logits = logits / self.config.final_logit_softcapping\n"
+        "    logits = torch.tanh(logits)\n"
+        "    logits = logits * self.config.final_logit_softcapping",
+    ),
+    "scale": _HEAD_PREFIX + ("logits = logits * self.logit_scale",),
+    "divide": _HEAD_PREFIX + ("logits = logits / self.config.logits_scaling",),
+}
+# Decoder-forward calls that receive the caller's `attention_mask` and return a prepared 4-D mask as it is
+# (transformers.masking_utils); `mask_function` is Mistral's / Phi-3's name for one of the two.
+_MASK_FUNCTIONS = {"create_causal_mask", "create_sliding_window_causal_mask", "mask_function"}
 
 
 @dataclass
@@ -155,6 +187,7 @@ class _Head:
     attn: str | None = None  # config._attn_implementation: the packed path builds masks for sdpa / eager only
     mask_dict: bool = False  # the decoder takes {"full_attention": m, "sliding_attention": m} as attention_mask
     layer_types: tuple[str, ...] | None = None  # config.layer_types (hybrid sliding / full models)
+    packable: bool = True  # the decoder takes a prepared 4-D mask as given (`_mask_code`)
     fsdp_owner: torch.nn.Module | None = None  # FSDP2: the fully_shard module whose group holds the head weight
 
     def logits(self, h: torch.Tensor, forward=None) -> torch.Tensor:
@@ -193,12 +226,16 @@ def _find_head(model) -> _Head | None:
             inner = inner.get_base_model()
         else:
             break
-    name = _model_class(inner).__name__
+    cls = _model_class(inner)
+    name = cls.__name__
     if name not in _HEADS or not _keeps_logits(model):
         return None
     decoder, head = getattr(inner, "model", None), inner.get_output_embeddings()
     if not isinstance(decoder, torch.nn.Module) or not isinstance(head, torch.nn.Module):
         return None
+    if not _head_code_ok(cls):
+        return None
+    takes_4d, takes_dict = _mask_code(_model_class(decoder), name in _MASK_DICT)
     kind, value = _HEADS[name], None
     if kind == "softcap":
         value = getattr(inner.config, "final_logit_softcapping", None)
@@ -218,10 +255,92 @@ def _find_head(model) -> _Head | None:
         value,
         int(inner.config.vocab_size),
         attn=getattr(inner.config, "_attn_implementation", None),
-        mask_dict=name in _MASK_DICT,
+        mask_dict=name in _MASK_DICT and takes_dict,
         layer_types=tuple(types) if types else None,
+        packable=takes_4d,
         fsdp_owner=owner,
     )
+
+
+def _statements(fn) -> list[ast.stmt] | None:
+    """The body of a function's source (docstring dropped), or None where the source cannot be read."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn))))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.FunctionDef) else None
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return body
+
+
+def _head_tail(cls) -> tuple[str, ...] | None:
+    """`cls.forward` from its decoder's output up to `loss = None`, as in _HEAD_CODE (None: no such stretch)."""
+    body = _statements(cls.forward)
+    code = [ast.unparse(s) for s in body or ()]
+    start = next((i for i, c in enumerate(code) if c == _HEAD_PREFIX[0]), None)
+    end = next((i for i, c in enumerate(code) if c == "loss = None"), None)
+    if start is None or end is None or end < start:
+        return None
+    return tuple(code[start:end])
+
+
+@functools.cache
+def _head_code_ok(cls) -> bool:
+    """Does the installed `cls.forward` apply the head and transform `_HEADS` says? Once per class; a warning
+    where it does not (the caller then scores on the exact full-logits path)."""
+    kind = _HEADS.get(cls.__name__)
+    if _head_tail(cls) == _HEAD_CODE.get(kind):
+        return True
+    warnings.warn(
+        f"aftune: {cls.__module__}.{cls.__name__}.forward no longer applies the LM head as aftune.scoring._HEADS "
+        f"records ({kind!r}); scoring it on the exact full-logits path (more memory). Update _HEADS / _HEAD_CODE "
+        "after checking the new transform (tests/test_architectures.py).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
+
+
+def _mask_uses(cls) -> tuple[bool, bool]:
+    """(passes `attention_mask` to a masking_utils mask builder, takes a dict of masks via
+    `causal_mask_mapping := attention_mask` and indexes it per layer) for a decoder class's forward."""
+    body = _statements(cls.forward)
+    takes_4d = walrus = indexed = False
+    for node in ast.walk(ast.Module(body=body or [], type_ignores=[])):
+        if isinstance(node, ast.Call):
+            func = node.func.id if isinstance(node.func, ast.Name) else None
+            for kw in node.keywords:
+                if kw.arg != "attention_mask":
+                    continue
+                v = kw.value
+                takes_4d |= func in _MASK_FUNCTIONS and isinstance(v, ast.Name) and v.id == "attention_mask"
+                indexed |= isinstance(v, ast.Subscript) and ast.unparse(v.value) == "causal_mask_mapping"
+        elif isinstance(node, ast.Dict):  # mask_kwargs = {..., "attention_mask": attention_mask, ...}
+            for k, v in zip(node.keys, node.values):
+                if isinstance(k, ast.Constant) and k.value == "attention_mask":
+                    takes_4d |= isinstance(v, ast.Name) and v.id == "attention_mask"
+        elif isinstance(node, ast.NamedExpr):
+            walrus |= ast.unparse(node) == "(causal_mask_mapping := attention_mask)"
+    return takes_4d, walrus and indexed
+
+
+@functools.cache
+def _mask_code(cls, want_dict: bool) -> tuple[bool, bool]:
+    """_mask_uses, once per decoder class, with a warning where a packed mask could not be given (want_dict: the
+    class is in _MASK_DICT): packing is then off, for hybrid sliding / full batches or altogether (the padded
+    candidate rows take ordinary 2-D masks, exact on any decoder)."""
+    takes_4d, takes_dict = _mask_uses(cls)
+    if not takes_4d or (want_dict and not takes_dict):
+        warnings.warn(
+            f"aftune: {cls.__module__}.{cls.__name__}.forward no longer takes "
+            f"{'a dict of per-layer-type masks' if takes_4d else 'a prepared 4-D attention mask'} as "
+            "aftune.scoring expects; candidates are scored unpacked there (update _MASK_DICT / _mask_uses after "
+            "checking, tests/test_architectures.py).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return takes_4d, takes_dict
 
 
 def _is_fsdp2(module) -> bool:
@@ -504,7 +623,7 @@ def _pack(lengths: list[int], group: list[int], width: int) -> list[tuple[int, l
 def _packed_inputs(plan: _Head, cache, flat, rows, p_mask, p_pos, dtype) -> _Packed | None:
     """Packed candidate inputs and their exact attention mask(s), or None where this model cannot take them
     (attention other than sdpa / eager, or sliding-window layers it cannot be given a per-type mask for)."""
-    if plan.attn not in ("sdpa", "eager"):
+    if not plan.packable or plan.attn not in ("sdpa", "eager"):
         return None
     # per cache layer: (prompt columns it kept after the prefill, sliding window or None)
     layers = getattr(cache, "layers", None)
