@@ -261,6 +261,13 @@ def test_changed_head_transform_takes_exact_path_with_a_warning():
     torch.testing.assert_close(got, torch.tensor(expected), atol=1e-4, rtol=1e-5)  # the doubled logits' scores
 
 
+def test_bidirectional_gemma_takes_exact_path():
+    # Gemma's encoder mode masks bidirectionally in its own forward; the packed path's masks are causal
+    cfg = _model("Gemma3ForCausalLM").config.to_dict()
+    m = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**{**cfg, "use_bidirectional_attention": True}))
+    assert sc._find_head(m) is None and sc._find_head(_model("Gemma3ForCausalLM")) is not None
+
+
 # stand-ins for the names the decoder sources below call (they are parsed, never run)
 create_causal_mask = my_own_mask = None
 

@@ -235,6 +235,8 @@ def _find_head(model) -> _Head | None:
         return None
     if not _head_code_ok(cls):
         return None
+    if getattr(inner.config, "use_bidirectional_attention", False):
+        return None  # Gemma's encoder mode: the packed masks here are causal, the model's own would not be
     takes_4d, takes_dict = _mask_code(_model_class(decoder), name in _MASK_DICT)
     kind, value = _HEADS[name], None
     if kind == "softcap":
