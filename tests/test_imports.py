@@ -146,3 +146,17 @@ def test_the_checker_finds_a_cycle_hidden_in_a_function(tmp_path, monkeypatch):
     cycles = find_cycles(graph)
     assert cycles == [["aftune.sub.a", "aftune.sub.b", "aftune.sub.a"]]
     assert describe(graph, cycles[0]) == "aftune.sub.a (line 1) -> aftune.sub.b (line 2) -> aftune.sub.a"
+
+
+def test_the_library_does_not_import_the_commands():
+    """README's layering rule: `commands/` (and `cli`) sit on top; nothing below them imports them."""
+    graph = import_graph()
+    top = ("aftune.commands", "aftune.cli")
+    breaches = [
+        f"{m} (line {line}) imports {t}"
+        for m, targets in graph.items()
+        if not m.startswith(top)
+        for t, line in targets.items()
+        if t.startswith(top)
+    ]
+    assert not breaches, "\n".join(breaches)

@@ -14,11 +14,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from aftune.io import atomic_write_json
-from aftune.modeling import load_model
+from aftune.modeling import load_model, local_device  # noqa: F401 - local_device: callers import it from here
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -128,13 +127,6 @@ def env_shard() -> str:
     except ValueError:
         return ""
     return f"{rank}/{world}" if world > 1 else ""
-
-
-def local_device() -> torch.device:
-    """This process's accelerator under a launcher (LOCAL_RANK), else cuda:0 / cpu."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 # ------------------------------------------------------------------------------------------- LoRA

@@ -92,6 +92,31 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", trust_re
     return load_model(path, dtype, trust_remote_code), load_tokenizer(path, trust_remote_code)
 
 
+def local_device() -> torch.device:
+    """This process's accelerator under a launcher (LOCAL_RANK), else cuda:0 / cpu."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def load_model_checked(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """modeling.load_model_and_tokenizer, with "no such model" (a hub id that is not there or cannot be
+    reached, a folder without a usable config.json) as one InputError line instead of a hub traceback."""
+    try:
+        return load_model_and_tokenizer(name_or_path, dtype, trust_remote_code)
+    except InputError:
+        raise
+    except (OSError, ValueError) as e:  # transformers: OSError if absent, ValueError if not a model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot load a model from here ({first})", name_or_path, field="--model") from None
+
+
+def load_for_inference(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """Model + tokenizer on this process's accelerator (sample, eval, assess; training lets Trainer place it)."""
+    model, tok = load_model_checked(name_or_path, dtype, trust_remote_code)
+    return model.to(local_device()), tok
+
+
 def train_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer over the task's text, digits split one by one (as Llama does).
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from aftune import modeling
 from aftune.config import parse_task_args
-from aftune.distributed import local_device
 from aftune.io import InputError
+from aftune.modeling import load_for_inference, load_model_checked  # noqa: F401 - the commands import them from here
 from aftune.records import Example, Group, read_groups
 from aftune.tasks import Task, get_tasks
 
@@ -22,24 +21,6 @@ def input_errors(field: str | None = None, path=None, prefix: str = "") -> Itera
         raise
     except ValueError as e:
         raise InputError(prefix + str(e), path, field=field) from None
-
-
-def load_model_checked(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """modeling.load_model_and_tokenizer, with "no such model" (a hub id that is not there or cannot be
-    reached, a folder without a usable config.json) as one InputError line instead of a hub traceback."""
-    try:
-        return modeling.load_model_and_tokenizer(name_or_path, dtype, trust_remote_code)
-    except InputError:
-        raise
-    except (OSError, ValueError) as e:  # transformers: OSError if absent, ValueError if not a model
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot load a model from here ({first})", name_or_path, field="--model") from None
-
-
-def load_for_inference(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """Model + tokenizer on this process's accelerator (sample, eval, assess; training lets Trainer place it)."""
-    model, tok = load_model_checked(name_or_path, dtype, trust_remote_code)
-    return model.to(local_device()), tok
 
 
 def tasks_for(cfg) -> list[Task]:

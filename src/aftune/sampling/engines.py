@@ -92,7 +92,7 @@ def open_engine(
     backend: str, model_name: str, dtype: str = "float32", trust_remote_code: bool = False, **vllm_kwargs: Any
 ) -> Engine:
     """Load the engine `--backend` names for `--model` (auto resolved by resolve_backend)."""
-    from aftune.modeling import load_tokenizer, resolve_model
+    from aftune.modeling import load_for_inference, load_tokenizer, resolve_model
 
     name = resolve_backend(backend, model_name)
     if name == "vllm":
@@ -103,7 +103,6 @@ def open_engine(
         tok = load_tokenizer(model_name, trust_remote_code)  # aftune's prompt ids; vLLM gets ids, not text
         eng = get_engine(resolve_model(model_name), tok, dtype, **vllm_kwargs)
         return Engine("vllm", None, tok, dict(eng.info), eng)
-    from aftune.commands.common import load_for_inference
     from aftune.sampling.store import builtin_engine_info
 
     model, tok = load_for_inference(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
