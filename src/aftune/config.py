@@ -23,6 +23,11 @@ def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+# One meaning on every command: compute in bfloat16. Training keeps fp32 master weights (an optimiser step in bf16
+# loses small updates), so it runs under bf16 autocast; commands that only run the model load bf16 weights.
+BF16_HELP = "compute in bfloat16 (training: bf16 autocast over fp32 weights; sample / eval / assess: bf16 weights)"
+
+
 @dataclass
 class Common:
     task: str = opt("arith", "task name or task file (.yaml), or several joined by commas (gsm8k,aqua,my.yaml)")
@@ -35,8 +40,13 @@ class Common:
         "prompt format: auto (the tokenizer's chat template if it has one) | none "
         "(plain Question:/Answer: text) | a chat template file",
     )
-    bf16: bool = opt(False, "bf16 autocast")
+    bf16: bool = opt(False, BF16_HELP)
     quiet: bool = opt(False, "no progress bars")
+
+    @property
+    def inference_dtype(self) -> str:
+        """The weights' dtype where a command only runs the model (sample, eval, assess): --bf16 computes in bf16."""
+        return "bfloat16" if self.bf16 else "float32"
 
 
 @dataclass
@@ -167,7 +177,7 @@ class DemoConfig:
     quick: bool = opt(False, "smoke test: tiny budget, a few minutes")
     methods: str = opt("", "extra `aftune align` methods for the table ('all' or a comma list; ~2 min each)")
     seed: int = opt(0, "random seed")
-    bf16: bool = opt(False, "bf16 autocast")
+    bf16: bool = opt(False, BF16_HELP)
     quiet: bool = opt(False, "no progress bars")
 
 

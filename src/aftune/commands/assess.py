@@ -44,7 +44,10 @@ def run_assess(cfg: AssessConfig) -> dict:
     if len(names) != len(paths):
         raise InputError(f"{len(names)} names for {len(paths)} models", field="--names")
     out = Path(cfg.out)
-    models = {n: load_for_inference(p, trust_remote_code=cfg.trust_remote_code) for n, p in zip(names, paths)}
+    models = {
+        n: load_for_inference(p, cfg.inference_dtype, trust_remote_code=cfg.trust_remote_code)
+        for n, p in zip(names, paths)
+    }
     out.mkdir(parents=True, exist_ok=True)  # after the models load: a bad path leaves OUT untouched
     save_config(cfg, out)
     if cfg.candidates:
@@ -56,7 +59,7 @@ def run_assess(cfg: AssessConfig) -> dict:
         eng = (
             Engine("hf", model, tok, builtin_engine_info(model))
             if resolve_backend(cfg.backend, paths[0]) == "hf"
-            else open_engine("vllm", paths[0], trust_remote_code=cfg.trust_remote_code)
+            else open_engine("vllm", paths[0], cfg.inference_dtype, trust_remote_code=cfg.trust_remote_code)
         )
         fmt = resolve_prompt_format(cfg.chat_template, tok)
         path = out / "candidates.jsonl"

@@ -19,7 +19,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     """OUT (metrics JSON) and OUT.predictions.jsonl (one graded prediction per question); returns the metrics."""
     tasks = tasks_for(cfg)
     items = load_split(tasks, cfg.split, cfg.n_questions)
-    eng = open_engine(cfg.backend, cfg.model, trust_remote_code=cfg.trust_remote_code)
+    eng = open_engine(cfg.backend, cfg.model, cfg.inference_dtype, trust_remote_code=cfg.trust_remote_code)
     model, tok = eng.model, eng.tokenizer
     fmt = resolve_prompt_format(cfg.chat_template, tok)
     t0 = time.time()
@@ -40,7 +40,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.candidates:
         groups = read_candidate_files(cfg.candidates)
         if model is None:  # scoring runs on the HF model (vLLM only sampled)
-            model, tok = load_for_inference(cfg.model, trust_remote_code=cfg.trust_remote_code)
+            model, tok = load_for_inference(cfg.model, cfg.inference_dtype, trust_remote_code=cfg.trust_remote_code)
         scores, refs = score_texts(model, tok, groups, progress=not cfg.quiet, end=fmt.response_end(tok))
         res["assessment"] = {k: v for k, v in assessment_metrics(groups, scores, refs).items() if k != "acc_vs_k"}
     res.update({"model": cfg.model, "task": cfg.task, "split": cfg.split})

@@ -33,7 +33,7 @@ def run_sample(cfg: SampleConfig) -> dict:
         examples = examples[shard[0] :: shard[1]]
     out = Path(cfg.out) if shard is None else shard_file(cfg.out, *shard)
     out.parent.mkdir(parents=True, exist_ok=True)
-    eng = open_engine(cfg.backend, cfg.model, "bfloat16" if cfg.bf16 else "float32", cfg.trust_remote_code)
+    eng = open_engine(cfg.backend, cfg.model, cfg.inference_dtype, cfg.trust_remote_code)
     tok = eng.tokenizer
     fmt = resolve_prompt_format(cfg.chat_template, tok)
     scfg = sampling_config([task], fmt, tok, cfg, seed=cfg.seed, batch_size=cfg.batch_size)
