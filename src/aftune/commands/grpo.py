@@ -45,6 +45,7 @@ from aftune.sampling.arguments import BACKENDS, sampling_config
 from aftune.sampling.engines import resolve_training_backend
 from aftune.tasks import Task
 from aftune.training.compute import ComputeCounter, find_counter, training_compute
+from aftune.training.replica import SamplingReplica
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 ROLLOUTS = ("auto", "trl", "aftune")
@@ -107,6 +108,7 @@ class SamplerRollout:
 
     def __init__(self, tokenizer, cfg: GRPORunConfig, stop: tuple[str, ...], calculator: bool, engine=None):
         self.tok, self.cfg, self.stop, self.calculator, self.engine = tokenizer, cfg, tuple(stop), calculator, engine
+        self.replica = SamplingReplica()  # whole weights when FSDP2 / ZeRO-3 shard the policy
         self._step, self._calls = -1, 0
 
     def __call__(self, prompts: list, trainer) -> dict[str, list]:
@@ -140,7 +142,7 @@ class SamplerRollout:
             seed=seed,
             batch_size=max(1, len(runs)),
         )
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        model = self.replica(trainer.accelerator.unwrap_model(trainer.model))
         prompts = [p for p, _ in runs]
         seeds = [question_seed(seed, str(i)) for i in range(len(runs))]  # per group: both engines draw alike
         if self.engine is not None:

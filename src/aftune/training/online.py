@@ -39,6 +39,7 @@ from aftune.sampling.sampler import SamplingConfig, generate_k, question_seed
 from aftune.sampling.store import build_group, group_stats
 from aftune.training.compute import find_counter
 from aftune.training.data import AlignDataset
+from aftune.training.replica import SamplingReplica
 
 
 def check_semi_online(method, beta_auto: str, world_size: int, every: int, field: str = "--resample-every") -> None:
@@ -116,6 +117,7 @@ class ResampleCallback(TrainerCallback):
         self.max_candidates, self.include_reference = max_candidates, include_reference
         self.max_response_tokens, self.seed, self.end = max_response_tokens, seed, end
         self.trainer = None  # set after the trainer is built: the compute counter lives there
+        self.replica = SamplingReplica()  # whole weights when FSDP2 / ZeRO-3 shard the policy
         self.engine = engine
 
     def path(self, step: int) -> Path:
@@ -157,6 +159,7 @@ class ResampleCallback(TrainerCallback):
     def sample(self, model, step: int) -> list[Group]:
         """k fresh, labelled candidates per training question from `model` (seeded by the step)."""
         groups = self.ds.groups
+        model = self.replica(model)  # whole weights when FSDP2 / ZeRO-3 shard the policy (every rank gathers)
         cfg = replace(self.sampling, seed=zlib.crc32(f"{self.seed}:resample:{step}".encode()))
         prompts = [g.prompt for g in groups]
         seeds = [question_seed(cfg.seed, f"{g.task}/{g.id}") for g in groups]  # either engine draws the same
