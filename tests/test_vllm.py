@@ -212,3 +212,18 @@ def test_weights_refreshed_into_the_engine(engine, arith):
     assert after != before
     assert sum(a == w for a, w in zip(after, want)) >= len(prompts) - 1
     assert [s.token_ids for (s,) in engine.generate(prompts, cfg)] == before  # restored
+
+
+def test_cpu_defaults_fill_only_what_the_user_left_unset(monkeypatch):
+    from aftune.sampling.vllm_backend import cpu_defaults
+
+    for key in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_KVCACHE_SPACE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    set_now = cpu_defaults()
+    assert set(set_now) == {"VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"}
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7" and os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    n = os.cpu_count() or 1
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == (f"0-{n - 1}" if n > 1 else "0")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    assert 1 <= int(cpu_defaults()["VLLM_CPU_KVCACHE_SPACE"]) <= 4

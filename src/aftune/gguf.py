@@ -34,7 +34,7 @@ log = logging.getLogger("aftune")
 GGUF_MAGIC = b"GGUF"
 META = "aftune-gguf.json"
 # Bump when the conversion itself changes, so folders written by an older aftune are rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tokenizer keeps the file's add_bos_token / add_eos_token
 
 
 def is_gguf(name_or_path: str | os.PathLike) -> bool:
@@ -124,7 +124,23 @@ def load_gguf(path: Path):
         raise InputError(
             f"cannot read this GGUF file ({type(e).__name__}: {first[:200]})", path, field="--model"
         ) from None
+    _bos_eos_as_the_file_says(tok, path)
     return model, tok
+
+
+def _bos_eos_as_the_file_says(tok, path: Path) -> None:
+    """Apply the file's tokenizer.ggml.add_bos_token / add_eos_token to `tok`. Some transformers releases (5.19)
+    drop them when they build the tokenizer from a GGUF file, and Gemma prompts without their BOS are scored and
+    sampled as a different (and much worse) distribution."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    for key in ("add_bos_token", "add_eos_token"):
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is not None and field.data:
+            value = bool(field.parts[field.data[0]][0])
+            if getattr(tok, key, None) != value:
+                setattr(tok, key, value)
 
 
 def _to_plain(model):

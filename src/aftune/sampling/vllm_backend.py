@@ -234,6 +234,9 @@ class VLLMEngine:
         LLM, self._SamplingParams = _import_vllm()
         from transformers import GenerationConfig
 
+        if not torch.cuda.is_available():
+            cpu_defaults()
+
         self.model_path = str(model_path)
         self.tokenizer = tokenizer
         try:
@@ -378,6 +381,23 @@ class VLLMEngine:
 
 
 _ENGINES: dict[tuple, VLLMEngine] = {}
+
+
+def cpu_defaults() -> dict[str, str]:
+    """vLLM's CPU build, set up for a machine that only samples while it runs, unless the user set these: every
+    core for the engine (by default it reserves one, half of a 2-core machine: 155 vs 288 new tokens/s on
+    Gemma 3 270M here) and a KV cache of min(4 GiB, a fifth of the memory). Without a KV cache size vLLM reserves
+    92% of the machine's memory at start-up and refuses to start when less is free. Returns what it set."""
+    n = os.cpu_count() or 1
+    total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    wanted = {
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}" if n > 1 else "0",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, min(4, int(total_gib / 5)))),
+    }
+    set_now = {k: v for k, v in wanted.items() if k not in os.environ}
+    os.environ.update(set_now)  # the engine's processes inherit them
+    return set_now
 
 
 def get_engine(model_path: str | os.PathLike, tokenizer, dtype: str = "float32", **llm_kwargs: Any) -> VLLMEngine:
