@@ -43,6 +43,7 @@ from aftune.prompting import resolve_prompt_format, stop_strings
 from aftune.records import Example
 from aftune.sampling.arguments import BACKENDS, sampling_config
 from aftune.sampling.engines import resolve_training_backend
+from aftune.sampling.sampler import cut_at_stop
 from aftune.tasks import Task
 from aftune.training.compute import ComputeCounter, find_counter, training_compute
 from aftune.training.replica import SamplingReplica
@@ -50,12 +51,6 @@ from aftune.training.replica import SamplingReplica
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 ROLLOUTS = ("auto", "trl", "aftune")
 SCALE_REWARDS = ("group", "batch", "none")
-
-
-def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
-    """The completion up to the first stop string (as the sampler and greedy eval cut it)."""
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return text[:cut] if cut >= 0 else text
 
 
 class TaskReward:
@@ -86,7 +81,7 @@ class TaskReward:
         for completion, eid in zip(completions, example_id):
             task, ex = self.examples[eid]
             text = completion if isinstance(completion, str) else completion[-1]["content"]  # conversational rows
-            rewards.append(1.0 if task.grade(cut_at_stop(text, self.stop), ex).correct else 0.0)
+            rewards.append(1.0 if task.grade(cut_at_stop(text, self.stop)[0], ex).correct else 0.0)
         counter = find_counter(self.trainer) if self.trainer is not None else None
         if counter is not None and completion_ids is not None:
             counter.add("generated_tokens", sum(len(c) for c in completion_ids))

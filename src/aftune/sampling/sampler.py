@@ -332,7 +332,9 @@ def pick(logits: torch.Tensor, cfg: SamplingConfig, uniform: Uniform) -> torch.T
     return _draw(probs, uniform(probs.shape[0], probs.device))
 
 
-def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """(text up to the first stop string, whether one was found): how every sampled completion is cut (the
+    sampler, the vLLM backend, greedy eval, GRPO's rewards)."""
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
@@ -358,7 +360,7 @@ class StopCheck:
         cols = ends.unsqueeze(1) - self.window + torch.arange(self.window, device=ends.device)
         tails = tokens[rows.unsqueeze(1), cols.clamp(min=0)].masked_fill(cols < 0, -1)
         hit = [
-            _cut_at_stop(self.tokenizer.decode([t for t in tail if t >= 0], skip_special_tokens=True), self.stop)[1]
+            cut_at_stop(self.tokenizer.decode([t for t in tail if t >= 0], skip_special_tokens=True), self.stop)[1]
             for tail in tails.tolist()
         ]
         return torch.tensor(hit, dtype=torch.bool, device=rows.device)
@@ -667,7 +669,7 @@ def make_sample(tokenizer, cfg: SamplingConfig, eos, token_ids: list[int], token
     body = token_ids[:-1] if token_ids and token_ids[-1] in eos else token_ids
     text = tokenizer.decode(body, skip_special_tokens=True)
     if cfg.stop:
-        text = _cut_at_stop(text, cfg.stop)[0]
+        text = cut_at_stop(text, cfg.stop)[0]
     row = torch.tensor(token_logprobs, dtype=torch.float32)
     return Sample(
         text=text,
