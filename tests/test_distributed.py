@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from ranks import free_port as _free_port  # test_fsdp / test_deepspeed import it from here
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_ARGS = "n_train=16,n_validation=4,n_test=4"
@@ -93,12 +93,6 @@ def _worker(model: str, candidates: str, out: str, batch: int, accum: int, patch
 
 
 # ------------------------------------------------------------------------------------------- fixtures
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make_inputs(tmp: Path) -> tuple[Path, Path]:

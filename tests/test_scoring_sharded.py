@@ -12,13 +12,11 @@ This file is also the worker script: `python tests/test_scoring_sharded.py --wor
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ranks import run_ranks
 
 HERE = Path(__file__).resolve().parent
 VOCAB, CHUNK = 512, 7
@@ -161,44 +159,9 @@ def _worker(engine: str, out: str) -> None:
     dist.barrier()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_two(engine: str, out: Path) -> list[dict]:
     out.mkdir()
-    port = str(_free_port())
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": port,
-        "WORLD_SIZE": "2",
-        "LOCAL_WORLD_SIZE": "2",
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", engine, str(out)],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-5000:]
+    run_ranks(__file__, ["--worker", engine, str(out)])
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
