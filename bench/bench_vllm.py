@@ -128,7 +128,13 @@ def run_row(row: str, folder: str, dtype: str, n: int, k: int, T: int) -> dict:
                     tok.padding_side = "left"
                     enc = tok(ps[i : i + 4], return_tensors="pt", padding=True)
                     out = model.generate(
-                        **enc, do_sample=True, temperature=0.8, max_new_tokens=T, num_return_sequences=k, top_p=1.0
+                        **enc,
+                        do_sample=True,
+                        temperature=0.8,
+                        max_new_tokens=T,
+                        num_return_sequences=k,
+                        top_p=1.0,
+                        top_k=0,  # generate's global default is top-k 50; the other rows sample the whole vocabulary
                     )
                     gen = out[:, enc["input_ids"].shape[1] :]
                     eos = tok.eos_token_id
